@@ -108,14 +108,15 @@ def _feed_for(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray]
     missing = [n for n in names if n not in feed]
     if missing:
         raise LowRankError(
-            f"{path} needs input(s) {', '.join(missing)} that the feeds do not provide (given: {', '.join(feed) or 'none'})"
+            f"{path} needs input(s) {', '.join(missing)} that the feeds do not provide "
+            f"(given: {', '.join(feed) or 'none'}); feed every model input"
         )
     return {n: np.asarray(feed[n]) for n in names}
 
 
-def _progress_bar(enabled: bool, total: int, desc: str) -> tqdm:
+def _progress_bar(enabled: bool, total: int | None, desc: str, unit: str = "run") -> tqdm:
     """A tqdm bar that stays silent when asked or when stderr is redirected (logs, CI)."""
-    return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 def synthetic_feeds(
@@ -146,7 +147,8 @@ def synthetic_feeds(
         dtype = _DTYPES.get(inp.type)
         if dtype is None:
             raise LowRankError(
-                f"input {inp.name} has type {inp.type}, which synthetic inputs do not support; provide real data instead"
+                f"input {inp.name} has type {inp.type}, which synthetic inputs do not support; "
+                f"provide real data instead"
             )
         shape = _resolve_shape(inp.name, list(inp.shape), batch, overrides.get(inp.name))
         if np.issubdtype(dtype, np.floating):
@@ -389,7 +391,7 @@ def evaluate(
     kl_sum = 0.0
     ref_correct = 0
     cand_correct = 0
-    with _progress_bar(progress, 0, "eval") as bar:
+    with _progress_bar(progress, None, "eval", unit="sample") as bar:
         for feed in feeds:
             (r,) = _run(ref_sess, reference_path, _feed_for(ref_sess, reference_path, feed), [name])
             (c,) = _run(cand_sess, candidate_path, _feed_for(cand_sess, candidate_path, feed), [name])

@@ -277,10 +277,10 @@ def test_format_eval(tmp_path, weights):
     labels = np.argmax(batches[0]["x"] @ weights, axis=1)
     text = format_eval(evaluate(path, path, batches, labels=labels))
     assert "top-1 agreement" in text and "accuracy drop" in text and "100.00 %" in text
-    values = [line.index(line.split()[-1]) for line in text.splitlines() if line.startswith("samples")]
-    assert values  # key column exists; each key is padded to one width
-    starts = {len(line) - len(line.lstrip()) for line in text.splitlines()}
-    assert starts == {0}
+    lines = text.splitlines()
+    # Values start in one column: every key is padded to the longest key plus two spaces.
+    column = len("accuracy (reference)") + 2
+    assert all(line[column - 2 : column] == "  " and line[column] != " " for line in lines)
 
 
 # --- bench -----------------------------------------------------------------------------------------
