@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_lowrank.errors import LowRankError
+
 __all__ = [
     "ConvShape",
     "RankSelectionError",
@@ -30,8 +32,10 @@ __all__ = [
 ]
 
 
-class RankSelectionError(ValueError):
+class RankSelectionError(ValueError, LowRankError):
     """The FLOP budget cannot be met even with every free layer at rank 1.
+
+    A ``ValueError`` and a :class:`~onnx_lowrank.errors.LowRankError` (the CLI prints it).
 
     Attributes: ``budget_flops``, ``min_flops`` (smallest achievable total),
     ``flops_before`` (fixed + every layer at its original cost) and ``max_speedup``
@@ -137,6 +141,8 @@ def summarise(
 
 
 def _clean_spectrum(spectrum: np.ndarray, d: int, index: int) -> np.ndarray:
+    if spectrum is None:
+        raise ValueError(f"layer {index}: no spectrum for a layer the search may compress")
     s = np.asarray(spectrum, dtype=np.float64).ravel()
     if s.size > d:
         raise ValueError(f"layer {index}: spectrum has {s.size} values for d = {d} channels")
@@ -195,11 +201,13 @@ def select_ranks(
     fixed_ranks: dict[int, int | None] | None = None,
     *,
     refine: bool = True,
+    lookahead: bool = True,
 ) -> list[int | None]:
     """Choose a rank per layer so that the whole model fits ``budget_flops``.
 
     ``spectra[i]``: eigenvalues of layer i's response covariance (length ``d``; sorted
-    descending here, negative round-off clipped to 0, a shorter array padded with zeros).
+    descending here, negative round-off clipped to 0, a shorter array padded with zeros;
+    may be ``None`` for layers in ``fixed_ranks`` or with no saving rank at all).
     Total cost = ``fixed_flops + sum_i layers[i].flops_at(rank_i)``.
     ``fixed_ranks``: ``{i: rank}`` imposes a rank on layer i, ``{i: None}`` keeps it unchanged;
     those layers are never moved but their cost counts. An imposed rank that does not
@@ -211,9 +219,17 @@ def select_ranks(
     ``r > 1`` goes to ``r - 1`` (loss ``log E(r) - log E(r-1)``). Stop as soon as the total is
     ``<= budget_flops``. Losing zero eigenvalues is free; ties go to the lower layer index.
 
-    ``refine`` (default on, a deviation that only improves the objective): after the budget
-    is met, the slack left by the last move is given back greedily (rank + 1 or back to
-    unchanged, best log-energy gain per FLOP first, only moves that still fit the budget).
+    Two refinements of the plain greedy, both on by default (pass ``False`` for the textbook
+    version):
+
+    * ``lookahead``: the jump of an unchanged layer is ranked by the best loss per FLOP it
+      opens up, ``min_{1 <= r <= r_be} (log E(d) - log E(r)) / (original - factorised(r))``,
+      instead of by the jump alone (the move itself is still the jump to ``r_be``). Without
+      it a layer whose break-even saving is tiny (a ``1 x 1`` conv with ``c ~ d`` barely saves
+      at ``r_be ~ d/2``) is wrongly left unchanged while others are cut to the bone.
+    * ``refine``: after the budget is met, the slack left by the last move is given back
+      greedily (rank + 1 or back to unchanged, best log-energy gain per FLOP first, only
+      moves that still fit the budget).
 
     Returns per layer the rank, or ``None`` for "left unchanged". Raises
     :class:`RankSelectionError` when even every free layer at rank 1 exceeds the budget.
@@ -262,12 +278,16 @@ def select_ranks(
         losses[i] = _step_losses(s, cum, be[i])
         step[i] = 2 * (layer.patch + layer.d) * layer.positions
         saving = layer.original_flops() - layer.factorised_flops(be[i])
-        heap.append((_jump_loss(cum, be[i]) / saving, i, be[i]))
+        prio = _jump_loss(cum, be[i]) / saving
+        if lookahead:
+            prio = min(prio, _best_jump_ratio(layer, cum, be[i]))
+        heap.append((prio, i, be[i]))
     heapq.heapify(heap)
 
     budget_left = budget - float(fixed_flops)
     while total > budget_left:
-        # The feasibility check guarantees moves remain while over budget.
+        if not heap:  # everything at rank 1: feasible up to float rounding of the budget
+            break
         _, i, r = heapq.heappop(heap)
         layer = layers[i]
         total -= layer.flops_at(ranks[i]) - layer.factorised_flops(r)
@@ -315,3 +335,16 @@ def _give_back_slack(layers, ranks, be, free, cums, losses, step, total, budget_
         c = candidate(i)
         if c is not None:
             heapq.heappush(heap, c)
+
+
+def _best_jump_ratio(layer: ConvShape, cum: np.ndarray, top: int) -> float:
+    """``min_{1 <= r <= top} (log E(d) - log E(r)) / (original - factorised(r))``."""
+    r = np.arange(1, top + 1, dtype=np.int64)
+    part = cum[r - 1]
+    full = cum[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = np.where(full <= part, 0.0, np.log(full) - np.log(part))
+    saving = (layer.original_flops() - 2 * (r * (layer.patch + layer.d)) * layer.positions).astype(
+        np.float64
+    )
+    return float(np.min(loss / saving))
