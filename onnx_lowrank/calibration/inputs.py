@@ -1,0 +1,258 @@
+"""Where calibration and evaluation inputs come from.
+
+Every source becomes a :class:`FeedSource`: something that yields feed dicts (model input name
+to a batch array) as many times as asked, so the several passes over the calibration set see the
+same images in the same order. Accepted: ``.npz`` (keys are input names, first axis is the
+sample), ``.npy`` (single-input models), a folder of images with preprocessing, any iterable of
+feed dicts, and onnxruntime's ``CalibrationDataReader``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import LowRankError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as onnxruntime reports it: name, numpy dtype, shape with None for symbolic dims."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+
+@dataclass
+class ImagePreprocess:
+    """How a folder of images becomes input tensors (the usual torchvision / Keras recipes)."""
+
+    size: tuple[int, int] | None = None   # (H, W) of the model input; None: taken from the model
+    resize: int | None = None             # shorter side resized to this before the centre crop
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    channel_order: str = "RGB"            # or "BGR"
+    layout: str = "NCHW"                  # or "NHWC"
+
+
+class FeedSource:
+    """Re-iterable batches of feed dicts, cut or re-batched to a requested batch size."""
+
+    def __init__(self, make_iter: Callable[[], Iterator[dict]], description: str, count: int | None = None):
+        self._make_iter = make_iter
+        self.description = description
+        self.count = count
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of ``batch_size`` samples (the last may be smaller), at most ``limit`` samples."""
+        pending: list[dict] = []
+        held = 0
+        seen = 0
+        for feed in self._make_iter():
+            n = _batch_len(feed)
+            if limit is not None and seen + n > limit:
+                feed = {k: v[: limit - seen] for k, v in feed.items()}
+                n = limit - seen
+            if n <= 0:
+                break
+            seen += n
+            pending.append(feed)
+            held += n
+            while held >= batch_size:
+                merged = _concat(pending)
+                yield {k: v[:batch_size] for k, v in merged.items()}
+                rest = {k: v[batch_size:] for k, v in merged.items()}
+                held -= batch_size
+                pending = [rest] if held else []
+            if limit is not None and seen >= limit:
+                break
+        if held:
+            yield _concat(pending)
+
+    def total(self, limit: int | None = None) -> int | None:
+        if self.count is None:
+            return None
+        return min(self.count, limit) if limit is not None else self.count
+
+
+def _batch_len(feed: dict) -> int:
+    lens = {len(v) for v in feed.values()}
+    if len(lens) != 1:
+        raise LowRankError(f"calibration feed has inputs with different sample counts {sorted(lens)}: "
+                           "every input needs the same first axis")
+    return lens.pop()
+
+
+def _concat(feeds: list[dict]) -> dict:
+    if len(feeds) == 1:
+        return feeds[0]
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | None = None) -> FeedSource:
+    """Turn a path or Python object into a FeedSource checked against the model's inputs."""
+    if isinstance(data, FeedSource):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise LowRankError(f"calibration data not found: {path} (give a .npz, a .npy or a folder of images)")
+        if path.is_dir():
+            return _image_folder(path, inputs, preprocess or ImagePreprocess())
+        if path.suffix == ".npz":
+            return _arrays_source(_load_npz(path), inputs, str(path))
+        if path.suffix == ".npy":
+            if len(inputs) != 1:
+                raise LowRankError(f"{path} is a .npy but the model has {len(inputs)} inputs: use a .npz whose keys "
+                                   f"are the input names ({', '.join(i.name for i in inputs)})")
+            return _arrays_source({inputs[0].name: _load_npy(path)}, inputs, str(path))
+        raise LowRankError(f"unsupported calibration data {path}: give a .npz, a .npy or a folder of images")
+    if isinstance(data, dict):
+        return _arrays_source(data, inputs, "arrays")
+    if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
+        feeds = []
+        while True:
+            f = data.get_next()
+            if f is None:
+                break
+            feeds.append(f)
+        if hasattr(data, "rewind"):
+            try:
+                data.rewind()
+            except NotImplementedError:
+                pass
+        return _feeds_source(feeds, inputs, "CalibrationDataReader")
+    if isinstance(data, Iterable):
+        return _feeds_source(list(data), inputs, "iterable of feed dicts")
+    raise LowRankError(f"cannot use {type(data).__name__} as calibration data: give a path, a dict of arrays, "
+                       "an iterable of feed dicts or a CalibrationDataReader")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise LowRankError(f"cannot read {path} as .npz ({type(exc).__name__}: {exc})") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise LowRankError(f"cannot read {path} as .npy ({type(exc).__name__}: {exc})") from None
+
+
+def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str) -> FeedSource:
+    feed = _check_feed({k: np.asarray(v) for k, v in arrays.items()}, inputs, desc)
+    n = _batch_len(feed)
+    return FeedSource(lambda: iter([feed]), desc, n)
+
+
+def _feeds_source(feeds: list, inputs: list[InputSpec], desc: str) -> FeedSource:
+    if not feeds:
+        raise LowRankError(f"the {desc} gave no samples")
+    checked = []
+    for f in feeds:
+        if not isinstance(f, dict):
+            raise LowRankError(f"the {desc} gave a {type(f).__name__}, expected a dict of input name -> array")
+        checked.append(_check_feed({k: np.asarray(v) for k, v in f.items()}, inputs, desc))
+    n = sum(_batch_len(f) for f in checked)
+    return FeedSource(lambda: iter(checked), desc, n)
+
+
+def _check_feed(feed: dict, inputs: list[InputSpec], desc: str) -> dict:
+    names = {i.name for i in inputs}
+    missing, extra = names - set(feed), set(feed) - names
+    if missing or extra:
+        raise LowRankError(f"calibration data {desc} has keys {sorted(feed)} but the model's inputs are "
+                           f"{sorted(names)}: name the arrays after the model inputs")
+    out = {}
+    for spec in inputs:
+        a = feed[spec.name]
+        if a.ndim != len(spec.shape):
+            raise LowRankError(f"calibration input {spec.name!r} has shape {list(a.shape)} but the model expects "
+                               f"{len(spec.shape)} dims {_fmt_shape(spec.shape)} (first axis = samples)")
+        for axis, (got, want) in enumerate(zip(a.shape, spec.shape)):
+            if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+                raise LowRankError(f"calibration input {spec.name!r} has shape {list(a.shape)} but the model expects "
+                                   f"{_fmt_shape(spec.shape)}")
+        if a.dtype != spec.dtype:
+            if np.issubdtype(spec.dtype, np.floating) and np.issubdtype(a.dtype, np.number):
+                a = a.astype(spec.dtype)
+            else:
+                raise LowRankError(f"calibration input {spec.name!r} is {a.dtype}, the model expects {spec.dtype}")
+        out[spec.name] = a
+    return out
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in shape)
+
+
+def _image_folder(path: Path, inputs: list[InputSpec], pp: ImagePreprocess) -> FeedSource:
+    if len(inputs) != 1:
+        raise LowRankError(f"a folder of images needs a single-input model; this one has {len(inputs)} inputs")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LowRankError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+    spec = inputs[0]
+    if len(spec.shape) != 4:
+        raise LowRankError(f"a folder of images needs a 4-D model input; {spec.name!r} has {len(spec.shape)} dims")
+    layout = pp.layout.upper()
+    if layout not in ("NCHW", "NHWC"):
+        raise LowRankError(f"layout must be NCHW or NHWC, not {pp.layout!r}")
+    hw = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    channels = spec.shape[1] if layout == "NCHW" else spec.shape[3]
+    size = pp.size or hw
+    if not all(isinstance(v, int) and v > 0 for v in size):
+        raise LowRankError("the model's image size is symbolic: give --image-size HxW")
+    if channels not in (1, 3):
+        raise LowRankError(f"model input {spec.name!r} has {channels} channels; images need 1 or 3")
+
+    def load(p: Path) -> np.ndarray:
+        from PIL import Image  # only needed for image folders
+
+        try:
+            img = Image.open(p)
+            img = img.convert("L" if channels == 1 else "RGB")
+        except Exception as exc:
+            raise LowRankError(f"cannot read image {p} ({type(exc).__name__})") from None
+        img = _resize_crop(img, size, pp.resize)
+        a = np.asarray(img, dtype=np.float64)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if pp.channel_order.upper() == "BGR":
+            a = a[:, :, ::-1]
+        a = (a * pp.scale - np.asarray(pp.mean, dtype=np.float64)) / np.asarray(pp.std, dtype=np.float64)
+        if layout == "NCHW":
+            a = a.transpose(2, 0, 1)
+        return a.astype(spec.dtype)
+
+    def make_iter():
+        for p in files:
+            yield {spec.name: load(p)[None]}
+
+    return FeedSource(make_iter, f"{len(files)} images in {path}", len(files))
+
+
+def _resize_crop(img, size: tuple[int, int], resize: int | None):
+    """Scale (shorter side to ``resize``, or just enough to cover ``size``), then centre-crop to ``size``."""
+    from PIL import Image
+
+    h, w = size
+    iw, ih = img.size
+    scale = max(resize / min(iw, ih) if resize else 0.0, h / ih, w / iw)
+    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    if (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))

@@ -1,0 +1,249 @@
+"""Running calibration data through onnxruntime and sampling layer responses.
+
+Two passes exist. :func:`collect` runs the original model once with every needed intermediate
+tensor exposed and keeps a few random output positions per image (memory stays bounded: only
+samples are kept, batch by batch). :class:`Propagator` serves asymmetric reconstruction: it runs
+the model segment by segment over a disk cache of the tensors that cross each cut, so that after a
+layer is solved its approximation is applied to the cached output before later layers are
+sampled. That costs about one extra forward pass in total, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from ..graph.subgraph import last_use, producers, segment, with_outputs
+from .inputs import FeedSource
+
+
+def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def sample_positions(seed: int, layer_id: int, image: int, count: int, k: int) -> np.ndarray:
+    """The output positions sampled for one image of one layer: the same in every pass."""
+    if k >= count:
+        return np.arange(count)
+    rng = np.random.default_rng([seed, layer_id, image])
+    return np.sort(rng.choice(count, size=k, replace=False))
+
+
+@dataclass
+class SampledTensor:
+    """How to sample one tensor: which layer's positions to use."""
+
+    name: str
+    layer_id: int
+
+
+def gather(batch: np.ndarray, first_image: int, layer_id: int, seed: int, k: int) -> np.ndarray:
+    """Rows (one per sampled position, image-major) of an (N, C, H, W) batch: shape (N * k', C)."""
+    n, c = batch.shape[:2]
+    flat = batch.reshape(n, c, -1)
+    count = flat.shape[2]
+    idx = np.stack([sample_positions(seed, layer_id, first_image + i, count, k) for i in range(n)])
+    picked = np.take_along_axis(flat, idx[:, None, :], axis=2)  # (n, c, k')
+    return picked.transpose(0, 2, 1).reshape(-1, c)
+
+
+@dataclass
+class Samples:
+    rows: dict[str, np.ndarray]     # tensor name -> (n_samples, channels)
+    image: dict[str, np.ndarray]    # tensor name -> image index of each row
+    shapes: dict[str, tuple]        # tensor name -> per-image shape (C, H, W)
+    images: int
+
+
+def _broadcast(t: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(t, like.shape) if t.shape != like.shape else t
+
+
+def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
+            batch_size: int, seed: int, samples_per_image: int, max_images: int | None = None,
+            like: dict[str, str] | None = None, progress: Callable | None = None, threads: int | None = None) -> Samples:
+    """Run the model once over the data and sample each tensor at its layer's positions.
+
+    ``like`` maps a tensor to another whose shape it must take (a shortcut broadcast in an Add).
+    """
+    like = like or {}
+    names = list(dict.fromkeys([t.name for t in tensors] + list(like.values())))
+    sess = make_session(with_outputs(model, names, value_types), threads)
+    rows: dict[str, list] = {t.name: [] for t in tensors}
+    imgs: dict[str, list] = {t.name: [] for t in tensors}
+    shapes: dict[str, tuple] = {}
+    seen = 0
+    for feed in source.batches(batch_size, max_images):
+        outs = dict(zip(names, sess.run(names, feed)))
+        n = _batch_count(feed)
+        for t in tensors:
+            a = outs[t.name]
+            if t.name in like:
+                a = _broadcast(a, outs[like[t.name]])
+            if a.ndim != 4:
+                a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
+            shapes[t.name] = tuple(a.shape[1:])
+            r = gather(a, seen, t.layer_id, seed, samples_per_image)
+            rows[t.name].append(r.astype(np.float32))
+            imgs[t.name].append(np.repeat(np.arange(seen, seen + n), len(r) // n))
+        seen += n
+        if progress:
+            progress(n)
+    if seen == 0:
+        from ..errors import LowRankError
+
+        raise LowRankError("the calibration data holds no samples")
+    return Samples({k: np.concatenate(v) for k, v in rows.items()},
+                   {k: np.concatenate(v) for k, v in imgs.items()}, shapes, seen)
+
+
+def _batch_count(feed: dict) -> int:
+    return len(next(iter(feed.values())))
+
+
+class Propagator:
+    """Segment-by-segment forward pass of the partly approximated model over a disk cache.
+
+    ``stops`` maps a node index to the tensors that must be sampled once every node up to it has
+    run. :meth:`run` yields ``(node_index, samples)`` at each stop; before resuming, the caller may
+    call :meth:`transform` to replace a cached Conv output by its low-rank approximation
+    ``M y + b``, which is exactly what the factorised Conv pair computes.
+    """
+
+    def __init__(self, model: onnx.ModelProto, value_types: dict, source: FeedSource, batch_size: int,
+                 seed: int, samples_per_image: int, max_images: int | None = None,
+                 cache_dir: str | None = None, threads: int | None = None):
+        self.model = model
+        self.value_types = value_types
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.k = samples_per_image
+        self.max_images = max_images
+        self.threads = threads
+        self._dir = tempfile.mkdtemp(prefix="onnx-lowrank-cache-", dir=cache_dir)
+        self._batches: list[int] = []
+        self._types: dict[str, int] = {}
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _path(self, b: int, name: str) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        return os.path.join(self._dir, f"{b:06d}_{safe}_{abs(hash(name)) % 10**8}.npy")
+
+    def _save(self, b: int, name: str, a: np.ndarray) -> None:
+        np.save(self._path(b, name), a, allow_pickle=False)
+
+    def _load(self, b: int, name: str) -> np.ndarray:
+        return np.load(self._path(b, name), allow_pickle=False)
+
+    def _drop(self, b: int, name: str) -> None:
+        try:
+            os.unlink(self._path(b, name))
+        except FileNotFoundError:
+            pass
+
+    def run(self, stops: dict[int, list[SampledTensor]], like: dict[str, str] | None = None,
+            progress: Callable | None = None) -> Iterator[tuple[int, Samples]]:
+        like = like or {}
+        g = self.model.graph
+        inits = {t.name for t in g.initializer}
+        last = last_use(self.model)
+        prod = producers(self.model)
+        for b, feed in enumerate(self.source.batches(self.batch_size, self.max_images)):
+            self._batches.append(_batch_count(feed))
+            for name, a in feed.items():
+                self._save(b, name, a)
+                self._types[name] = helper.np_dtype_to_tensor_dtype(a.dtype)
+        live = {i.name for i in g.input if i.name not in inits}
+        prev = -1
+        order = sorted(stops)
+        needed_later = {t.name for s in order for t in stops[s]} | set(like.values())
+        for stop in order:
+            produced = {o for n in g.node[prev + 1: stop + 1] for o in n.output if o}
+            reads = {i for n in g.node[prev + 1: stop + 1] for i in n.input if i and i not in inits}
+            keep_now = {t.name for t in stops[stop]} | {like[t.name] for t in stops[stop] if t.name in like}
+            outputs = sorted(o for o in produced if last.get(o, -1) > stop or o in keep_now
+                             or (o in needed_later and prod.get(o, -1) <= stop))
+            inputs = sorted(i for i in reads if i in live)
+            if outputs:
+                seg = segment(self.model, prev + 1, stop + 1, inputs, outputs, self.value_types, self._types)
+                sess = make_session(seg, self.threads)
+                for b in range(len(self._batches)):
+                    res = sess.run(outputs, {i: self._load(b, i) for i in inputs})
+                    for name, a in zip(outputs, res):
+                        self._save(b, name, a)
+                        self._types[name] = helper.np_dtype_to_tensor_dtype(a.dtype)
+                del sess
+            live |= set(outputs)
+            yield stop, self._sample(stops[stop], like)
+            dead = {t for t in live if last.get(t, -1) <= stop and t not in needed_later_after(stops, stop, like)}
+            for t in dead:
+                for b in range(len(self._batches)):
+                    self._drop(b, t)
+            live -= dead
+            prev = stop
+            if progress:
+                progress(1)
+
+    def _sample(self, tensors: list[SampledTensor], like: dict[str, str]) -> Samples:
+        rows: dict[str, list] = {t.name: [] for t in tensors}
+        imgs: dict[str, list] = {t.name: [] for t in tensors}
+        shapes = {}
+        seen = 0
+        for b, n in enumerate(self._batches):
+            for t in tensors:
+                a = self._load(b, t.name)
+                if t.name in like:
+                    a = _broadcast(a, self._load(b, like[t.name]))
+                if a.ndim != 4:
+                    a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
+                shapes[t.name] = tuple(a.shape[1:])
+                r = gather(a, seen, t.layer_id, self.seed, self.k)
+                rows[t.name].append(r.astype(np.float32))
+                imgs[t.name].append(np.repeat(np.arange(seen, seen + n), len(r) // n))
+            seen += n
+        return Samples({k: np.concatenate(v) for k, v in rows.items()},
+                       {k: np.concatenate(v) for k, v in imgs.items()}, shapes, seen)
+
+    def transform(self, name: str, matrix: np.ndarray, bias: np.ndarray) -> None:
+        """Replace the cached tensor ``name`` (N, d, ...) by ``matrix @ y + bias`` over its channels."""
+        m = np.asarray(matrix, dtype=np.float64)
+        for b in range(len(self._batches)):
+            y = self._load(b, name)
+            shape = y.shape
+            flat = y.reshape(shape[0], shape[1], -1).astype(np.float64)
+            out = np.einsum("ij,njp->nip", m, flat) + np.asarray(bias, dtype=np.float64)[None, :, None]
+            self._save(b, name, out.reshape(shape).astype(y.dtype))
+
+
+def needed_later_after(stops: dict[int, list[SampledTensor]], stop: int, like: dict[str, str]) -> set[str]:
+    """Tensors that a later stop samples (they must stay cached even if no node reads them)."""
+    names = set()
+    for s, ts in stops.items():
+        if s > stop:
+            for t in ts:
+                names.add(t.name)
+                if t.name in like:
+                    names.add(like[t.name])
+    return names

@@ -1,0 +1,336 @@
+"""The ``onnx-lowrank`` command line: a thin layer over :mod:`onnx_lowrank.pipeline` and :mod:`.measure`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import progress
+from .errors import LowRankError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turn user errors into one line on stderr and their own exit code, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LowRankError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="onnx-lowrank")
+def main():
+    """Make convolutional ONNX models faster by low-rank factorisation of their Conv layers.
+
+    \b
+    Typical use:
+      onnx-lowrank compress model.onnx --calib calib.npz --speedup 3 -o model.lowrank.onnx
+      onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
+      onnx-lowrank bench model.onnx model.lowrank.onnx
+
+    Each Conv (k x k, c -> d) becomes k x k c -> d' followed by 1 x 1 d' -> d, solved from
+    sampled responses on calibration data (Zhang et al., CVPR 2015 / TPAMI 2016).
+    """
+
+
+def _shapes_option(f):
+    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+                        help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224 (repeatable).")(f)
+
+
+def _image_options(f):
+    opts = [
+        click.option("--image-size", metavar="HxW", help="Image folders: model input size when the model's is symbolic."),
+        click.option("--resize", type=int, metavar="PX", help="Image folders: resize the shorter side to PX, then centre-crop."),
+        click.option("--scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel multiplier."),
+        click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: subtracted after scaling."),
+        click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: divisor after the mean."),
+        click.option("--bgr", is_flag=True, help="Image folders: feed channels in BGR order (default RGB)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default="NCHW",
+                     show_default=True, help="Image folders: tensor layout of the model input."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _preprocess(image_size, resize, scale, mean, std, bgr, layout):
+    from .calibration.inputs import ImagePreprocess
+
+    def floats(s, what):
+        try:
+            return tuple(float(v) for v in s.split(","))
+        except ValueError:
+            raise LowRankError(f"--{what} takes numbers separated by commas, not {s!r}") from None
+
+    size = None
+    if image_size:
+        try:
+            h, w = (int(v) for v in image_size.lower().split("x"))
+            size = (h, w)
+        except ValueError:
+            raise LowRankError(f"--image-size takes HxW, e.g. 224x224, not {image_size!r}") from None
+    return ImagePreprocess(size=size, resize=resize, scale=scale, mean=floats(mean, "mean"), std=floats(std, "std"),
+                           channel_order="BGR" if bgr else "RGB", layout=layout.upper())
+
+
+def _parse_ranks(spec: str | None) -> dict[str, int]:
+    if not spec:
+        return {}
+    p = Path(spec)
+    if p.suffix == ".json" or p.is_file():
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise LowRankError(f"cannot read --ranks file {p}: {exc}") from None
+        if not isinstance(data, dict):
+            raise LowRankError(f"--ranks file {p} must hold a JSON object {{\"layer name\": rank}}")
+        items = data.items()
+    else:
+        items = []
+        for part in spec.split(","):
+            if "=" not in part:
+                raise LowRankError(f"bad --ranks entry {part!r}: write NAME=RANK,NAME=RANK or a JSON file")
+            name, r = part.rsplit("=", 1)
+            items.append((name.strip(), r.strip()))
+    ranks = {}
+    for name, r in items:
+        try:
+            ranks[name] = int(r)
+        except (TypeError, ValueError):
+            raise LowRankError(f"rank for {name!r} must be an integer, not {r!r}") from None
+    return ranks
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", "calib", metavar="DATA",
+              help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
+                   "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output model [default: MODEL with .lowrank.onnx beside it].")
+@click.option("--speedup", type=float, default=None,
+              help="Target whole-model FLOP reduction, e.g. 3 = a third of the FLOPs [default: 2, or none with --ranks].")
+@click.option("--ranks", metavar="NAME=R,...|FILE.json", help="Set ranks by hand (layer names as in `onnx-lowrank layers`).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers alone (glob on the name; repeatable).")
+@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True,
+              help="nonlinear: minimise the error after the activation (the paper); linear: PCA of the responses.")
+@click.option("--asymmetric/--no-asymmetric", default=True, show_default=True,
+              help="Fit each layer on inputs from the already-compressed layers before it, so errors do not pile up.")
+@click.option("--samples-per-image", type=int, default=10, show_default=True, help="Random output positions sampled per image and layer.")
+@click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the sampled positions (same seed, same output).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
+@_shapes_option
+@_image_options
+def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, samples_per_image, max_images,
+             batch_size, seed, report_path, threads, quiet, input_shapes, **image):
+    """Factorise the Conv layers of MODEL and write a faster model plus a report.
+
+    \b
+    Examples:
+      onnx-lowrank compress net.onnx --calib calib.npz --speedup 3
+      onnx-lowrank compress net.onnx --calib images/ --resize 256 --mean 0.485,0.456,0.406 \\
+          --std 0.229,0.224,0.225 --speedup 2 --report report.json
+      onnx-lowrank compress net.onnx --calib calib.npz --ranks conv1=16,conv2=32 --exclude 'head*'
+
+    Layers at or above break-even rank, grouped and depthwise Convs are left as they are and
+    listed in the report with the reason.
+    """
+    from .graph.loading import parse_input_shapes
+    from .pipeline import CompressConfig, compress as run
+    from .report import format_report
+
+    progress.set_enabled(not quiet)
+    if not calib:
+        raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
+                           "('synthetic' for latency experiments only)")
+    if not model.exists():
+        raise LowRankError(f"model file not found: {model} (check the path)")
+    ranks_d = _parse_ranks(ranks)
+    if speedup is None and not ranks_d:
+        speedup = 2.0
+    output = output or model.with_name(model.stem + ".lowrank.onnx")
+    if output.resolve() == model.resolve():
+        raise LowRankError("--output is the input model: choose another path (the input is never modified)")
+    shapes = parse_input_shapes(input_shapes)
+    data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
+    cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method, asymmetric=asymmetric,
+                         samples_per_image=samples_per_image, max_images=max_images, seed=seed,
+                         batch_size=batch_size, input_shapes=shapes, threads=threads,
+                         preprocess=_preprocess(**image))
+    result = run(model, data, None, cfg)
+    if report_path:
+        _write_json_atomic(report_path, result.report)
+    from .graph.loading import save_model_atomic
+
+    save_model_atomic(result.model, output)
+    if not quiet:
+        click.echo(format_report(result.report))
+        click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
+    from .measure import synthetic_feeds
+
+    progress.log("warning: --calib synthetic uses random inputs: fine for latency, meaningless for accuracy")
+    return [synthetic_feeds(str(model), batch=1, seed=seed + i, shape_overrides=shapes or None) for i in range(count)]
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_shapes_option
+def layers(model, input_shapes):
+    """List the Conv layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why some are skipped."""
+    from .graph.layers import find_conv_layers
+    from .graph.loading import infer_value_types, load_model, normalise, parse_input_shapes, with_input_shapes
+
+    norm = normalise(load_model(model))
+    vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
+    rows = [("name", "c -> d", "kernel", "group", "output", "activation", "status")]
+    for lay in find_conv_layers(norm, vt):
+        out = "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?"
+        rows.append((lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
+                     out, lay.target_description, lay.skip_reason or "candidate"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):
+    """Real inputs from --data (batched), or synthetic ones."""
+    from .calibration.inputs import open_source
+    from .graph.loading import load_model
+    from .pipeline import input_specs
+
+    if data is None:
+        from .measure import synthetic_feeds
+
+        return [synthetic_feeds(str(model), batch=batch, seed=seed, shape_overrides=shapes or None)]
+    specs = input_specs(load_model(model))
+    source = open_source(str(data), specs)
+    return list(source.batches(batch, limit))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed runs.")
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds; each round runs every model once.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="Real inputs (.npz/.npy/image folder) instead of random ones.")
+@click.option("--profile", is_flag=True, help="Add a per-op-type time breakdown from onnxruntime's profiler.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_shapes_option
+def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, input_shapes):
+    """CPU latency of one or more models with onnxruntime, runs interleaved so noise hits all alike.
+
+    Reports median / min / max per model and each model's speed-up against the first.
+
+    \b
+      onnx-lowrank bench model.onnx model.lowrank.onnx --threads 1 --runs 100
+    """
+    from .graph.loading import parse_input_shapes
+    from .measure import bench as run, format_bench
+
+    progress.set_enabled(not quiet and not as_json)
+    for m in models:
+        if not m.exists():
+            raise LowRankError(f"model file not found: {m} (check the path)")
+    feeds = _feeds_for(models[0], data, batch, 0, parse_input_shapes(input_shapes), limit=batch * 16)
+    res = run([str(m) for m in models], feeds, threads=threads, runs=runs, warmup=warmup, profile=profile,
+              progress=not quiet and not as_json)
+    click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_bench(res))
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="Inputs (.npz/.npy/image folder).")
+@click.option("--labels", metavar="KEY", help="Name of an integer label array in the .npz: adds both accuracies and the drop.")
+@click.option("--output", "output_name", metavar="NAME", help="Model output to compare [default: the first].")
+@click.option("--batch", type=int, default=32, show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use at most this many samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_(reference, candidate, data, labels, output_name, batch, max_samples, as_json, quiet):
+    """Fidelity of CANDIDATE against REFERENCE on the same inputs: top-1 agreement, top-5 overlap, NMSE, KL,
+    and with --labels the accuracy of both.
+
+    \b
+      onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
+    """
+    from .measure import evaluate, format_eval
+
+    progress.set_enabled(not quiet and not as_json)
+    for m in (reference, candidate):
+        if not m.exists():
+            raise LowRankError(f"model file not found: {m} (check the path)")
+    feeds, label_array = eval_inputs(reference, data, labels, batch, max_samples)
+    res = evaluate(str(reference), str(candidate), feeds, labels=label_array, output=output_name,
+                   progress=not quiet and not as_json)
+    click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_eval(res))
+
+
+def eval_inputs(model: Path, data: Path, labels: str | None, batch: int, limit: int | None):
+    """Feeds for evaluation, with the label array split off the .npz when ``labels`` names it."""
+    from .calibration.inputs import open_source
+    from .graph.loading import load_model
+    from .pipeline import input_specs
+
+    specs = input_specs(load_model(model))
+    label_array = None
+    source_data = str(data)
+    if labels:
+        if Path(data).suffix != ".npz":
+            raise LowRankError("--labels needs a .npz holding the inputs and the label array")
+        with np.load(data, allow_pickle=False) as z:
+            if labels not in z.files:
+                raise LowRankError(f"--labels {labels!r} is not an array in {data} (it has {', '.join(z.files)})")
+            arrays = {k: z[k] for k in z.files}
+        label_array = arrays.pop(labels)
+        source_data = arrays
+        if limit is not None:
+            label_array = label_array[:limit]
+    source = open_source(source_data, specs)
+    return source.batches(batch, limit), label_array
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Reading, normalising and writing ONNX models.
+
+Normalisation makes every later step simpler: weights become initializers (whatever node held
+them), BatchNormalization after a Conv is folded into it, and the IR version is raised so that
+initializers need not be listed as graph inputs. The caller's file is never touched: we work on
+an in-memory copy and write results atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from ..errors import LowRankError
+
+MIN_OPSET = 9
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model with its external data, with one-line errors for the usual mistakes."""
+    p = Path(path)
+    if not p.exists():
+        raise LowRankError(f"model file not found: {p} (check the path)")
+    if p.is_dir():
+        raise LowRankError(f"{p} is a directory, not an ONNX file: pass the .onnx file itself")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise LowRankError(f"{p} is not a readable ONNX model ({type(exc).__name__}); pass a .onnx file") from None
+    if not model.graph.node:
+        raise LowRankError(f"{p} is not a readable ONNX model (its graph has no nodes); pass a .onnx file")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise LowRankError(f"{p}: cannot read its external weight data ({exc}); keep the data files beside the model") from None
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise LowRankError(f"{p} uses opset {opset}; onnx-lowrank needs opset {MIN_OPSET} or newer "
+                           "(convert it with onnx.version_converter first)")
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write beside the target, then rename: the output appears whole or not at all.
+
+    Models above the 2 GB protobuf limit get their weights in one external ``.data`` file.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        tmp = os.path.join(tmpdir, p.name)
+        if model.ByteSize() > 1_800_000_000:
+            data_name = p.name + ".data"
+            onnx.save_model(copy.deepcopy(model), tmp, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(os.path.join(tmpdir, data_name), p.parent / data_name)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, p)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+_SHAPE_RE = re.compile(r"^(.+):(\d+(?:[x,]\d+)*)$")
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, list[int]]:
+    """Parse ``NAME:1x3x224x224`` options (the name may itself contain colons)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or ():
+        m = _SHAPE_RE.match(spec.strip())
+        if not m:
+            raise LowRankError(f"bad --input-shape {spec!r}: write NAME:DIMS, e.g. input:1x3x224x224")
+        shapes[m.group(1)] = [int(v) for v in re.split(r"[x,]", m.group(2))]
+    return shapes
+
+
+def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are fed at run time (old models also list initializers as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a normalised copy: Constant weights as initializers, BatchNorm folded into Convs."""
+    model = copy.deepcopy(model)
+    _constants_to_initializers(model)
+    _drop_initializer_inputs(model)
+    _fold_batchnorm(model)
+    return model
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    g = model.graph
+    keep = []
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            a = node.attribute[0]
+            tensor = None
+            if a.name == "value":
+                tensor = copy.deepcopy(a.t)
+            elif a.name == "value_float":
+                tensor = numpy_helper.from_array(np.array(a.f, dtype=np.float32))
+            elif a.name == "value_floats":
+                tensor = numpy_helper.from_array(np.array(list(a.floats), dtype=np.float32))
+            elif a.name == "value_int":
+                tensor = numpy_helper.from_array(np.array(a.i, dtype=np.int64))
+            elif a.name == "value_ints":
+                tensor = numpy_helper.from_array(np.array(list(a.ints), dtype=np.int64))
+            if tensor is not None:
+                tensor.name = node.output[0]
+                g.initializer.append(tensor)
+                continue
+        keep.append(node)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires initializers to be graph inputs; drop them so weights are true constants."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    feeds = [i for i in g.input if i.name not in inits]
+    if len(feeds) != len(g.input):
+        del g.input[:]
+        g.input.extend(feeds)
+    if model.ir_version < 4:
+        model.ir_version = 4
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    cons: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                cons.setdefault(i, []).append(n)
+    return cons
+
+
+def _fold_batchnorm(model: onnx.ModelProto) -> None:
+    """Fold inference-mode BatchNormalization into the Conv that feeds only it."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    cons = _consumers(g)
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+    removed = []
+    for bn in list(g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.input) < 5:
+            continue
+        if len([o for o in bn.output if o]) != 1:
+            continue  # training-mode BN
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(cons.get(bn.input[0], [])) != 1 or bn.input[0] in outputs:
+            continue
+        if not all(name in inits for name in bn.input[1:5]) or conv.input[1] not in inits:
+            continue
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        w_t = inits[conv.input[1]]
+        w = numpy_helper.to_array(w_t).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        scale = gamma / np.sqrt(var + eps)
+        dtype = numpy_helper.to_array(w_t).dtype
+        new_w = numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype),
+                                        _fresh_name(inits, conv.input[1] + "_bnfolded"))
+        new_b = numpy_helper.from_array(((b - mean) * scale + beta).astype(dtype),
+                                        _fresh_name(inits, (conv.name or conv.output[0]) + "_bias_bnfolded"))
+        for t in (new_w, new_b):
+            g.initializer.append(t)
+            inits[t.name] = t
+        del conv.input[1:]
+        conv.input.extend([new_w.name, new_b.name])
+        conv.output[0] = bn.output[0]
+        removed.append(bn)
+    if removed:
+        ids = {id(n) for n in removed}
+        keep = [n for n in g.node if id(n) not in ids]
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(model)
+
+
+def _fresh_name(taken, base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for n in g.node:  # tensors referenced from subgraphs (If/Loop bodies)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                used |= {i for sn in a.g.node for i in sn.input}
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    used |= {i for sn in sg.node for i in sn.input}
+    keep = [t for t in g.initializer if t.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Copy of the model whose inputs have the given concrete shapes (for shape inference and FLOPs)."""
+    m = copy.deepcopy(model)
+    names = {i.name for i in real_inputs(m)}
+    for name in shapes:
+        if name not in names:
+            raise LowRankError(f"--input-shape names {name!r}, which is not a model input "
+                               f"(inputs: {', '.join(sorted(names))})")
+    for inp in m.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) and len(dims) != len(shapes[inp.name]):
+                raise LowRankError(f"--input-shape {inp.name}: {len(shapes[inp.name])} dims given, "
+                                   f"the model's input has {len(dims)}")
+            inp.type.tensor_type.shape.Clear()
+            for v in shapes[inp.name]:
+                inp.type.tensor_type.shape.dim.add().dim_value = v
+    return m
+
+
+def infer_value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | None] | None]]:
+    """Element type and (possibly partial) shape of every tensor that shape inference can reach."""
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    out: dict[str, tuple[int, list[int | None] | None]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.elem_type:
+            continue
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out[vi.name] = (tt.elem_type, shape)
+    for t in g.initializer:
+        out[t.name] = (t.data_type, list(t.dims))
+    return out
+
+
+def make_value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, None)

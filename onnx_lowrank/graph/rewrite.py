@@ -1,0 +1,82 @@
+"""Replacing a Conv by a factorised chain of Convs, with onnx-graphsurgeon.
+
+The chain keeps the original output tensor name, so everything downstream (and the graph's
+outputs) is unchanged; new node and tensor names derive from the original node's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+@dataclass
+class ConvStage:
+    """One Conv of a factorised chain: weight (out, in, kh, kw), optional bias, ONNX attributes."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    attrs: dict
+
+
+def pointwise_attrs() -> dict:
+    return {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
+
+
+def first_stage_attrs(original: dict, kernel: tuple[int, int]) -> dict:
+    """The k x k stage keeps the original stride, padding and dilation."""
+    attrs = {k: v for k, v in original.items() if k in ("strides", "pads", "dilations", "auto_pad")}
+    attrs["kernel_shape"] = list(kernel)
+    attrs["group"] = 1
+    if attrs.get("auto_pad") in ("NOTSET", "") or attrs.get("auto_pad") is None:
+        attrs.pop("auto_pad", None)
+    return attrs
+
+
+def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage]]) -> onnx.ModelProto:
+    """Return a new model where each named Conv node is replaced by its chain of stages."""
+    graph = gs.import_onnx(model)
+    taken = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+    found = set()
+    for node in list(graph.nodes):
+        if node.op != "Conv" or node.name not in replacements:
+            continue
+        found.add(node.name)
+        stages = replacements[node.name]
+        x, y = node.inputs[0], node.outputs[0]
+        node.outputs.clear()
+        node.inputs.clear()
+        current = x
+        for i, st in enumerate(stages):
+            base = _unique(f"{node.name}_lowrank{i}", taken)
+            inputs = [current, gs.Constant(_unique(base + "_W", taken), np.ascontiguousarray(st.weight, dtype=np.float32))]
+            if st.bias is not None:
+                inputs.append(gs.Constant(_unique(base + "_B", taken), np.ascontiguousarray(st.bias, dtype=np.float32)))
+            out = y if i == len(stages) - 1 else gs.Variable(_unique(base + "_out", taken), dtype=np.float32)
+            graph.nodes.append(gs.Node(op="Conv", name=base, attrs=dict(st.attrs), inputs=inputs, outputs=[out]))
+            current = out
+    missing = set(replacements) - found
+    if missing:
+        raise KeyError(f"no Conv node named {sorted(missing)}")
+    graph.cleanup().toposort()
+    new = gs.export_onnx(graph, do_type_check=False)
+    new.ir_version = model.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(model.opset_import)
+    new.producer_name, new.producer_version = model.producer_name, model.producer_version
+    new.doc_string = model.doc_string
+    del new.metadata_props[:]
+    new.metadata_props.extend(model.metadata_props)
+    del new.graph.value_info[:]
+    return new
+
+
+def _unique(name: str, taken: set) -> str:
+    cand, i = name, 1
+    while cand in taken:
+        cand, i = f"{name}_{i}", i + 1
+    taken.add(cand)
+    return cand

@@ -1,0 +1,380 @@
+"""The compression pipeline: graph -> calibration -> solver -> graph, and the report.
+
+This is the only module that knows all three parts. The CLI and the Python API call
+:func:`compress`; everything here works on in-memory models, and the output file is written
+atomically only once the new model has passed ``onnx.checker`` and loaded in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import progress
+from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
+from .calibration.sampling import Propagator, SampledTensor, collect, make_session
+from .errors import LowRankError
+from .graph.layers import ConvLayer, find_conv_layers, node_flops
+from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
+                            with_input_shapes)
+from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
+from .solver.activations import Activation
+from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
+from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
+                                    response_spectrum)
+
+METHODS = ("linear", "nonlinear")
+DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
+
+
+@dataclass
+class CompressConfig:
+    """Every knob of :func:`compress`; the CLI options map one to one onto these fields."""
+
+    speedup: float | None = 2.0
+    ranks: dict[str, int] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    method: str = "nonlinear"
+    asymmetric: bool = True
+    samples_per_image: int = 10
+    max_images: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    schedule: tuple = DEFAULT_SCHEDULE
+    holdout_every: int = 5
+    threads: int | None = None
+    cache_dir: str | None = None
+    preprocess: ImagePreprocess | None = None
+
+
+@dataclass
+class CompressionResult:
+    model: onnx.ModelProto
+    report: dict
+
+
+def compress(model, data, output: str | Path | None = None, config: CompressConfig | None = None,
+             **overrides) -> CompressionResult:
+    """Compress ``model`` (path or ModelProto) using calibration ``data``; write ``output`` if given.
+
+    ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed
+    dicts or an onnxruntime ``CalibrationDataReader``. Keyword overrides set fields of
+    :class:`CompressConfig`.
+    """
+    cfg = config or CompressConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown option {k!r}")
+        setattr(cfg, k, v)
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    source_model = load_model(model) if isinstance(model, (str, Path)) else model
+    norm = normalise(source_model)
+    inputs = input_specs(norm)
+    source = open_source(data, inputs, cfg.preprocess)
+    batch = _batch_size(inputs, cfg.batch_size)
+    first = next(source.batches(1, 1))
+    shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
+    shapes.update(cfg.input_shapes)
+    value_types = infer_value_types(with_input_shapes(norm, shapes))
+    layers = find_conv_layers(norm, value_types)
+    flops = node_flops(norm, value_types)
+    plan = _plan(layers, flops, cfg)
+    candidates = [p for p in plan if p.layer.skip_reason is None]
+    if not candidates:
+        raise LowRankError(_no_candidate_message(layers, cfg))
+
+    samples = _collect_original(norm, value_types, source, candidates, batch, cfg)
+    _choose_ranks(plan, samples, flops, cfg)
+    chosen = [p for p in plan if p.rank is not None]
+    if chosen:
+        if cfg.asymmetric:
+            _solve_asymmetric(norm, value_types, source, chosen, samples, batch, cfg)
+        else:
+            for p in chosen:
+                _solve(p, samples, None, cfg)
+    new_model = rewrite_convs(norm, {p.layer.name: _stages(p) for p in chosen}) if chosen else norm
+    _validate(new_model)
+    report = _report(plan, flops, cfg, samples.images, time.perf_counter() - t0)
+    if output is not None:
+        save_model_atomic(new_model, output)
+    return CompressionResult(new_model, report)
+
+
+def _check_config(cfg: CompressConfig) -> None:
+    if cfg.method not in METHODS:
+        raise LowRankError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
+        raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
+                           "2 means half the FLOPs")
+    if cfg.samples_per_image < 1:
+        raise LowRankError("--samples-per-image must be at least 1")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        raise LowRankError("--max-images must be at least 1")
+    if cfg.batch_size < 1:
+        raise LowRankError("--batch-size must be at least 1")
+    for name, r in cfg.ranks.items():
+        if not isinstance(r, int) or r < 1:
+            raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    specs = []
+    for vi in real_inputs(model):
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else np.dtype(np.float32)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
+    return specs
+
+
+def _batch_size(inputs: list[InputSpec], wanted: int) -> int:
+    """Models exported with a fixed batch dimension must be fed exactly that many samples."""
+    fixed = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    return fixed.pop() if len(fixed) == 1 else wanted
+
+
+@dataclass
+class LayerPlan:
+    layer: ConvLayer
+    layer_id: int
+    flops_before: int = 0
+    rank: int | None = None
+    status: str = "skipped"
+    reason: str = ""
+    energy_kept: float | None = None
+    rel_error: float | None = None
+    rel_error_linear: float | None = None
+    method: str | None = None
+    factorisation: Factorisation | None = None
+
+    @property
+    def shape(self) -> ConvShape:
+        lay = self.layer
+        return ConvShape(lay.in_channels, lay.out_channels, lay.kernel[0], lay.kernel[1], lay.positions)
+
+    @property
+    def flops_after(self) -> int:
+        return self.shape.factorised_flops(self.rank) if self.rank is not None else self.flops_before
+
+
+def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -> list[LayerPlan]:
+    names = {lay.name for lay in layers}
+    for name in cfg.ranks:
+        if name not in names:
+            raise LowRankError(f"--ranks names {name!r}, which is not a Conv layer of the model "
+                               f"(run with --list-layers to see the names)")
+    plan = []
+    for i, lay in enumerate(layers):
+        p = LayerPlan(lay, i, flops.get(lay.name, 0))
+        if lay.skip_reason is None and any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
+            lay.skip_reason = "excluded by --exclude"
+        if lay.skip_reason is None and lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
+            lay.skip_reason = "no rank saves FLOPs (break-even rank is 0)"
+        p.reason = lay.skip_reason or ""
+        plan.append(p)
+    return plan
+
+
+def _no_candidate_message(layers: list[ConvLayer], cfg: CompressConfig) -> str:
+    if not layers:
+        return "the model has no Conv layer to compress"
+    reasons = sorted({lay.skip_reason for lay in layers if lay.skip_reason})
+    return f"none of the model's {len(layers)} Conv layers can be compressed ({'; '.join(reasons)})"
+
+
+def _tensors(plan: list[LayerPlan]) -> tuple[list[SampledTensor], dict[str, str]]:
+    tensors, like = [], {}
+    for p in plan:
+        tensors.append(SampledTensor(p.layer.output, p.layer_id))
+        if p.layer.shortcut:
+            tensors.append(SampledTensor(p.layer.shortcut, p.layer_id))
+            like[p.layer.shortcut] = p.layer.output
+    return tensors, like
+
+
+def _collect_original(model, value_types, source: FeedSource, plan, batch: int, cfg: CompressConfig):
+    tensors, like = _tensors(plan)
+    total = source.total(cfg.max_images)
+    with progress.bar("calibration", total, "img") as update:
+        return collect(model, value_types, source, tensors, batch, cfg.seed, cfg.samples_per_image,
+                       cfg.max_images, like, update, cfg.threads)
+
+
+def _split(samples, name: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (fit, held back): every ``holdout_every``-th image is held back for the report."""
+    img = samples.image[name]
+    if samples.images < holdout_every or holdout_every < 2:
+        mask = np.zeros(len(img), dtype=bool)
+        return ~mask, ~mask
+    held = img % holdout_every == holdout_every - 1
+    return ~held, held
+
+
+def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig) -> None:
+    free = [p for p in plan if p.layer.skip_reason is None]
+    fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
+    spectra, fixed = [], {}
+    for i, p in enumerate(free):
+        fit, _ = _split(samples, p.layer.output, cfg.holdout_every)
+        spectra.append(response_spectrum(samples.rows[p.layer.output][fit]))
+        if p.layer.name in cfg.ranks:
+            r = cfg.ranks[p.layer.name]
+            if r > p.layer.out_channels:
+                raise LowRankError(f"rank {r} for {p.layer.name!r} exceeds its {p.layer.out_channels} filters")
+            fixed[i] = r
+    total = sum(flops.values())
+    if cfg.speedup is None:
+        ranks = [fixed.get(i) for i in range(len(free))]
+        ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
+    else:
+        budget = speedup_to_budget(total, cfg.speedup)
+        ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed)
+    for p, r, spec in zip(free, ranks, spectra):
+        if r is None:
+            p.status = "skipped"
+            if p.layer.name in cfg.ranks:
+                p.reason = (f"rank {cfg.ranks[p.layer.name]} is at or above break-even "
+                            f"({p.shape.break_even_rank()}): no FLOP saving")
+            else:
+                p.reason = "kept at full rank by rank selection" if cfg.speedup else "no rank given"
+            continue
+        p.rank, p.status, p.reason = int(r), "factorised", ""
+        p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
+
+
+def _activation(layer: ConvLayer) -> Activation:
+    return Activation(layer.activation, dict(layer.activation_params))
+
+
+def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
+    """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs."""
+    lay = p.layer
+    fit, held = _split(original, lay.output, cfg.holdout_every)
+    y = original.rows[lay.output].astype(np.float64)
+    s = original.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
+    src = approximated or original
+    yh = src.rows[lay.output].astype(np.float64)
+    sh = src.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
+    act = _activation(lay)
+    asym = approximated is not None
+    # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
+    lin_target = y if s is None else y + s - sh
+    lin_needs_regression = asym or s is not None
+    lin = linear_reconstruction(lin_target[fit], p.rank, yh[fit] if lin_needs_regression else None)
+    f = lin
+    if cfg.method == "nonlinear" and not act.is_identity:
+        f, _info = nonlinear_reconstruction(
+            y[fit], p.rank, act, Yhat=yh[fit] if asym else None,
+            offset=None if s is None else s[fit], offset_hat=None if sh is None else sh[fit],
+            schedule=cfg.schedule)
+        p.method = "nonlinear"
+    else:
+        p.method = "linear"
+    target = act.apply(y[held] + (0 if s is None else s[held]))
+
+    def err(fz: Factorisation) -> float:
+        pred = act.apply(fz.predict(yh[held]) + (0 if sh is None else sh[held]))
+        den = float(np.sum(target ** 2))
+        return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
+
+    p.rel_error = err(f)
+    p.rel_error_linear = err(lin) if p.method == "nonlinear" else p.rel_error
+    p.factorisation = f
+
+
+def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
+                      cfg: CompressConfig) -> None:
+    """Solve layers in graph order, each on inputs from the partly approximated model."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    stops: dict[int, list[SampledTensor]] = {}
+    by_stop: dict[int, list[LayerPlan]] = {}
+    _, like = _tensors(chosen)
+    for p in chosen:
+        lay = p.layer
+        stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
+        stops.setdefault(stop, []).append(SampledTensor(lay.output, p.layer_id))
+        if lay.shortcut:
+            stops[stop].append(SampledTensor(lay.shortcut, p.layer_id))
+        by_stop.setdefault(stop, []).append(p)
+    with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, cfg.max_images,
+                    cfg.cache_dir, cfg.threads) as prop, \
+            progress.bar("asymmetric solve", len(stops), "segment") as update:
+        for stop, approx in prop.run(stops, like, update):
+            for p in by_stop[stop]:
+                _solve(p, samples, approx, cfg)
+                f = p.factorisation
+                prop.transform(p.layer.output, f.P @ f.Q.T, f.b)
+
+
+def _stages(p: LayerPlan) -> list[ConvStage]:
+    lay, f = p.layer, p.factorisation
+    w = lay.weight.astype(np.float64)
+    w1 = np.einsum("dr,dckl->rckl", f.Q, w)
+    b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
+    return [ConvStage(w1, b1, first_stage_attrs(lay.attrs, lay.kernel)),
+            ConvStage(f.P[:, :, None, None], f.b, pointwise_attrs())]
+
+
+def _validate(model: onnx.ModelProto) -> None:
+    """The model we write must pass the full checker and load in onnxruntime."""
+    try:
+        if model.ByteSize() < 1_800_000_000:
+            onnx.checker.check_model(model, full_check=True)
+        make_session(model)
+    except Exception as exc:  # an internal failure: say so plainly rather than write a broken file
+        raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc
+
+
+def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float) -> dict:
+    total_before = sum(flops.values())
+    conv_before = sum(p.flops_before for p in plan)
+    saved = sum(p.flops_before - p.flops_after for p in plan)
+    layers = []
+    for p in plan:
+        lay = p.layer
+        layers.append({
+            "name": lay.name,
+            "in_channels": lay.in_channels,
+            "out_channels": lay.out_channels,
+            "kernel": list(lay.kernel),
+            "output_size": list(lay.out_shape[2:]) if lay.out_shape else None,
+            "group": lay.group,
+            "activation": lay.activation,
+            "target": lay.target_description,
+            "status": p.status,
+            "reason": p.reason,
+            "rank": p.rank,
+            "break_even_rank": p.shape.break_even_rank() if lay.skip_reason is None else None,
+            "flops_before": p.flops_before,
+            "flops_after": p.flops_after,
+            "energy_kept": p.energy_kept,
+            "method": p.method,
+            "rel_error_linear": p.rel_error_linear,
+            "rel_error": p.rel_error,
+        })
+    after = total_before - saved
+    conv_after = conv_before - saved
+    return {
+        "flops_before": total_before,
+        "flops_after": after,
+        "speedup_theoretical": total_before / after if after else math.inf,
+        "conv_flops_before": conv_before,
+        "conv_flops_after": conv_after,
+        "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
+        "target_speedup": cfg.speedup,
+        "method": cfg.method,
+        "asymmetric": cfg.asymmetric,
+        "calibration_images": images,
+        "samples_per_image": cfg.samples_per_image,
+        "seed": cfg.seed,
+        "seconds": round(seconds, 2),
+        "layers": layers,
+    }

@@ -1,0 +1,43 @@
+"""The human-readable table printed at the end of ``compress`` (the JSON report is the dict itself)."""
+
+from __future__ import annotations
+
+
+def _flops(v: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def format_report(report: dict) -> str:
+    head = ("layer", "c -> d", "kernel", "out", "rank", "FLOPs before", "FLOPs after", "energy", "rel.err", "note")
+    rows = []
+    for lay in report["layers"]:
+        out = "x".join(map(str, lay["output_size"])) if lay["output_size"] else "?"
+        rank = str(lay["rank"]) if lay["rank"] is not None else "-"
+        note = lay["reason"] if lay["status"] == "skipped" else f"{lay['method']}, {lay['target']}"
+        rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
+                     "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
+                     _flops(lay["flops_after"]), _pct(lay["energy_kept"]), _pct(lay["rel_error"]), note))
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head) - 1)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1]]
+    lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 4)
+    for r in rows:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    n_fact = sum(1 for lay in report["layers"] if lay["status"] == "factorised")
+    lines.append("")
+    lines.append(f"factorised {n_fact} of {len(report['layers'])} Conv layers "
+                 f"({report['method']}{', asymmetric' if report['asymmetric'] else ''}, "
+                 f"{report['calibration_images']} calibration images, {report['seconds']:.1f} s)")
+    lines.append(f"whole model: {_flops(report['flops_before'])} -> {_flops(report['flops_after'])} FLOPs "
+                 f"per image, {report['speedup_theoretical']:.2f}x theoretical speed-up")
+    lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
+                 f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
+    lines.append("energy = response energy kept by the rank; rel.err = relative squared error of the layer's "
+                 "target on held-back calibration images")
+    return "\n".join(lines)

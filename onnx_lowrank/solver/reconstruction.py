@@ -1,0 +1,267 @@
+"""Linear, asymmetric and nonlinear low-rank reconstruction of a layer's responses
+(method.md sections 2-4).
+
+Samples are rows: ``Y`` is (n, d), n sampled output positions of a layer with d output
+channels. The result is a rank-r map ``M = P Q^T`` and a bias ``b`` with the approximation
+``y_approx = M yhat + b`` per sample, i.e. ``Yhat @ Q @ P.T + b`` for rows; the layer is then
+rewritten as a Conv with weights ``Q^T W`` followed by a 1x1 Conv with weights ``P``.
+All maths in float64; plain NumPy/SciPy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .activations import Activation, z_step
+
+
+@dataclass
+class Factorisation:
+    """``y_approx = P @ Q.T @ yhat + b`` per sample; ``P``, ``Q`` are (d, r), ``b`` is (d,)."""
+
+    P: np.ndarray
+    Q: np.ndarray
+    b: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.P.shape[1])
+
+    @property
+    def M(self) -> np.ndarray:
+        """The (d, d) rank-r map ``P Q^T``."""
+        return self.P @ self.Q.T
+
+    def predict(self, Yhat: np.ndarray) -> np.ndarray:
+        """(n, d) -> (n, d): ``Yhat @ Q @ P.T + b``; multiplies through the factors only when that
+        is cheaper than through ``M``."""
+        X = np.asarray(Yhat, dtype=np.float64)
+        d, r = self.P.shape
+        if 2 * r < d:
+            out = (X @ self.Q) @ self.P.T
+        else:
+            out = X @ (self.Q @ self.P.T)
+        out += self.b
+        return out
+
+
+def _as_2d(name: str, X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n samples, d channels), got shape {X.shape}")
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"{name} is empty: shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name} has non-finite values")
+    return X
+
+
+def _check_rank(rank: int, d: int) -> int:
+    r = int(rank)
+    if r != rank or not 1 <= r <= d:
+        raise ValueError(f"rank must be an integer in [1, {d}], got {rank}")
+    return r
+
+
+def _top_eigvecs(G: np.ndarray, r: int) -> np.ndarray:
+    """Top-r eigenvectors (columns, by descending eigenvalue) of a symmetric PSD matrix."""
+    d = G.shape[0]
+    G = 0.5 * (G + G.T)
+    _, vecs = np.linalg.eigh(G)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :r]) if r < d else np.ascontiguousarray(vecs[:, ::-1])
+
+
+def response_spectrum(Y: np.ndarray) -> np.ndarray:
+    """Eigenvalues (descending, clipped at >= 0) of the covariance ``Yc^T Yc / n`` of the centred
+    responses, the energies of section 5's rank selection. With PCA at rank r the mean squared
+    residual per sample equals the sum of the discarded eigenvalues."""
+    Y = _as_2d("Y", Y)
+    Yc = Y - Y.mean(axis=0)
+    C = (Yc.T @ Yc) / Y.shape[0]
+    w = np.linalg.eigvalsh(0.5 * (C + C.T))[::-1]
+    return np.clip(w, 0.0, None)
+
+
+def _pca(Y: np.ndarray, r: int) -> Factorisation:
+    ybar = Y.mean(axis=0)
+    Yc = Y - ybar
+    U = _top_eigvecs(Yc.T @ Yc, r)
+    b = ybar - U @ (U.T @ ybar)
+    return Factorisation(P=U, Q=U.copy(), b=b)
+
+
+class _RRR:
+    """Reduced-rank regression onto a fixed input ``X`` (= Yhat): the covariance and its
+    eigendecomposition are computed once, so each M-step costs one (d x n)(n x d) product and
+    one d x d eigh.
+
+    Dead or constant input channels make ``C = Xc^T Xc`` singular; a relative ridge
+    ``ridge * trace(C) / d`` keeps ``Mhat = Zc^T Xc (C + eps I)^-1`` finite and stops
+    near-dead channels from amplifying noise."""
+
+    def __init__(self, X: np.ndarray, ridge: float):
+        if not ridge >= 0.0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        self.X = X
+        self.xbar = X.mean(axis=0)
+        self.Xc = X - self.xbar
+        C = self.Xc.T @ self.Xc
+        s, V = np.linalg.eigh(0.5 * (C + C.T))
+        s = np.clip(s, 0.0, None)
+        d = X.shape[1]
+        tr = float(s.sum())
+        eps = ridge * tr / d
+        # ridge = 0 still needs a pseudo-inverse: drop directions at round-off level
+        tiny = s <= max(tr, 1e-300) * 1e-13
+        inv = np.where(tiny, 0.0, 1.0 / np.where(tiny, 1.0, s + eps))
+        self.V = V
+        self.inv = inv  # 1 / (s + eps), 0 on the null space
+        self.sqrt_s = np.sqrt(s)
+
+    def fit(self, Z: np.ndarray, r: int) -> Factorisation:
+        zbar = Z.mean(axis=0)
+        cross = Z.T @ self.Xc  # = Zc^T Xc because Xc has zero column sums
+        B = cross @ self.V  # Mhat = B diag(inv) V^T
+        Bw = B * (self.sqrt_s * self.inv)  # Mhat C Mhat^T = Bw Bw^T
+        U = _top_eigvecs(Bw @ Bw.T, r)
+        Q = self.V @ ((U.T @ B) * self.inv).T  # Mhat^T U
+        b = zbar - U @ (Q.T @ self.xbar)
+        return Factorisation(P=U, Q=Q, b=b)
+
+
+def reduced_rank_regression(Z: np.ndarray, Yhat: np.ndarray, rank: int, ridge: float = 1e-6) -> Factorisation:
+    """The M,b step of section 3: rank-r ``M`` and ``b`` minimising ``||Z - (Yhat M^T + b)||^2``
+    (rows). ``Mhat`` is the (ridged) least-squares regression, ``U`` the top-r eigenvectors of
+    ``Mhat C Mhat^T``, ``M = U U^T Mhat``: ``P = U``, ``Q = Mhat^T U``, ``b = zbar - M yhatbar``."""
+    Z = _as_2d("Z", Z)
+    X = _as_2d("Yhat", Yhat)
+    if Z.shape != X.shape:
+        raise ValueError(f"Z {Z.shape} and Yhat {X.shape} must have the same shape")
+    return _RRR(X, ridge).fit(Z, _check_rank(rank, Z.shape[1]))
+
+
+def linear_reconstruction(
+    Y: np.ndarray, rank: int, Yhat: np.ndarray | None = None, ridge: float = 1e-6
+) -> Factorisation:
+    """Section 2 (``Yhat`` None: PCA, ``P = Q = U_r``) or section 4's asymmetric linear solution
+    (``Yhat`` given: reduced-rank regression of the original responses ``Y`` on the approximated
+    network's responses ``Yhat``)."""
+    Y = _as_2d("Y", Y)
+    r = _check_rank(rank, Y.shape[1])
+    if Yhat is None:
+        return _pca(Y, r)
+    return reduced_rank_regression(Y, Yhat, r, ridge=ridge)
+
+
+@dataclass
+class SolveInfo:
+    """``objective``: the relaxed objective after each iteration (its ``lam`` in ``lambdas``);
+    ``loss_linear`` / ``loss_final``: the true post-activation squared error of the linear
+    initialisation / the returned solution."""
+
+    objective: list[float] = field(default_factory=list)
+    loss_linear: float = 0.0
+    loss_final: float = 0.0
+    iterations: int = 0
+    lambdas: list[float] = field(default_factory=list)
+    best_iteration: int = 0  # 0: the linear initialisation was kept
+
+
+def _offset(name: str, off, shape) -> np.ndarray | None:
+    if off is None:
+        return None
+    off = np.asarray(off, dtype=np.float64)
+    try:
+        off = np.broadcast_to(off, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {off.shape} does not broadcast to {shape}") from None
+    if not np.isfinite(off).all():
+        raise ValueError(f"{name} has non-finite values")
+    return off
+
+
+def _sq(x: np.ndarray) -> float:
+    x = x.ravel()
+    return float(np.dot(x, x))
+
+
+def nonlinear_reconstruction(
+    Y: np.ndarray,
+    rank: int,
+    activation: Activation,
+    Yhat: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
+    offset_hat: np.ndarray | None = None,
+    schedule=((25, 0.01), (25, 1.0)),
+    ridge: float = 1e-6,
+) -> tuple[Factorisation, SolveInfo]:
+    """Section 3 (and 4 with ``Yhat``): minimise ``sum ||r(Y + offset) - r(Yhat M^T + b + offset_hat)||^2``
+    over rank-r ``M`` and ``b`` through the relaxation
+    ``sum ||a - r(w)||^2 + lam ||w - (M yhat + b + offset_hat)||^2``, alternating the exact
+    elementwise z step and the reduced-rank regression M step, from the linear solution.
+
+    ``offset`` is a residual shortcut added before the activation (a per-sample constant);
+    ``Yhat`` None means ``Yhat = Y``, ``offset_hat`` None means ``offset_hat = offset``.
+    Returns the iterate with the lowest true loss (the linear one if nothing beat it)."""
+    Y = _as_2d("Y", Y)
+    n, d = Y.shape
+    r = _check_rank(rank, d)
+    X = Y if Yhat is None else _as_2d("Yhat", Yhat)
+    if X.shape != Y.shape:
+        raise ValueError(f"Yhat {X.shape} must have the shape of Y {Y.shape}")
+    off = _offset("offset", offset, Y.shape)
+    off_hat = off if offset_hat is None else _offset("offset_hat", offset_hat, Y.shape)
+    if not isinstance(activation, Activation):
+        raise TypeError(f"activation must be an Activation, got {type(activation).__name__}")
+    sched = [(int(k), float(lam)) for k, lam in schedule]
+    for k, lam in sched:
+        if k < 0 or not (lam > 0.0 and math.isfinite(lam)):
+            raise ValueError(f"bad schedule entry ({k}, {lam}): need iterations >= 0 and lambda > 0")
+
+    A = activation.apply(Y if off is None else Y + off)
+    rrr = _RRR(X, ridge)
+    fact = _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
+
+    def prediction(f: Factorisation) -> np.ndarray:
+        u = f.predict(X)
+        if off_hat is not None:
+            u += off_hat
+        return u
+
+    def true_loss(u: np.ndarray) -> float:
+        return _sq(A - activation.apply(u))
+
+    u = prediction(fact)
+    loss_lin = true_loss(u)
+    info = SolveInfo(loss_linear=loss_lin, loss_final=loss_lin)
+    if activation.is_identity or not sched:
+        return fact, info
+
+    best, best_loss = fact, loss_lin
+    it = 0
+    for k, lam in sched:
+        for _ in range(k):
+            it += 1
+            W = z_step(A, u, lam, activation)
+            fit_term = _sq(A - activation.apply(W))
+            obj_old = fit_term + lam * _sq(W - u)
+            Z = W if off_hat is None else W - off_hat
+            cand = rrr.fit(Z, r)
+            u_new = prediction(cand)
+            obj_new = fit_term + lam * _sq(W - u_new)
+            # the ridge makes the M step inexact; never let it raise the relaxed objective
+            if obj_new <= obj_old:
+                fact, u, obj = cand, u_new, obj_new
+                loss = true_loss(u)
+                if loss < best_loss:
+                    best, best_loss, info.best_iteration = fact, loss, it
+            else:
+                obj = obj_old
+            info.objective.append(obj)
+            info.lambdas.append(lam)
+    info.iterations = it
+    info.loss_final = best_loss
+    return best, info
