@@ -356,3 +356,36 @@ def test_compress_full_rank_identity_end_to_end_digest_stable():
         res = onnx_lowrank.compress(model, _data(), ranks={"conv2": 4}, speedup=None, method="linear")
         digests.add(hashlib.sha256(res.model.SerializeToString(deterministic=True)).hexdigest())
     assert len(digests) == 1
+
+
+def test_compress_residual_block_and_conv_output_as_graph_output():
+    """conv_a -> Relu -> conv_b -> Add(shortcut) -> Relu, with conv_b's raw output also a graph output."""
+    rng = np.random.default_rng(30)
+    basis = rng.standard_normal((8, 2))
+    inits = {"wa": (rng.standard_normal((8, 3, 3, 3)) / 5).astype(np.float32),
+             "ba": (0.1 * rng.standard_normal(8)).astype(np.float32),
+             "wb": (np.einsum("dr,rckl->dckl", basis, rng.standard_normal((2, 8, 3, 3))) / 8).astype(np.float32),
+             "bb": (0.1 * rng.standard_normal(8)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["input", "wa", "ba"], ["ya"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ya"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["ra", "wb", "bb"], ["yb"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["yb", "ra"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["output"], name="relu_b")]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8, 10, 10]),
+                               helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["N", 8, 10, 10])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = {"input": rng.standard_normal((10, 3, 10, 10)).astype(np.float32)}
+    res = onnx_lowrank.compress(model, data, ranks={"conv_b": 2}, speedup=None)
+    new = res.model
+    onnx.checker.check_model(new, full_check=True)
+    assert [o.name for o in new.graph.output] == ["output", "yb"]
+    assert [n.name for n in new.graph.node if n.op_type == "Conv"] == ["conv_a", "conv_b_lowrank0", "conv_b_lowrank1"]
+    x = {"input": data["input"][:3]}
+    ref, got = run(model, x), run(new, x)
+    assert [g.shape for g in got] == [r.shape for r in ref]
+    # conv_b's weights have rank 2 along the output channels, so rank 2 is (up to float error) exact.
+    assert _rel_err(got[1], ref[1]) < 1e-3
+    assert _rel_err(got[0], ref[0]) < 1e-3
