@@ -115,7 +115,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
@@ -213,7 +213,7 @@ def _json_default(o):
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @_shapes_option
 def layers(model, input_shapes):
     """List the Conv layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why some are skipped."""
@@ -248,7 +248,7 @@ def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: in
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed runs.")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds; each round runs every model once.")
@@ -280,8 +280,8 @@ def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, i
 
 
 @main.command("eval", context_settings=CONTEXT)
-@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="Inputs (.npz/.npy/image folder).")
 @click.option("--labels", metavar="KEY", help="Name of an integer label array in the .npz: adds both accuracies and the drop.")
 @click.option("--output", "output_name", metavar="NAME", help="Model output to compare [default: the first].")

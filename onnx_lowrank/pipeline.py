@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
@@ -79,7 +80,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     norm = normalise(source_model)
     inputs = input_specs(norm)
     source = open_source(data, inputs, cfg.preprocess)
-    batch = _batch_size(inputs, cfg.batch_size)
+    batch, limit = _batching(inputs, source, cfg)
     first = next(source.batches(1, 1))
     shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
     shapes.update(cfg.input_shapes)
@@ -91,15 +92,13 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     if not candidates:
         raise LowRankError(_no_candidate_message(layers, cfg))
 
-    samples = _collect_original(norm, value_types, source, candidates, batch, cfg)
-    _choose_ranks(plan, samples, flops, cfg)
-    chosen = [p for p in plan if p.rank is not None]
-    if chosen:
-        if cfg.asymmetric:
-            _solve_asymmetric(norm, value_types, source, chosen, samples, batch, cfg)
-        else:
-            for p in chosen:
-                _solve(p, samples, None, cfg)
+    samples = _collect_original(norm, value_types, source, candidates, batch, limit, cfg)
+    # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
+    # single-threaded reductions make the output file reproducible bit for bit.
+    with threadpool_limits(limits=1, user_api="blas"):
+        _choose_ranks(plan, samples, flops, cfg)
+        chosen = [p for p in plan if p.rank is not None]
+        _solve_all(norm, value_types, source, chosen, samples, batch, limit, cfg)
     new_model = rewrite_convs(norm, {p.layer.name: _stages(p) for p in chosen}) if chosen else norm
     _validate(new_model)
     report = _report(plan, flops, cfg, samples.images, time.perf_counter() - t0)
@@ -135,10 +134,21 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _batch_size(inputs: list[InputSpec], wanted: int) -> int:
-    """Models exported with a fixed batch dimension must be fed exactly that many samples."""
+def _batching(inputs: list[InputSpec], source: FeedSource, cfg: CompressConfig) -> tuple[int, int | None]:
+    """Batch size and sample limit: a model exported with a fixed batch N is fed whole batches of N only."""
     fixed = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
-    return fixed.pop() if len(fixed) == 1 else wanted
+    if len(fixed) != 1:
+        return cfg.batch_size, cfg.max_images
+    n_fixed = fixed.pop()
+    total = source.total(cfg.max_images)
+    if total is None or total % n_fixed == 0:
+        return n_fixed, cfg.max_images
+    usable = total // n_fixed * n_fixed
+    if usable == 0:
+        raise LowRankError(f"the model's batch size is fixed at {n_fixed} but the calibration data has only {total} "
+                           f"samples: give at least {n_fixed}")
+    progress.log(f"note: the model's batch size is fixed at {n_fixed}; using {usable} of {total} calibration samples")
+    return n_fixed, usable
 
 
 @dataclass
@@ -200,12 +210,12 @@ def _tensors(plan: list[LayerPlan]) -> tuple[list[SampledTensor], dict[str, str]
     return tensors, like
 
 
-def _collect_original(model, value_types, source: FeedSource, plan, batch: int, cfg: CompressConfig):
+def _collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
+                      cfg: CompressConfig):
     tensors, like = _tensors(plan)
-    total = source.total(cfg.max_images)
-    with progress.bar("calibration", total, "img") as update:
+    with progress.bar("calibration", source.total(limit), "img") as update:
         return collect(model, value_types, source, tensors, batch, cfg.seed, cfg.samples_per_image,
-                       cfg.max_images, like, update, cfg.threads)
+                       limit, like, update, cfg.threads)
 
 
 def _split(samples, name: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,6 +260,19 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
         p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
 
 
+def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
+               cfg: CompressConfig) -> None:
+    if not chosen:
+        return
+    if cfg.asymmetric:
+        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, cfg)
+        return
+    with progress.bar("solve", len(chosen), "layer") as update:
+        for p in chosen:
+            _solve(p, samples, None, cfg)
+            update(1)
+
+
 def _activation(layer: ConvLayer) -> Activation:
     return Activation(layer.activation, dict(layer.activation_params))
 
@@ -291,7 +314,7 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      cfg: CompressConfig) -> None:
+                      limit: int | None, cfg: CompressConfig) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     stops: dict[int, list[SampledTensor]] = {}
@@ -304,7 +327,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         if lay.shortcut:
             stops[stop].append(SampledTensor(lay.shortcut, p.layer_id))
         by_stop.setdefault(stop, []).append(p)
-    with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, cfg.max_images,
+    with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, like, update):

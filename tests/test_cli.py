@@ -193,12 +193,7 @@ def runs(tmp_path_factory) -> Runs:
 def _error_params(cases):
     params = []
     for case in cases:
-        marks = ()
-        if case == "missing_external":
-            marks = pytest.mark.xfail(strict=True, reason=(
-                "load_model catches (OSError, ValueError) around load_external_data_for_model, but onnx 1.23 "
-                "raises onnx.checker.ValidationError for a missing data file: traceback, exit 1"))
-        params.append(pytest.param(case, marks=marks, id=case))
+        params.append(pytest.param(case, id=case))
     return params
 
 
@@ -317,9 +312,6 @@ def test_compress_from_image_folder(runs):
     assert convs == ["conv0", "conv1_lowrank0", "conv1_lowrank1", "conv2_lowrank0", "conv2_lowrank1"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compress's MODEL argument is click.Path(dir_okay=False): click rejects a directory with its own 4-line "
-    "usage error ('Usage: ... Error: Invalid value for MODEL ...') before load_model's one-line message"))
 def test_directory_as_model_is_one_line_error(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -337,10 +329,6 @@ def test_directory_as_model_is_one_line_error(tmp_path, monkeypatch):
 EXPECTED_WORDS["directory_model"] = "directory"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a model with a fixed batch dimension (here 4) is fed batches of exactly 4 by pipeline._batch_size, but "
-    "FeedSource.batches yields the remainder (10 % 4 = 2 samples) as a short last batch: onnxruntime raises "
-    "InvalidArgument, a traceback with exit 1"))
 def test_fixed_batch_model_with_sample_count_not_a_multiple(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

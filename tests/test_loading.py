@@ -211,8 +211,6 @@ def test_external_data_model_loads_and_compresses_without_touching_input(tmp_pat
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.lowrank.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason="onnx 1.23 raises onnx.checker.ValidationError (not OSError/ValueError) for a "
-                   "missing external data file; load_model does not catch it, so the user gets a traceback")
 def test_external_data_missing_is_a_user_error(tmp_path):
     m = conv_chain([3, 4], size=6, seed=1)
     path = tmp_path / "model.onnx"

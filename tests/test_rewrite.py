@@ -335,8 +335,6 @@ def _unnamed(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="rewrite_convs matches replacements on node.name only, while find_conv_layers "
-                   "names an unnamed Conv after its output tensor: KeyError 'no Conv node named'")
 def test_compress_model_with_unnamed_nodes():
     """ONNX node names are optional; layers are then named after their output tensor (here c1)."""
     model = _unnamed(_small_model())

@@ -39,7 +39,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise LowRankError(f"{p} is not a readable ONNX model (its graph has no nodes); pass a .onnx file")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise LowRankError(f"{p}: cannot read its external weight data ({exc}); keep the data files beside the model") from None
     opset = default_opset(model)
     if opset < MIN_OPSET:

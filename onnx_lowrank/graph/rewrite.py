@@ -39,19 +39,20 @@ def first_stage_attrs(original: dict, kernel: tuple[int, int]) -> dict:
 def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage]]) -> onnx.ModelProto:
     """Return a new model where each named Conv node is replaced by its chain of stages."""
     graph = gs.import_onnx(model)
-    taken = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     found = set()
     for node in list(graph.nodes):
-        if node.op != "Conv" or node.name not in replacements:
+        key = node.name or node.outputs[0].name  # unnamed nodes go by their output, as in find_conv_layers
+        if node.op != "Conv" or key not in replacements:
             continue
-        found.add(node.name)
-        stages = replacements[node.name]
+        found.add(key)
+        stages = replacements[key]
         x, y = node.inputs[0], node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()
         current = x
         for i, st in enumerate(stages):
-            base = _unique(f"{node.name}_lowrank{i}", taken)
+            base = _unique(f"{key}_lowrank{i}", taken)
             inputs = [current, gs.Constant(_unique(base + "_W", taken), np.ascontiguousarray(st.weight, dtype=np.float32))]
             if st.bias is not None:
                 inputs.append(gs.Constant(_unique(base + "_B", taken), np.ascontiguousarray(st.bias, dtype=np.float32)))
