@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,42 +69,72 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     dicts or an onnxruntime ``CalibrationDataReader``. Keyword overrides set fields of
     :class:`CompressConfig`.
     """
-    cfg = config or CompressConfig()
+    result = Compressor(model, data, _config(config, overrides)).run()
+    if output is not None:
+        save_model_atomic(result.model, output)
+    return result
+
+
+def _config(config: CompressConfig | None, overrides: dict) -> CompressConfig:
+    cfg = replace(config) if config else CompressConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise TypeError(f"unknown option {k!r}")
         setattr(cfg, k, v)
     _check_config(cfg)
-    t0 = time.perf_counter()
-    source_model = load_model(model) if isinstance(model, (str, Path)) else model
-    norm = normalise(source_model)
-    inputs = input_specs(norm)
-    source = open_source(data, inputs, cfg.preprocess)
-    batch, limit = _batching(inputs, source, cfg)
-    first = next(source.batches(1, 1))
-    shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
-    shapes.update(cfg.input_shapes)
-    value_types = infer_value_types(with_input_shapes(norm, shapes))
-    layers = find_conv_layers(norm, value_types)
-    flops = node_flops(norm, value_types)
-    plan = _plan(layers, flops, cfg)
-    candidates = [p for p in plan if p.layer.skip_reason is None]
-    if not candidates:
-        raise LowRankError(_no_candidate_message(layers, cfg))
+    return cfg
 
-    samples = _collect_original(norm, value_types, source, candidates, batch, limit, cfg)
-    # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
-    # single-threaded reductions make the output file reproducible bit for bit.
-    with threadpool_limits(limits=1, user_api="blas"):
-        _choose_ranks(plan, samples, flops, cfg)
-        chosen = [p for p in plan if p.rank is not None]
-        _solve_all(norm, value_types, source, chosen, samples, batch, limit, cfg)
-    new_model = rewrite_convs(norm, {p.layer.name: _stages(p) for p in chosen}) if chosen else norm
-    _validate(new_model)
-    report = _report(plan, flops, cfg, samples.images, time.perf_counter() - t0)
-    if output is not None:
-        save_model_atomic(new_model, output)
-    return CompressionResult(new_model, report)
+
+class Compressor:
+    """Load, normalise and calibrate once; then compress at as many settings as wanted.
+
+    Searching for the largest speed-up within an accuracy budget, or sweeping speed-ups, reuses
+    the original model's sampled responses instead of running calibration again each time.
+    """
+
+    #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule")
+
+    def __init__(self, model, data, config: CompressConfig | None = None):
+        cfg = self.config = config or CompressConfig()
+        _check_config(cfg)
+        self._t0 = time.perf_counter()
+        self.source_model = load_model(model) if isinstance(model, (str, Path)) else model
+        norm = self.model = normalise(self.source_model)
+        inputs = input_specs(norm)
+        self.source = open_source(data, inputs, cfg.preprocess)
+        self.batch, self.limit = _batching(inputs, self.source, cfg)
+        first = next(self.source.batches(1, 1))
+        shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
+        shapes.update(cfg.input_shapes)
+        self.value_types = infer_value_types(with_input_shapes(norm, shapes))
+        self.layers = find_conv_layers(norm, self.value_types)
+        self.flops = node_flops(norm, self.value_types)
+        plan = _plan(self.layers, self.flops, cfg)
+        candidates = [p for p in plan if p.candidate]
+        if not candidates:
+            raise LowRankError(_no_candidate_message(plan))
+        self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
+                                         self.limit, cfg)
+        self._setup_seconds = time.perf_counter() - self._t0
+
+    def run(self, **overrides) -> CompressionResult:
+        bad = set(overrides) - set(self.RUN_FIELDS)
+        if bad:
+            raise TypeError(f"these options need a new Compressor: {sorted(bad)}")
+        cfg = _config(self.config, overrides)
+        t0 = time.perf_counter()
+        plan = _plan(self.layers, self.flops, cfg)
+        # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
+        # single-threaded reductions make the output file reproducible bit for bit.
+        with threadpool_limits(limits=1, user_api="blas"):
+            _choose_ranks(plan, self.samples, self.flops, cfg)
+            chosen = [p for p in plan if p.rank is not None]
+            _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit, cfg)
+        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen else self.model
+        _validate(new_model)
+        seconds = self._setup_seconds + time.perf_counter() - t0
+        return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds))
 
 
 def _check_config(cfg: CompressConfig) -> None:
@@ -164,6 +194,7 @@ class LayerPlan:
     rel_error_linear: float | None = None
     method: str | None = None
     factorisation: Factorisation | None = None
+    candidate: bool = False
 
     @property
     def shape(self) -> ConvShape:
@@ -180,24 +211,27 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
     for name in cfg.ranks:
         if name not in names:
             raise LowRankError(f"--ranks names {name!r}, which is not a Conv layer of the model "
-                               f"(run with --list-layers to see the names)")
+                               f"(run `onnx-lowrank layers MODEL` to see the names)")
     plan = []
     for i, lay in enumerate(layers):
         p = LayerPlan(lay, i, flops.get(lay.name, 0))
-        if lay.skip_reason is None and any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
-            lay.skip_reason = "excluded by --exclude"
-        if lay.skip_reason is None and lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
-            lay.skip_reason = "no rank saves FLOPs (break-even rank is 0)"
-        p.reason = lay.skip_reason or ""
+        if lay.skip_reason:
+            p.reason = lay.skip_reason
+        elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
+            p.reason = "excluded by --exclude"
+        elif lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
+            p.reason = "no rank saves FLOPs (break-even rank is 0)"
+        else:
+            p.candidate = True
         plan.append(p)
     return plan
 
 
-def _no_candidate_message(layers: list[ConvLayer], cfg: CompressConfig) -> str:
-    if not layers:
+def _no_candidate_message(plan: list[LayerPlan]) -> str:
+    if not plan:
         return "the model has no Conv layer to compress"
-    reasons = sorted({lay.skip_reason for lay in layers if lay.skip_reason})
-    return f"none of the model's {len(layers)} Conv layers can be compressed ({'; '.join(reasons)})"
+    reasons = sorted({p.reason for p in plan})
+    return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
 
 
 def _tensors(plan: list[LayerPlan]) -> tuple[list[SampledTensor], dict[str, str]]:
@@ -229,7 +263,7 @@ def _split(samples, name: str, holdout_every: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig) -> None:
-    free = [p for p in plan if p.layer.skip_reason is None]
+    free = [p for p in plan if p.candidate]
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
     for i, p in enumerate(free):
@@ -375,7 +409,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "status": p.status,
             "reason": p.reason,
             "rank": p.rank,
-            "break_even_rank": p.shape.break_even_rank() if lay.skip_reason is None else None,
+            "break_even_rank": p.shape.break_even_rank() if p.candidate else None,
             "flops_before": p.flops_before,
             "flops_after": p.flops_after,
             "energy_kept": p.energy_kept,
