@@ -121,8 +121,9 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
-@click.option("--speedup", type=float, default=None,
-              help="Target whole-model FLOP reduction, e.g. 3 = a third of the FLOPs [default: 2, or none with --ranks].")
+@click.option("--speedup", default=None, metavar="S|auto",
+              help="Target whole-model FLOP reduction, e.g. 3 = a third of the FLOPs; 'auto' (with a budget) finds the "
+                   "largest within the budget [default: 2, or none with --ranks].")
 @click.option("--ranks", metavar="NAME=R,...|FILE.json", help="Set ranks by hand (layer names as in `onnx-lowrank layers`).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers alone (glob on the name; repeatable).")
 @click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True,
@@ -136,24 +137,35 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
+@click.option("--eval-data", metavar="DATA", help="Budget: held-out inputs (.npz/.npy/folder) to compare against the original.")
+@click.option("--labels", metavar="KEY", help="Budget: label array in the --eval-data .npz (for --max-accuracy-drop).")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Budget: fail if accuracy drops by more (e.g. 0.5).")
+@click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
+@click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
 @_shapes_option
 @_image_options
 def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, samples_per_image, max_images,
-             batch_size, seed, report_path, threads, quiet, input_shapes, **image):
+             batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
+             write_failed, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
     Examples:
       onnx-lowrank compress net.onnx --calib calib.npz --speedup 3
+      onnx-lowrank compress net.onnx --calib calib.npz --speedup auto \\
+          --eval-data heldout.npz --labels label --max-accuracy-drop 0.5
       onnx-lowrank compress net.onnx --calib images/ --resize 256 --mean 0.485,0.456,0.406 \\
           --std 0.229,0.224,0.225 --speedup 2 --report report.json
       onnx-lowrank compress net.onnx --calib calib.npz --ranks conv1=16,conv2=32 --exclude 'head*'
 
     Layers at or above break-even rank, grouped and depthwise Convs are left as they are and
-    listed in the report with the reason.
+    listed in the report with the reason. With a budget (--eval-data and --max-accuracy-drop or
+    --min-agreement), a compression that breaks it exits with code 3 and writes nothing.
     """
-    from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig, compress as run
+    from .budget import Budget, evaluate_against, search_speedup, violation
+    from .errors import BudgetExceeded
+    from .graph.loading import parse_input_shapes, save_model_atomic
+    from .pipeline import CompressConfig, Compressor, input_specs
     from .report import format_report
 
     progress.set_enabled(not quiet)
@@ -163,26 +175,55 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     if not model.exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
     ranks_d = _parse_ranks(ranks)
+    budget = None
+    if eval_data or max_accuracy_drop is not None or min_agreement is not None:
+        if not eval_data:
+            raise LowRankError("a budget needs --eval-data: held-out inputs to compare against the original model")
+        budget = Budget(eval_data, labels, max_accuracy_drop, min_agreement)
+    auto = speedup == "auto"
+    if auto and budget is None:
+        raise LowRankError("--speedup auto needs a budget: --eval-data with --max-accuracy-drop or --min-agreement")
     if speedup is None and not ranks_d:
-        speedup = 2.0
+        speedup = "2"
+    if speedup is not None and not auto:
+        try:
+            speedup = float(speedup)
+        except ValueError:
+            raise LowRankError(f"--speedup takes a number greater than 1 or 'auto', not {speedup!r}") from None
     output = output or model.with_name(model.stem + ".lowrank.onnx")
     if output.resolve() == model.resolve():
         raise LowRankError("--output is the input model: choose another path (the input is never modified)")
     shapes = parse_input_shapes(input_shapes)
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
-    cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method, asymmetric=asymmetric,
+    cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method, asymmetric=asymmetric,
                          samples_per_image=samples_per_image, max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image))
-    result = run(model, data, None, cfg)
-    if report_path:
-        _write_json_atomic(report_path, result.report)
-    from .graph.loading import save_model_atomic
-
-    save_model_atomic(result.model, output)
+    compressor = Compressor(model, data, cfg)
+    broken = None
+    if auto:
+        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)
+        result.report["search"] = trials
+    else:
+        result = compressor.run()
+        ev = evaluate_against(compressor.source_model, result.model, input_specs(compressor.model), budget) \
+            if budget else None
+        broken = violation(ev, budget) if budget else None
+    if ev is not None:
+        result.report["evaluation"] = ev
+        result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
+                                   "passed": broken is None}
     if not quiet:
         click.echo(format_report(result.report))
+    if broken and not write_failed:
+        raise BudgetExceeded(f"budget broken: {broken}; nothing was written (--write-failed keeps the model)")
+    if report_path:
+        _write_json_atomic(report_path, result.report)
+    save_model_atomic(result.model, output)
+    if not quiet:
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+    if broken:
+        raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)")
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -302,34 +343,14 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     for m in (reference, candidate):
         if not m.exists():
             raise LowRankError(f"model file not found: {m} (check the path)")
-    feeds, label_array = eval_inputs(reference, data, labels, batch, max_samples)
-    res = evaluate(str(reference), str(candidate), feeds, labels=label_array, output=output_name,
-                   progress=not quiet and not as_json)
-    click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_eval(res))
-
-
-def eval_inputs(model: Path, data: Path, labels: str | None, batch: int, limit: int | None):
-    """Feeds for evaluation, with the label array split off the .npz when ``labels`` names it."""
-    from .calibration.inputs import open_source
+    from .budget import evaluation_inputs
     from .graph.loading import load_model
     from .pipeline import input_specs
 
-    specs = input_specs(load_model(model))
-    label_array = None
-    source_data = str(data)
-    if labels:
-        if Path(data).suffix != ".npz":
-            raise LowRankError("--labels needs a .npz holding the inputs and the label array")
-        with np.load(data, allow_pickle=False) as z:
-            if labels not in z.files:
-                raise LowRankError(f"--labels {labels!r} is not an array in {data} (it has {', '.join(z.files)})")
-            arrays = {k: z[k] for k in z.files}
-        label_array = arrays.pop(labels)
-        source_data = arrays
-        if limit is not None:
-            label_array = label_array[:limit]
-    source = open_source(source_data, specs)
-    return source.batches(batch, limit), label_array
+    feeds, label_array = evaluation_inputs(input_specs(load_model(reference)), str(data), labels, batch, max_samples)
+    res = evaluate(str(reference), str(candidate), feeds, labels=label_array, output=output_name,
+                   progress=not quiet and not as_json)
+    click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_eval(res))
 
 
 if __name__ == "__main__":

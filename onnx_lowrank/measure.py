@@ -70,9 +70,15 @@ def _one_line(err: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def _session(model_path: str, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """CPU session configured like a deployment: full graph optimisation, no inter-op parallelism."""
-    if not os.path.isfile(model_path):
+def _session(model_path, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """CPU session configured like a deployment: full graph optimisation, no inter-op parallelism.
+
+    ``model_path`` may also be an in-memory ``onnx.ModelProto`` (a model just compressed).
+    """
+    source = model_path
+    if hasattr(model_path, "SerializeToString"):
+        source, model_path = model_path.SerializeToString(), "<in-memory model>"
+    elif not os.path.isfile(model_path):
         raise LowRankError(f"model not found: {model_path}; check the path")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -84,7 +90,7 @@ def _session(model_path: str, threads: int | None = None, profile_prefix: str | 
         opts.profile_file_prefix = profile_prefix
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as err:
         raise LowRankError(
             f"onnxruntime cannot load {model_path}: {_one_line(err)}; check that it is a valid ONNX model"

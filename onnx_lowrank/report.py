@@ -40,4 +40,20 @@ def format_report(report: dict) -> str:
                  f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
     lines.append("energy = response energy kept by the rank; rel.err = relative squared error of the layer's "
                  "target on held-back calibration images")
+    for t in report.get("search", []):
+        lines.append(f"search: --speedup {t['speedup']:g} {t['status']}"
+                     + (f" (top-1 agreement {t['top1_agreement']:.4f})" if "top1_agreement" in t else "")
+                     + (f" (accuracy drop {t['accuracy_drop_points']:.2f} points)" if "accuracy_drop_points" in t else ""))
+    ev = report.get("evaluation")
+    if ev:
+        parts = [f"on {ev['samples']} evaluation samples:"]
+        if "accuracy_reference" in ev:
+            parts.append(f"accuracy {100 * ev['accuracy_reference']:.2f}% -> {100 * ev['accuracy_candidate']:.2f}% "
+                         f"(drop {ev['accuracy_drop_points']:.2f} points),")
+        if "top1_agreement" in ev:
+            parts.append(f"top-1 agreement {ev['top1_agreement']:.4f},")
+        parts.append(f"output NMSE {ev['nmse']:.3g}")
+        lines.append(" ".join(parts))
+        if "budget" in report:
+            lines.append("budget: " + ("passed" if report["budget"]["passed"] else "BROKEN"))
     return "\n".join(lines)

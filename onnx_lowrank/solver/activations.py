@@ -430,55 +430,90 @@ def _hardswish_polish(z, a, u, lam):
 
 # smooth activations -----------------------------------------------------------------------------
 
-_TABLE_CACHE: dict[tuple, list[tuple[np.ndarray, np.ndarray, float, float]]] = {}
+@dataclass(frozen=True)
+class _Branch:
+    """A monotone branch of ``r`` tabulated on [-12, 12] for inverse interpolation: ``vals``
+    ascending with matching ``zs``; ``lo_z``/``hi_z`` bound the preimage starts to where ``r``
+    still bends (a flat tail start would let Newton jump straight back to ``u``); the ends with
+    a non-negligible slope extrapolate linearly instead (SiLU/GELU right tail)."""
+
+    vals: np.ndarray
+    zs: np.ndarray
+    slope_lo: float
+    slope_hi: float
+    lo_z: float
+    hi_z: float
 
 
-def _branches(act: Activation) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
-    """Monotone branches of ``r`` tabulated on [-12, 12]: (values ascending, z matching,
-    slope at the low-value end, slope at the high-value end) for inverse interpolation."""
+_TABLE_CACHE: dict[tuple, tuple[list[_Branch], float]] = {}
+
+
+def _tables(act: Activation) -> tuple[list[_Branch], float]:
+    """Monotone branches of ``r`` and the radius of its curved region (beyond which the
+    objective is nearly quadratic, so long descent steps are safe)."""
     key = act._key()
     if key in _TABLE_CACHE:
         return _TABLE_CACHE[key]
     zs = np.linspace(-12.0, 12.0, 4801)
-    r, r1, _ = _smooth_derivs(act, zs)
+    r, r1, r2 = _smooth_derivs(act, zs)
+    curved = np.abs(r2) >= 1e-4 * np.abs(r2).max()
+    radius = float(np.abs(zs[curved]).max())
     sign = np.sign(r1)
-    out = []
+    branches = []
     start = 0
     for i in range(1, zs.size + 1):
         if i == zs.size or (sign[i] != sign[start] and sign[i] != 0.0):
-            seg = slice(start, i)
-            vals, zz, sl = r[seg], zs[seg], r1[seg]
+            vals, zz, sl = r[start:i], zs[start:i], r1[start:i]
             if vals.size >= 2:
                 if vals[0] > vals[-1]:
                     vals, zz, sl = vals[::-1], zz[::-1], sl[::-1]
-                out.append((np.ascontiguousarray(vals), np.ascontiguousarray(zz), float(sl[0]), float(sl[-1])))
+                steep = np.abs(sl) >= 0.02 * np.abs(sl).max()
+                z_steep = zz[steep]
+                s_lo, s_hi = float(sl[0]), float(sl[-1])
+                bound_a = -np.inf if abs(s_lo) > 1e-3 else None
+                bound_b = np.inf if abs(s_hi) > 1e-3 else None
+                ends = [z_steep.min(), z_steep.max()]
+                # the bound at the low-value end and the high-value end, in z order
+                lo_val_end = zz[0]
+                lo_z = min(ends)
+                hi_z = max(ends)
+                if bound_a is not None:
+                    if lo_val_end < zz[-1]:
+                        lo_z = -np.inf
+                    else:
+                        hi_z = np.inf
+                if bound_b is not None:
+                    if zz[-1] > lo_val_end:
+                        hi_z = np.inf
+                    else:
+                        lo_z = -np.inf
+                branches.append(
+                    _Branch(np.ascontiguousarray(vals), np.ascontiguousarray(zz), s_lo, s_hi, float(lo_z), float(hi_z))
+                )
             start = i
-    _TABLE_CACHE[key] = out
-    return out
+    _TABLE_CACHE[key] = (branches, radius)
+    return branches, radius
 
 
-def _preimage(a: np.ndarray, branch: tuple[np.ndarray, np.ndarray, float, float]) -> np.ndarray:
-    """Approximate z on this branch with r(z) = a; beyond the tabulated range extrapolate
-    linearly where the branch keeps growing (SiLU/GELU right tail), else clamp to the end."""
-    vals, zz, s_lo, s_hi = branch
-    z = np.interp(a, vals, zz)
-    if abs(s_hi) > 1e-3:
-        hi = a > vals[-1]
-        z = np.where(hi, zz[-1] + (a - vals[-1]) / s_hi, z)
-    if abs(s_lo) > 1e-3:
-        lo = a < vals[0]
-        z = np.where(lo, zz[0] + (a - vals[0]) / s_lo, z)
-    return z
+def _preimage(a: np.ndarray, br: _Branch) -> np.ndarray:
+    """Approximately the z on this branch with r(z) = a (clamped to the branch's steep part)."""
+    z = np.interp(a, br.vals, br.zs)
+    if abs(br.slope_hi) > 1e-3:
+        z = np.where(a > br.vals[-1], br.zs[-1] + (a - br.vals[-1]) / br.slope_hi, z)
+    if abs(br.slope_lo) > 1e-3:
+        z = np.where(a < br.vals[0], br.zs[0] + (a - br.vals[0]) / br.slope_lo, z)
+    return np.clip(z, br.lo_z, br.hi_z)
 
 
 def _smooth(a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> tuple[np.ndarray, np.ndarray]:
     shape = a.shape
     af = np.ascontiguousarray(a, dtype=np.float64).ravel()
     uf = np.ascontiguousarray(u, dtype=np.float64).ravel()
-    starts = [uf] + [_preimage(af, br) for br in _branches(act)]
+    branches, radius = _tables(act)
+    starts = [uf] + [_preimage(af, br) for br in branches]
     k = len(starts)
     # all starts descend together (one set of array operations instead of k)
-    z, c = _descend(np.concatenate(starts), np.tile(af, k), np.tile(uf, k), lam, act)
+    z, c = _descend(np.concatenate(starts), np.tile(af, k), np.tile(uf, k), lam, act, radius)
     z, c = z.reshape(k, -1), c.reshape(k, -1)
     pick = np.argmin(c, axis=0)
     cols = np.arange(af.size)
@@ -491,12 +526,15 @@ def _descend(
     u: np.ndarray,
     lam: float,
     act: Activation,
-    max_iter: int = 60,
+    radius: float,
+    max_iter: int = 100,
     max_halvings: int = 30,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Monotone descent on the 1-D objective: Newton where the curvature is positive, else the
     Gauss-Newton step (curvature ``r'^2 + lam > 0``), with step halving until the objective
-    decreases. The working arrays are compacted once half their elements have converged, so the
+    decreases. Inside the curved region of ``r`` a step moves at most 0.5 so that it cannot
+    jump over a basin into a worse one; outside, the objective is nearly quadratic and the cap
+    grows with the distance to that region. The working arrays are compacted once half their elements have converged, so the
     cost follows the work without gathering on every iteration."""
 
     def cost(zz, aa, uu):
@@ -518,6 +556,8 @@ def _descend(
         h = r1 * r1 + res * r2 + lam
         gn = r1 * r1 + lam
         step = -g / np.where(h > 0.0, h, gn)
+        cap = 0.5 + np.maximum(np.abs(zi) - radius, 0.0)
+        np.clip(step, -cap, cap, out=step)
         step[~active] = 0.0
         # a step this small is below what the objective can resolve: take it and stop
         tiny = np.abs(step) <= 1e-9 * (1.0 + np.abs(zi))
