@@ -8,7 +8,7 @@ Python API::
 """
 
 from .errors import BudgetExceeded, LowRankError
-from .pipeline import CompressConfig, CompressionResult, compress
+from .pipeline import CompressConfig, CompressionResult, Compressor, compress
 
-__all__ = ["compress", "CompressConfig", "CompressionResult", "LowRankError", "BudgetExceeded"]
+__all__ = ["compress", "Compressor", "CompressConfig", "CompressionResult", "LowRankError", "BudgetExceeded"]
 __version__ = "0.1.0"

@@ -29,9 +29,11 @@ class Budget:
     output: str | None = None             # model output to compare (default: the first)
     batch: int = 64
 
+    @property
+    def has_limits(self) -> bool:
+        return self.max_accuracy_drop is not None or self.min_agreement is not None
+
     def __post_init__(self):
-        if self.max_accuracy_drop is None and self.min_agreement is None:
-            raise LowRankError("a budget needs --max-accuracy-drop POINTS or --min-agreement FRACTION")
         if self.max_accuracy_drop is not None and not self.labels:
             raise LowRankError("--max-accuracy-drop needs --labels KEY naming the label array in the evaluation .npz")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:

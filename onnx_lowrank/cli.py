@@ -137,7 +137,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
-@click.option("--eval-data", metavar="DATA", help="Budget: held-out inputs (.npz/.npy/folder) to compare against the original.")
+@click.option("--eval-data", metavar="DATA", help="Held-out inputs (.npz/.npy/folder): report fidelity (and accuracy with "
+              "--labels) against the original; with a limit below, a budget.")
 @click.option("--labels", metavar="KEY", help="Budget: label array in the --eval-data .npz (for --max-accuracy-drop).")
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Budget: fail if accuracy drops by more (e.g. 0.5).")
 @click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
@@ -181,7 +182,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
             raise LowRankError("a budget needs --eval-data: held-out inputs to compare against the original model")
         budget = Budget(eval_data, labels, max_accuracy_drop, min_agreement)
     auto = speedup == "auto"
-    if auto and budget is None:
+    if auto and (budget is None or not budget.has_limits):
         raise LowRankError("--speedup auto needs a budget: --eval-data with --max-accuracy-drop or --min-agreement")
     if speedup is None and not ranks_d:
         speedup = "2"
@@ -211,8 +212,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         broken = violation(ev, budget) if budget else None
     if ev is not None:
         result.report["evaluation"] = ev
-        result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
-                                   "passed": broken is None}
+        if budget.has_limits:
+            result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
+                                       "passed": broken is None}
     if not quiet:
         click.echo(format_report(result.report))
     if broken and not write_failed:
