@@ -1,0 +1,132 @@
+"""The z step must be the global minimiser of (a - r(z))^2 + lam (z - u)^2, checked against a
+dense per-element grid search, for every activation kind."""
+
+import numpy as np
+import pytest
+
+from onnx_lowrank.solver.activations import IDENTITY, KINDS, Activation, z_objective, z_step
+
+GRID = np.linspace(-1.0, 1.0, 20001)
+
+
+def _acts(d):
+    rng = np.random.default_rng(7)
+    return [
+        Activation.identity(),
+        Activation.relu(),
+        Activation.relu6(),
+        Activation.clip(min=-1.0),
+        Activation.clip(max=1.5),
+        Activation.clip(-0.5, 2.0),
+        Activation.leaky_relu(0.1),
+        Activation.prelu(rng.uniform(-0.5, 1.5, d)),
+        Activation.prelu(0.25),
+        Activation.hardsigmoid(),
+        Activation.hardsigmoid(alpha=-0.3, beta=0.4),
+        Activation.hardswish(),
+        Activation.silu(),
+        Activation.gelu(),
+        Activation.gelu("tanh"),
+        Activation.sigmoid(),
+        Activation.tanh(),
+    ]
+
+
+def _cases(act, lam, rng, n, d):
+    """Half the targets are reachable (r of something, plus noise), half arbitrary, including
+    values outside the range of r; u spans small to large scales."""
+    y = rng.standard_normal((n, d)) * 3.0
+    a = np.where(rng.random((n, d)) < 0.5, act.apply(y) + 0.1 * rng.standard_normal((n, d)), rng.uniform(-3, 6, (n, d)))
+    u = rng.standard_normal((n, d)) * rng.choice([0.3, 1.0, 4.0, 20.0], (n, d))
+    return a, u
+
+
+def _grid_min(a, u, lam, act):
+    """Per element, the objective's minimum over 20001 points spanning every z that can beat
+    z = u: lam (z - u)^2 <= f(u) = (a - r(u))^2."""
+    a, u = a.ravel(), u.ravel()
+    half = np.abs(a - act.apply(u)) / np.sqrt(lam) + 1.0
+    best = np.empty(a.size)
+    for i in range(0, a.size, 100):
+        s = slice(i, i + 100)
+        G = u[s, None] + half[s, None] * GRID[None, :]
+        best[s] = ((a[s, None] - act.apply(G)) ** 2 + lam * (G - u[s, None]) ** 2).min(axis=1)
+    return best
+
+
+def _apply_rows(act, z, d):
+    """``apply`` per element of flattened (n, d) data; PReLU needs its channel axis last."""
+    return act.apply(z.reshape(-1, d)).ravel()
+
+
+@pytest.mark.parametrize("lam", [0.01, 1.0, 10.0])
+def test_z_step_matches_grid_search(lam):
+    rng = np.random.default_rng(int(lam * 100))
+    n, d = 16, 10
+    for act in _acts(d):
+        a, u = _cases(act, lam, rng, n, d)
+        z = z_step(a, u, lam, act)
+        assert z.shape == (n, d)
+        f = z_objective(z, a, u, lam, act).ravel()
+        if act.kind == "prelu" and np.ndim(act.params["slope"]) == 1:
+            # grid per channel: one scalar PReLU per column
+            fg = np.concatenate(
+                [
+                    _grid_min(a[:, j], u[:, j], lam, Activation.prelu(act.params["slope"][j]))
+                    for j in range(d)
+                ]
+            )
+            f = f.reshape(n, d).T.ravel()
+        else:
+            fg = _grid_min(a, u, lam, act)
+        excess = f - fg
+        assert excess.max() <= 1e-9 * (1.0 + fg.max()), (act, float(excess.max()))
+
+
+def test_every_kind_is_covered():
+    assert {a.kind for a in _acts(4)} == set(KINDS)
+
+
+def test_relu_closed_form_of_the_paper():
+    rng = np.random.default_rng(1)
+    a = np.maximum(rng.standard_normal((50, 8)), 0.0)
+    u = rng.standard_normal((50, 8))
+    lam = 0.5
+    z1 = np.minimum(0.0, u)
+    c1 = a**2 + lam * (z1 - u) ** 2
+    z2 = np.maximum(0.0, (lam * u + a) / (lam + 1.0))
+    c2 = (a - z2) ** 2 + lam * (z2 - u) ** 2
+    np.testing.assert_allclose(z_step(a, u, lam, Activation.relu()), np.where(c1 <= c2, z1, z2))
+
+
+def test_identity_closed_form():
+    rng = np.random.default_rng(2)
+    a, u = rng.standard_normal((2, 30, 5))
+    np.testing.assert_allclose(z_step(a, u, 0.3, IDENTITY), (a + 0.3 * u) / 1.3)
+
+
+def test_apply_values():
+    y = np.array([[-4.0, -1.0, 0.0, 0.5, 4.0, 7.0]])
+    np.testing.assert_allclose(Activation.relu6().apply(y), [[0, 0, 0, 0.5, 4, 6]])
+    np.testing.assert_allclose(Activation.leaky_relu(0.1).apply(y), [[-0.4, -0.1, 0, 0.5, 4, 7]])
+    np.testing.assert_allclose(Activation.hardswish().apply(y), y * np.clip(y / 6 + 0.5, 0, 1))
+    np.testing.assert_allclose(Activation.hardsigmoid().apply(y), np.clip(0.2 * y + 0.5, 0, 1))
+    np.testing.assert_allclose(Activation.silu().apply(y), y / (1 + np.exp(-y)))
+    np.testing.assert_allclose(Activation.gelu().apply(np.array([1.0])), [0.8413447460685429])
+    slope = np.array([0.1, 0.2, 0.3])
+    np.testing.assert_allclose(Activation.prelu(slope).apply(-np.ones((2, 3))), -np.tile(slope, (2, 1)))
+
+
+def test_activation_equality_and_hash():
+    s = np.array([0.1, 0.2])
+    assert Activation.prelu(s) == Activation.prelu(s.copy())
+    assert hash(Activation.prelu(s)) == hash(Activation.prelu(s.copy()))
+    assert Activation.prelu(s) != Activation.prelu(s * 2)
+    assert Activation.leaky_relu(0.1) != Activation.leaky_relu(0.2)
+    assert Activation("hardsigmoid") == Activation.hardsigmoid(0.2, 0.5)
+    assert len({Activation.relu(), Activation("relu"), IDENTITY}) == 2
+    assert IDENTITY.is_identity and Activation.clip().is_identity and not Activation.relu().is_identity
+    with pytest.raises(ValueError):
+        Activation("swish")
+    with pytest.raises(ValueError):
+        z_step(np.zeros(3), np.zeros(3), 0.0, Activation.relu())
