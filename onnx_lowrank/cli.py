@@ -355,5 +355,58 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_eval(res))
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", required=True, metavar="DATA", help="Calibration inputs (as for compress).")
+@click.option("--eval-data", required=True, metavar="DATA", help="Held-out inputs (.npz) to measure fidelity on.")
+@click.option("--labels", metavar="KEY", help="Label array in the --eval-data .npz: adds accuracy.")
+@click.option("--speedups", default="1.5,2,3,4,6", show_default=True, help="Comma-separated target speed-ups.")
+@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True)
+@click.option("--asymmetric/--no-asymmetric", default=True, show_default=True)
+@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--max-images", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
+@click.option("--out", "out_prefix", default="sweep", show_default=True, metavar="PREFIX",
+              help="Writes PREFIX.csv and PREFIX.png.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_shapes_option
+def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
+          threads, out_prefix, quiet, input_shapes):
+    """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
+    fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
+
+    \b
+      onnx-lowrank sweep models/mnist_vgg/mnist_vgg.onnx --calib models/mnist_vgg/calib.npz \\
+          --eval-data models/mnist_vgg/heldout.npz --labels label --speedups 1.5,2,3,4,6 --out mnist_sweep
+    """
+    from .graph.loading import parse_input_shapes
+    from .pipeline import CompressConfig
+    from .sweep import plot, sweep as run, write_csv
+
+    progress.set_enabled(not quiet)
+    try:
+        values = [float(v) for v in speedups.split(",") if v.strip()]
+    except ValueError:
+        raise LowRankError(f"--speedups takes numbers separated by commas, not {speedups!r}") from None
+    if not values or any(v <= 1 for v in values):
+        raise LowRankError("--speedups must list numbers greater than 1, e.g. 1.5,2,3")
+    if not model.exists():
+        raise LowRankError(f"model file not found: {model} (check the path)")
+    cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=samples_per_image,
+                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes))
+    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
+    write_csv(rows, f"{out_prefix}.csv")
+    plot(rows, f"{out_prefix}.png", title=f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}")
+    cols = ["speedup_target", "speedup_theoretical", "speedup_measured", "top1_agreement", "nmse",
+            "accuracy_candidate", "status"]
+    click.echo("  ".join(f"{c:>19}" for c in cols))
+    for r in rows:
+        click.echo("  ".join(f"{r[c]:>19.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>19}"
+                             for c in cols))
+    click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,101 @@
+"""Compress at several speed-ups and measure each: the accuracy / latency trade-off as a table and a plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+from . import progress
+from .budget import Budget, evaluate_against
+from .graph.loading import save_model_atomic
+from .measure import bench, synthetic_feeds
+from .pipeline import Compressor, input_specs
+from .solver.ranks import RankSelectionError
+
+FIELDS = ["speedup_target", "speedup_theoretical", "speedup_measured", "latency_ms", "latency_original_ms",
+          "top1_agreement", "top5_overlap", "nmse", "accuracy_reference", "accuracy_candidate",
+          "accuracy_drop_points", "layers_factorised", "status"]
+
+
+def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | None = None,
+          runs: int = 30, threads: int | None = None, batch: int = 1) -> list[dict]:
+    """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels)."""
+    compressor = Compressor(model, calib, config)
+    specs = input_specs(compressor.model)
+    budget = Budget(eval_data, labels)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-sweep-") as tmp:
+        original = os.path.join(tmp, "original.onnx")
+        save_model_atomic(compressor.source_model, original)
+        feeds = synthetic_feeds(original, batch=batch, shape_overrides=config.input_shapes or None)
+        for s in speedups:
+            progress.log(f"sweep: --speedup {s:g}")
+            try:
+                res = compressor.run(speedup=s)
+            except RankSelectionError as err:
+                rows.append({"speedup_target": s, "status": f"unreachable (at most {err.max_speedup:.3g}x)"})
+                continue
+            path = os.path.join(tmp, f"s{s:g}.onnx")
+            save_model_atomic(res.model, path)
+            ev = evaluate_against(original, path, specs, budget)
+            b = bench([original, path], feeds, threads=threads, runs=runs)
+            rows.append({
+                "speedup_target": s,
+                "speedup_theoretical": res.report["speedup_theoretical"],
+                "speedup_measured": b["speedup"][1],
+                "latency_ms": b["models"][1]["median_ms"],
+                "latency_original_ms": b["models"][0]["median_ms"],
+                **{k: ev[k] for k in ("top1_agreement", "top5_overlap", "nmse", "accuracy_reference",
+                                      "accuracy_candidate", "accuracy_drop_points") if k in ev},
+                "layers_factorised": sum(1 for lay in res.report["layers"] if lay["status"] == "factorised"),
+                "status": "ok",
+            })
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Fidelity against theoretical and measured speed-up, so the FLOPs-vs-latency gap is visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    metric = "accuracy_candidate" if ok and "accuracy_candidate" in ok[0] else "top1_agreement"
+    label = "accuracy (%)" if metric == "accuracy_candidate" else "top-1 agreement with original (%)"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    y = [100 * r[metric] for r in ok]
+    ax.plot([r["speedup_theoretical"] for r in ok], y, "o-", label="theoretical (FLOPs)")
+    ax.plot([r["speedup_measured"] for r in ok], y, "s--", label="measured (onnxruntime CPU)")
+    for r, yy in zip(ok, y):
+        ax.annotate(f"{r['speedup_target']:g}x", (r["speedup_theoretical"], yy), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    if metric == "accuracy_candidate" and ok:
+        ax.axhline(100 * ok[0]["accuracy_reference"], color="grey", lw=0.8, ls=":", label="original accuracy")
+    ax.set_xlabel("speed-up (x)")
+    ax.set_ylabel(label)
+    ax.set_title(title or "onnx-lowrank sweep")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
