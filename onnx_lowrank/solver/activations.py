@@ -527,65 +527,59 @@ def _descend(
     lam: float,
     act: Activation,
     radius: float,
-    max_iter: int = 100,
+    max_iter: int = 150,
     max_halvings: int = 30,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Monotone descent on the 1-D objective: Newton where the curvature is positive, else the
-    Gauss-Newton step (curvature ``r'^2 + lam > 0``), with step halving until the objective
-    decreases. Inside the curved region of ``r`` a step moves at most 0.5 so that it cannot
-    jump over a basin into a worse one; outside, the objective is nearly quadratic and the cap
-    grows with the distance to that region. The working arrays are compacted once half their elements have converged, so the
-    cost follows the work without gathering on every iteration."""
-
-    def cost(zz, aa, uu):
-        d = aa - _smooth_value(act, zz)
-        dz = zz - uu
-        return d * d + lam * (dz * dz)
-
-    z = z.copy()
-    f = cost(z, a, u)
+    Gauss-Newton step (curvature ``r'^2 + lam > 0``). A trial point is accepted when the
+    objective decreases, else the step is halved; the objective at a trial point comes with the
+    derivatives there, so each iteration costs one evaluation of ``r, r', r''``. Inside the
+    curved region of ``r`` a step moves at most 0.5 so that it cannot jump over a basin into a
+    worse one; outside, the objective is nearly quadratic and the cap grows with the distance
+    to that region. Converged elements leave the working arrays once half of them are done."""
+    z = np.array(z, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(z))
-    zi, ai, ui, fi = z[idx], a[idx], u[idx], f[idx]
+    zt, ai, ui = z[idx], a[idx], u[idx]  # trial points, to be evaluated
+    zb = zt.copy()  # last accepted point
+    fb = np.full(idx.size, np.inf)
+    step = np.zeros(idx.size)
+    t = np.ones(idx.size)
     active = np.ones(idx.size, dtype=bool)
+    min_t = 0.5**max_halvings
     for _ in range(max_iter):
-        if not active.any():
-            break
-        r, r1, r2 = _smooth_derivs(act, zi)
+        r, r1, r2 = _smooth_derivs(act, zt)
         res = r - ai
-        g = res * r1 + lam * (zi - ui)
+        dz = zt - ui
+        ft = res * res + lam * (dz * dz)
+        acc = active & (ft < fb)
+        rej = active & ~acc
+        # accepted: move there and take a new step
+        np.copyto(zb, zt, where=acc)
+        np.copyto(fb, ft, where=acc)
+        g = res * r1 + lam * dz
         h = r1 * r1 + res * r2 + lam
-        gn = r1 * r1 + lam
-        step = -g / np.where(h > 0.0, h, gn)
-        cap = 0.5 + np.maximum(np.abs(zi) - radius, 0.0)
-        np.clip(step, -cap, cap, out=step)
-        step[~active] = 0.0
+        new = -g / np.where(h > 0.0, h, r1 * r1 + lam)
+        cap = 0.5 + np.maximum(np.abs(zt) - radius, 0.0)
+        np.clip(new, -cap, cap, out=new)
+        np.copyto(step, new, where=acc)
+        np.copyto(t, 1.0, where=acc)
         # a step this small is below what the objective can resolve: take it and stop
-        tiny = np.abs(step) <= 1e-9 * (1.0 + np.abs(zi))
-        zi[tiny] += step[tiny]
+        tiny = acc & (np.abs(new) <= 1e-9 * (1.0 + np.abs(zt)))
+        np.add(zb, new, out=zb, where=tiny)
         active &= ~tiny
-        zc = zi + step
-        fc = cost(zc, ai, ui)
-        ok = active & (fc < fi)
-        zi[ok] = zc[ok]
-        fi[ok] = fc[ok]
-        pending = np.flatnonzero(active & ~ok)
-        t = 0.5
-        for _h in range(max_halvings):
-            if pending.size == 0:
-                break
-            zc = zi[pending] + t * step[pending]
-            fc = cost(zc, ai[pending], ui[pending])
-            good = fc < fi[pending]
-            zi[pending[good]] = zc[good]
-            fi[pending[good]] = fc[good]
-            pending = pending[~good]
-            t *= 0.5
-        active[pending] = False  # no decrease along the step: stationary to working precision
-        n_active = int(active.sum())
+        # rejected: halve the step from the last accepted point; give up when it vanishes
+        np.multiply(t, 0.5, out=t, where=rej)
+        active &= ~(rej & (t < min_t))
+        zt = zb + t * step
+        n_active = int(np.count_nonzero(active))
+        if n_active == 0:
+            break
         if n_active < 0.5 * active.size:
-            z[idx], f[idx] = zi, fi
+            z[idx] = zb
             keep = np.flatnonzero(active)
-            idx, zi, ai, ui, fi = idx[keep], zi[keep], ai[keep], ui[keep], fi[keep]
+            idx, zt, ai, ui, zb, fb, step, t = (x[keep] for x in (idx, zt, ai, ui, zb, fb, step, t))
             active = np.ones(idx.size, dtype=bool)
-    z[idx] = zi
-    return z, cost(z, a, u)
+    z[idx] = zb
+    res = a - _smooth_value(act, z)
+    dz = z - u
+    return z, res * res + lam * (dz * dz)
