@@ -86,6 +86,17 @@ def _preprocess(image_size, resize, scale, mean, std, bgr, layout):
                            channel_order="BGR" if bgr else "RGB", layout=layout.upper())
 
 
+def _parse_schedule(spec: str) -> tuple:
+    try:
+        steps = tuple((int(k), float(lam)) for k, lam in (part.split(":") for part in spec.split(",") if part.strip()))
+    except ValueError:
+        raise LowRankError(f"--schedule takes ITERS:LAMBDA pairs separated by commas, e.g. 25:0.01,25:1, not {spec!r}") \
+            from None
+    if any(k < 0 or lam <= 0 for k, lam in steps):
+        raise LowRankError("--schedule needs iterations >= 0 and lambda > 0")
+    return steps
+
+
 def _parse_ranks(spec: str | None) -> dict[str, int]:
     if not spec:
         return {}
@@ -130,6 +141,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
               help="nonlinear: minimise the error after the activation (the paper); linear: PCA of the responses.")
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True,
               help="Fit each layer on inputs from the already-compressed layers before it, so errors do not pile up.")
+@click.option("--schedule", default="25:0.01,25:1", show_default=True, metavar="ITERS:LAMBDA,...",
+              help="Nonlinear solver: iterations at each penalty lambda, in order (the paper's schedule by default).")
 @click.option("--samples-per-image", type=int, default=10, show_default=True, help="Random output positions sampled per image and layer.")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
@@ -145,7 +158,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
 @_shapes_option
 @_image_options
-def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, samples_per_image, max_images,
+def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
              write_failed, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
@@ -196,7 +209,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         raise LowRankError("--output is the input model: choose another path (the input is never modified)")
     shapes = parse_input_shapes(input_shapes)
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
-    cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method, asymmetric=asymmetric,
+    cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
+                         asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=samples_per_image, max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image))
