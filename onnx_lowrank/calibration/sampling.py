@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..graph.subgraph import last_use, producers, segment, with_outputs
+from ..errors import LowRankError
 from .inputs import FeedSource
 
 
@@ -72,6 +73,36 @@ def _broadcast(t: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(t, like.shape) if t.shape != like.shape else t
 
 
+class _Sampler:
+    """Accumulates sampled rows batch by batch, the same way in both passes."""
+
+    def __init__(self, tensors: list[SampledTensor], seed: int, k: int):
+        self.tensors, self.seed, self.k = tensors, seed, k
+        self.rows: dict[str, list] = {t.name: [] for t in tensors}
+        self.imgs: dict[str, list] = {t.name: [] for t in tensors}
+        self.shapes: dict[str, tuple] = {}
+        self.seen = 0
+
+    def add(self, n: int, get: Callable[[str], np.ndarray], like: dict[str, str]) -> None:
+        for t in self.tensors:
+            a = get(t.name)
+            if t.name in like:
+                a = _broadcast(a, get(like[t.name]))
+            if a.ndim != 4:
+                a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
+            self.shapes[t.name] = tuple(a.shape[1:])
+            r = gather(a, self.seen, t.layer_id, self.seed, self.k)
+            self.rows[t.name].append(r.astype(np.float32))
+            self.imgs[t.name].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
+        self.seen += n
+
+    def result(self) -> Samples:
+        if self.seen == 0:
+            raise LowRankError("the calibration data holds no samples")
+        return Samples({k: np.concatenate(v) for k, v in self.rows.items()},
+                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.shapes, self.seen)
+
+
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
             batch_size: int, seed: int, samples_per_image: int, max_images: int | None = None,
             like: dict[str, str] | None = None, progress: Callable | None = None, threads: int | None = None) -> Samples:
@@ -82,32 +113,14 @@ def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tenso
     like = like or {}
     names = list(dict.fromkeys([t.name for t in tensors] + list(like.values())))
     sess = make_session(with_outputs(model, names, value_types), threads)
-    rows: dict[str, list] = {t.name: [] for t in tensors}
-    imgs: dict[str, list] = {t.name: [] for t in tensors}
-    shapes: dict[str, tuple] = {}
-    seen = 0
+    sampler = _Sampler(tensors, seed, samples_per_image)
     for feed in source.batches(batch_size, max_images):
         outs = dict(zip(names, sess.run(names, feed)))
         n = _batch_count(feed)
-        for t in tensors:
-            a = outs[t.name]
-            if t.name in like:
-                a = _broadcast(a, outs[like[t.name]])
-            if a.ndim != 4:
-                a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
-            shapes[t.name] = tuple(a.shape[1:])
-            r = gather(a, seen, t.layer_id, seed, samples_per_image)
-            rows[t.name].append(r.astype(np.float32))
-            imgs[t.name].append(np.repeat(np.arange(seen, seen + n), len(r) // n))
-        seen += n
+        sampler.add(n, outs.__getitem__, like)
         if progress:
             progress(n)
-    if seen == 0:
-        from ..errors import LowRankError
-
-        raise LowRankError("the calibration data holds no samples")
-    return Samples({k: np.concatenate(v) for k, v in rows.items()},
-                   {k: np.concatenate(v) for k, v in imgs.items()}, shapes, seen)
+    return sampler.result()
 
 
 def _batch_count(feed: dict) -> int:
@@ -207,24 +220,10 @@ class Propagator:
                 progress(1)
 
     def _sample(self, tensors: list[SampledTensor], like: dict[str, str]) -> Samples:
-        rows: dict[str, list] = {t.name: [] for t in tensors}
-        imgs: dict[str, list] = {t.name: [] for t in tensors}
-        shapes = {}
-        seen = 0
+        sampler = _Sampler(tensors, self.seed, self.k)
         for b, n in enumerate(self._batches):
-            for t in tensors:
-                a = self._load(b, t.name)
-                if t.name in like:
-                    a = _broadcast(a, self._load(b, like[t.name]))
-                if a.ndim != 4:
-                    a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
-                shapes[t.name] = tuple(a.shape[1:])
-                r = gather(a, seen, t.layer_id, self.seed, self.k)
-                rows[t.name].append(r.astype(np.float32))
-                imgs[t.name].append(np.repeat(np.arange(seen, seen + n), len(r) // n))
-            seen += n
-        return Samples({k: np.concatenate(v) for k, v in rows.items()},
-                       {k: np.concatenate(v) for k, v in imgs.items()}, shapes, seen)
+            sampler.add(n, lambda name, b=b: self._load(b, name), like)
+        return sampler.result()
 
     def transform(self, name: str, matrix: np.ndarray, bias: np.ndarray) -> None:
         """Replace the cached tensor ``name`` (N, d, ...) by ``matrix @ y + bias`` over its channels."""
