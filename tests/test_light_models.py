@@ -117,7 +117,7 @@ def test_resnet50_residual_sum_asymmetric(cache):
     # d x d eigh, minutes on a 2-core machine; res2 / res3 have the same residual patterns.
     path = light_models.materialise("resnet50", cache)
     wide = _wide_convs(path, 512)
-    assert len(wide) == 24
+    assert len(wide) == 19  # res4 and res5 layers with 1024 or 2048 channels
     path, inp, result = _compress("resnet50", cache, 1.25, exclude=wide)
     factorised = _check_common(path, inp, result, 1.25)
     assert result.report["asymmetric"] is True
