@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
-from .calibration.sampling import Propagator, SampledTensor, collect, make_session
+from .calibration.sampling import Propagator, SampledTensor, collect, make_session, probe_shapes
 from .errors import LowRankError
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
@@ -31,6 +31,9 @@ from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlin
                                     response_spectrum)
 
 METHODS = ("linear", "nonlinear")
+#: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
+#: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
+MIN_ROWS_PER_CHANNEL = 4
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
@@ -110,6 +113,8 @@ class Compressor:
         self.value_types = infer_value_types(with_input_shapes(norm, shapes))
         self.layers = find_conv_layers(norm, self.value_types)
         self.flops = node_flops(norm, self.value_types)
+        _probe_unknown_shapes(norm, self.layers, self.flops, self.value_types,
+                              lambda: next(self.source.batches(self.batch, self.batch)))
         plan = _plan(self.layers, self.flops, cfg)
         candidates = [p for p in plan if p.candidate]
         if not candidates:
@@ -135,6 +140,22 @@ class Compressor:
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
         return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds))
+
+
+def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
+    """Conv outputs that shape inference could not reach (shapes computed at run time): measure them."""
+    unknown = [lay for lay in layers if lay.out_shape is None and lay.weight is not None]
+    if not unknown:
+        return
+    shapes = probe_shapes(model, [lay.output for lay in unknown], value_types, first_batch())
+    for lay in unknown:
+        shape = shapes[lay.output]
+        if len(shape) != 4:
+            continue
+        lay.out_shape = [1] + list(shape[1:])
+        flops[lay.name] = 2 * int(np.prod(lay.weight.shape)) * int(np.prod(shape[2:]))
+        if lay.skip_reason and lay.skip_reason.startswith("output shape unknown"):
+            lay.skip_reason = None
 
 
 def _check_config(cfg: CompressConfig) -> None:
@@ -195,6 +216,8 @@ class LayerPlan:
     method: str | None = None
     factorisation: Factorisation | None = None
     candidate: bool = False
+    asymmetric: bool | None = None
+    note: str = ""
 
     @property
     def shape(self) -> ConvShape:
@@ -317,11 +340,17 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     fit, held = _split(original, lay.output, cfg.holdout_every)
     y = original.rows[lay.output].astype(np.float64)
     s = original.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
+    n_fit, d = int(fit.sum()), y.shape[1]
+    if approximated is not None and n_fit < MIN_ROWS_PER_CHANNEL * d:
+        p.note = (f"fitted symmetrically: {n_fit} samples < {MIN_ROWS_PER_CHANNEL} x {d} channels "
+                  "(more images or --samples-per-image allow asymmetric)")
+        progress.log(f"warning: {lay.name}: {p.note}")
+        approximated = None
     src = approximated or original
     yh = src.rows[lay.output].astype(np.float64)
     sh = src.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
     act = _activation(lay)
-    asym = approximated is not None
+    asym = p.asymmetric = approximated is not None
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
     lin_target = y if s is None else y + s - sh
     lin_needs_regression = asym or s is not None
@@ -414,6 +443,8 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "flops_after": p.flops_after,
             "energy_kept": p.energy_kept,
             "method": p.method,
+            "asymmetric": p.asymmetric,
+            "note": p.note,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
         })

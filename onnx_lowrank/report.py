@@ -20,7 +20,9 @@ def format_report(report: dict) -> str:
     for lay in report["layers"]:
         out = "x".join(map(str, lay["output_size"])) if lay["output_size"] else "?"
         rank = str(lay["rank"]) if lay["rank"] is not None else "-"
-        note = lay["reason"] if lay["status"] == "skipped" else f"{lay['method']}, {lay['target']}"
+        note = lay["reason"] if lay["status"] == "skipped" else \
+            f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
+            (f"; {lay['note']}" if lay.get("note") else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
                      _flops(lay["flops_after"]), _pct(lay["energy_kept"]), _pct(lay["rel_error"]), note))

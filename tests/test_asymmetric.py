@@ -51,3 +51,44 @@ def test_report_records_method_and_errors_per_layer():
         # Held-back samples: the nonlinear refinement (fitted on the others) must not fall far behind.
         assert 0 <= lay["rel_error"] < 1 and 0 <= lay["rel_error_linear"] < 1
         assert lay["rel_error"] <= 1.25 * lay["rel_error_linear"]
+
+
+def test_conv_after_runtime_shape_is_measured_not_skipped():
+    """A Reshape whose target shape is computed at run time hides later shapes from shape inference;
+    the pipeline measures them with one onnxruntime run instead of skipping the Conv."""
+    from builders import he, model_from
+
+    from onnx_lowrank.graph.layers import find_conv_layers
+    from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+
+    rng = np.random.default_rng(0)
+    inits = {"w0": he(rng, (16, 4, 3, 3), 36), "w1": he(rng, (24, 16, 3, 3), 144)}
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a0"], name="act0"),
+             helper.make_node("Shape", ["a0"], ["s"]),
+             helper.make_node("Max", ["s", "s"], ["s2"]),  # opaque to shape inference's data propagation
+             helper.make_node("Reshape", ["a0", "s2"], ["r"]),
+             helper.make_node("Conv", ["r", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["output"], name="act1")]
+    model = model_from(nodes, inits, ["N", 4, 10, 10], "output", ["N", 24, 10, 10])
+    norm = normalise(model)
+    layers = find_conv_layers(norm, infer_value_types(with_input_shapes(norm, {"input": [1, 4, 10, 10]})))
+    assert layers[1].skip_reason and layers[1].skip_reason.startswith("output shape unknown")
+    x = rng.standard_normal((30, 4, 10, 10)).astype(np.float32)
+    res = onnx_lowrank.compress(model, {"input": x}, ranks={"conv1": 4}, speedup=None, method="linear")
+    conv1 = res.report["layers"][1]
+    assert conv1["status"] == "factorised" and conv1["rank"] == 4
+    assert conv1["output_size"] == [10, 10]
+    assert conv1["flops_before"] == 2 * 24 * 16 * 9 * 100
+
+
+def test_too_few_samples_fall_back_to_symmetric():
+    model = conv_chain([8, 48, 48], size=4, seed=3, lowrank_bias=24)
+    x = np.random.default_rng(0).standard_normal((10, 8, 4, 4)).astype(np.float32)
+    res = onnx_lowrank.compress(model, {"input": x}, ranks={"conv0": 8, "conv1": 8}, speedup=None,
+                                method="linear", samples_per_image=4)
+    for lay in res.report["layers"]:
+        assert lay["asymmetric"] is False and "fitted symmetrically" in lay["note"]
+    res = onnx_lowrank.compress(model, {"input": x}, ranks={"conv0": 8, "conv1": 8}, speedup=None,
+                                method="linear", samples_per_image=4, asymmetric=False)
+    assert all(lay["asymmetric"] is False and lay["note"] == "" for lay in res.report["layers"])

@@ -35,6 +35,12 @@ def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.Infe
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def probe_shapes(model: onnx.ModelProto, names: list[str], value_types: dict, feed: dict) -> dict[str, tuple]:
+    """Shapes of intermediate tensors from one real run, for those that shape inference could not reach."""
+    sess = make_session(with_outputs(model, names, value_types))
+    return {n: tuple(a.shape) for n, a in zip(names, sess.run(names, feed))}
+
+
 def sample_positions(seed: int, layer_id: int, image: int, count: int, k: int) -> np.ndarray:
     """The output positions sampled for one image of one layer: the same in every pass."""
     if k >= count:

@@ -272,7 +272,7 @@ def _smooth_derivs(act: Activation, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # solvers below make 20 to a few hundred passes.  The Python loop over blocks costs a few
 # microseconds per block and operation, which is small next to that.
 
-_BLOCK = 1 << 14
+_BLOCK = 1 << 12
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
@@ -347,37 +347,55 @@ def _z_solve(
     else:
         z = np.empty(shape)
     z2 = z.reshape(nrow, ncol)
-    cost2 = np.empty((nrow, ncol)) if want_cost else None
+    smooth = act.kind in SMOOTH
+    exact_gelu = act.kind == "gelu" and act.params["approximate"] == "none"
+    cost2 = np.empty((nrow, ncol)) if (want_cost or want_sums or smooth) else None
     sums = ZSums() if want_sums else None
     solver = _block_solver(act, lam)
     step = max(1, _BLOCK // max(ncol, 1))
+    P = _Pool(min(step, nrow) * ncol)
+    tails = []
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         for i in range(0, nrow, step):
             s = slice(i, i + step)
             ab, ub = a2[s], u2[s]
             zb = z2[s]
-            cb = solver(ab, ub, None if z02 is None else z02[s], zb)
+            P.reset()
+            cb = solver(ab, ub, None if z02 is None else z02[s], zb, P)
+            if smooth:
+                cb, left = cb
+                if left is not None:
+                    tails.append((i * ncol, left))
             if cost2 is not None:
                 cost2[s] = cb
             if sums is not None:
-                t = np.subtract(zb, ub)
-                t = t.ravel()
-                pen = float(np.dot(t, t))
-                sums.pen += pen
-                sums.fit += float(cb.sum()) - lam * pen
                 t = _value_block(act, ub)
                 np.subtract(ab, t, out=t)
                 t = t.ravel()
                 sums.loss_u += float(np.dot(t, t))
+        if tails:
+            _finish(tails, a2.reshape(-1), u2.reshape(-1), lam, act, z2.reshape(-1), cost2.reshape(-1))
+        if sums is not None or exact_gelu:
+            for i in range(0, nrow, step):
+                s = slice(i, i + step)
+                if exact_gelu:
+                    cost2[s] = _gelu_exact_polish(z2[s], a2[s], u2[s], lam)
+                if sums is not None:
+                    t = np.subtract(z2[s], u2[s]).ravel()
+                    pen = float(np.dot(t, t))
+                    sums.pen += pen
+                    sums.fit += float(cost2[s].sum()) - lam * pen
     if sums is not None:
         sums.fit = max(sums.fit, 0.0)
+    if not want_cost:
+        cost2 = None
     return z, (None if cost2 is None else cost2.reshape(shape)), sums
 
 
 def _value_block(act: Activation, z: np.ndarray) -> np.ndarray:
     """``r(z)`` on a block as a new array (the cheap exp-based forms for the smooth kinds)."""
     if act.kind in SMOOTH and not (act.kind == "gelu" and act.params["approximate"] == "none"):
-        return _FAST_DERIVS[act.kind](z, act, value_only=True)
+        return _FAST_DERIVS[act.kind](z, act, None, value_only=True)
     return act.apply(z)
 
 
@@ -387,11 +405,11 @@ def _block_solver(act: Activation, lam: float):
     k = act.kind
     if k in PIECEWISE_LINEAR:
         pieces = _linear_pieces(act)
-        return lambda a, u, z0, z: _piecewise_linear(a, u, lam, pieces, z)
+        return lambda a, u, z0, z, P: _piecewise_linear(a, u, lam, pieces, z, P)
     if k == "hardswish":
-        return lambda a, u, z0, z: _hardswish(a, u, lam, z)
+        return lambda a, u, z0, z, P: _hardswish(a, u, lam, z, P)
     tables = _inverse_tables(act)
-    return lambda a, u, z0, z: _smooth(a, u, z0, lam, act, tables, z)
+    return lambda a, u, z0, z, P: _smooth(a, u, z0, lam, act, tables, z, P)
 
 
 _Piece = tuple[Any, Any, float, float]  # slope s, intercept c, lo, hi:  r(z) = s z + c on [lo, hi]
@@ -439,28 +457,62 @@ def _clip_into(x: np.ndarray, lo: float, hi: float, out: np.ndarray) -> np.ndarr
     return out
 
 
-def _keep_better(z: np.ndarray, c: np.ndarray, z_new: np.ndarray, c_new: np.ndarray, tmp: np.ndarray) -> None:
+class _Pool:
+    """Scratch arrays reused across blocks and iterations.  Fresh NumPy temporaries of a few
+    hundred kB come from mmap (or a heap that glibc keeps trimming), so every one of them
+    costs page faults: two to three times the arithmetic on cache-resident blocks."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.f: list[np.ndarray] = []
+        self.b: list[np.ndarray] = []
+        self.i = self.j = 0
+
+    def reset(self) -> None:
+        self.i = self.j = 0
+
+    def __call__(self, like: np.ndarray) -> np.ndarray:
+        """A float64 scratch array of ``like``'s shape."""
+        if self.i == len(self.f):
+            self.f.append(np.empty(self.n))
+        x = self.f[self.i]
+        self.i += 1
+        return x[: like.size].reshape(like.shape)
+
+    def mask(self, like: np.ndarray) -> np.ndarray:
+        if self.j == len(self.b):
+            self.b.append(np.empty(self.n, dtype=bool))
+        x = self.b[self.j]
+        self.j += 1
+        return x[: like.size].reshape(like.shape)
+
+
+def _new(P: _Pool | None, like: np.ndarray) -> np.ndarray:
+    return np.empty(like.shape) if P is None else P(like)
+
+
+def _keep_better(z, c, z_new, c_new, tmp, P=None) -> None:
     """``z, c <- z_new, c_new`` where ``c_new < c`` (in place; ties keep the old one). An
     arithmetic blend: masked copies (``np.where``/``copyto(where=)``) branch per element and cost
     ten times as much on random masks."""
-    better = np.less(c_new, c)
+    better = np.less(c_new, c, out=None if P is None else P.mask(c))
     np.minimum(c, c_new, out=c)
     np.subtract(z_new, z, out=tmp)
     tmp *= better
     z += tmp
 
 
-def _piecewise_linear(a, u, lam, pieces, z):
+def _piecewise_linear(a, u, lam, pieces, z, P=None):
     """Per piece, the unconstrained minimiser of the quadratic, clipped into the piece; keep the
     cheapest. Exact because the objective restricted to one piece is a convex quadratic."""
-    c = np.empty(a.shape)
-    t = np.empty(a.shape)
+    c = _new(P, a)
+    t = _new(P, a)
     zp = cp = None
     for i, (s, c0, lo, hi) in enumerate(pieces):
         zz, cc = (z, c) if i == 0 else (zp, cp)
         if zz is None:
-            zz = zp = np.empty(a.shape)
-            cc = cp = np.empty(a.shape)
+            zz = zp = _new(P, a)
+            cc = cp = _new(P, a)
         if np.ndim(s) == 0 and s == 0.0:
             _clip_into(u, lo, hi, zz)
             np.subtract(a, c0, out=cc)
@@ -488,46 +540,49 @@ def _piecewise_linear(a, u, lam, pieces, z):
         t *= lam
         cc += t
         if i > 0:
-            _keep_better(z, c, zz, cc, t)
+            _keep_better(z, c, zz, cc, t, P)
     return c
 
 
-def _hardswish(a, u, lam, z):
+def _hardswish(a, u, lam, z, P=None):
     """HardSwish = 0 on z <= -3, z on z >= 3, z (z + 3) / 6 in between. The outer pieces are
     linear (closed form); on the middle piece the stationary points solve the cubic
     ``z^3 + 4.5 z^2 + (4.5 - 6a + 18 lam) z - 9a - 18 lam u = 0``, i.e. with ``t = z + 1.5``
     ``t^3 + p t + q = 0``, ``p = 18 lam - 6 a - 2.25``, ``q = -18 lam (u + 1.5)`` (solved
     exactly: Cardano in its cancellation-free form for one real root, the trigonometric form
-    for three, of which only the outer two can be minima)."""
+    for three, of which only the outer two can be minima), each root polished by a Newton
+    step."""
     inf = math.inf
-    c = _piecewise_linear(a, u, lam, [(0.0, 0.0, -inf, -3.0), (1.0, 0.0, 3.0, inf)], z)
-    p = a * -6.0
+    c = _piecewise_linear(a, u, lam, [(0.0, 0.0, -inf, -3.0), (1.0, 0.0, 3.0, inf)], z, P)
+    p = np.multiply(a, -6.0, out=_new(P, a))
     p += 18.0 * lam - 2.25
-    q = u + 1.5
+    q = np.add(u, 1.5, out=_new(P, a))
     q *= -18.0 * lam
     # disc = (q/2)^2 + (p/3)^3
-    disc = q * q
+    disc = np.multiply(q, q, out=_new(P, a))
     disc *= 0.25
-    t = p * p
+    t = np.multiply(p, p, out=_new(P, a))
     t *= p
     t *= 1.0 / 27.0
     disc += t
-    one = disc > 0.0
+    one = np.greater(disc, 0.0, out=_new(P, a))  # as 0.0 / 1.0
     # one real root: A = -sign(q) cbrt(|q|/2 + sqrt(disc)), t = A - p / (3 A)
     np.maximum(disc, 0.0, out=t)
     np.sqrt(t, out=t)
-    A = np.abs(q)
+    A = np.abs(q, out=disc)
     A *= 0.5
     A += t
     np.cbrt(A, out=A)
-    np.copysign(A, -q, out=A)
-    A += A == 0.0
+    np.negative(q, out=t)
+    np.copysign(A, t, out=A)
+    np.equal(A, 0.0, out=t)
+    A += t
     t_one = np.divide(p, A, out=t)
     t_one *= -1.0 / 3.0
     t_one += A
     # three real roots: m cos(theta), m cos(theta - 4 pi / 3), theta = arccos(3q/(2p) sqrt(-3/p)) / 3
-    pn = np.minimum(p, -1e-300)
-    m = pn * (-1.0 / 3.0)
+    pn = np.minimum(p, -1e-300, out=p)
+    m = np.multiply(pn, -1.0 / 3.0, out=_new(P, a))
     np.sqrt(m, out=m)  # sqrt(-p/3)
     arg = np.divide(q, pn, out=A)
     arg *= 1.5
@@ -537,49 +592,50 @@ def _hardswish(a, u, lam, z):
     arg *= 1.0 / 3.0
     cos = np.cos(arg, out=arg)
     m *= 2.0
-    sin = cos * cos
+    sin = np.multiply(cos, cos, out=q)
     np.subtract(1.0, sin, out=sin)
     np.maximum(sin, 0.0, out=sin)
     np.sqrt(sin, out=sin)
     sin *= -0.5 * math.sqrt(3.0)
-    sin -= 0.5 * cos  # cos(theta - 4 pi / 3)
-    roots = (cos, sin)
-    for root in roots:
+    tmp = pn
+    np.multiply(cos, 0.5, out=tmp)
+    sin -= tmp  # cos(theta - 4 pi / 3)
+    for root in (cos, sin):
         root *= m
         # root <- where(one, t_one, root) - 1.5, clipped into the middle piece
-        np.subtract(t_one, root, out=pn)
-        pn *= one
-        root += pn
+        np.subtract(t_one, root, out=tmp)
+        tmp *= one
+        root += tmp
         root -= 1.5
         np.clip(root, -3.0, 3.0, out=root)
-        cr = _hardswish_polish(root, a, u, lam, pn)
-        _keep_better(z, c, root, cr, pn)
+        cr = _hardswish_polish(root, a, u, lam, tmp, P)
+        _keep_better(z, c, root, cr, tmp, P)
     return c
 
 
-def _hardswish_mid_cost(z, a, u, lam):
-    r = z + 3.0
+def _hardswish_mid_cost(z, a, u, lam, P=None):
+    r = np.add(z, 3.0, out=_new(P, z))
     r *= z
     r *= 1.0 / 6.0
     np.subtract(a, r, out=r)
     r *= r
-    d = z - u
+    d = np.subtract(z, u, out=_new(P, z))
     d *= d
     d *= lam
     r += d
     return r
 
 
-def _hardswish_polish(z, a, u, lam, tmp):
+def _hardswish_polish(z, a, u, lam, tmp, P=None):
     """One Newton step on the middle-piece quartic to clean up round-off in the cubic roots,
     kept only where it helps; updates ``z`` in place and returns its cost."""
-    r = z + 3.0
+    r = np.add(z, 3.0, out=_new(P, z))
     r *= z
     r *= 1.0 / 6.0
     r -= a  # r - a
-    r1 = z * (1.0 / 3.0)
+    r1 = np.multiply(z, 1.0 / 3.0, out=_new(P, z))
     r1 += 0.5
-    g = r * r1
+    g = np.multiply(r, r1, out=_new(P, z))
     np.subtract(z, u, out=tmp)
     tmp *= lam
     g += tmp
@@ -588,15 +644,16 @@ def _hardswish_polish(z, a, u, lam, tmp):
     r *= 1.0 / 3.0
     h += r
     h += lam
-    safe = h > 0.0
-    h += ~safe  # h -> 1 where not safe, the step is zeroed below
+    safe = np.greater(h, 0.0, out=r)  # as 0.0 / 1.0
+    np.subtract(1.0, safe, out=tmp)
+    h += tmp  # h -> 1 where not safe, the step is zeroed below
     g /= h
     g *= safe
     z2 = np.subtract(z, g, out=g)
     np.clip(z2, -3.0, 3.0, out=z2)
-    c = _hardswish_mid_cost(z, a, u, lam)
-    c2 = _hardswish_mid_cost(z2, a, u, lam)
-    _keep_better(z, c, z2, c2, tmp)
+    c = _hardswish_mid_cost(z, a, u, lam, P)
+    c2 = _hardswish_mid_cost(z2, a, u, lam, P)
+    _keep_better(z, c, z2, c2, tmp, P)
     return c
 
 
@@ -608,48 +665,48 @@ def _hardswish_polish(z, a, u, lam, tmp):
 # during the descent, then one exact Newton step with scipy's erf at the end.
 
 
-def _sig(z):
-    e = np.negative(z)
+def _sig(z, P=None):
+    e = np.negative(z, out=_new(P, z))
     np.exp(e, out=e)
     e += 1.0
     return np.divide(1.0, e, out=e)
 
 
-def _d_sigmoid(z, act, value_only=False):
-    s = _sig(z)
+def _d_sigmoid(z, act, P=None, value_only=False):
+    s = _sig(z, P)
     if value_only:
         return s
-    r1 = s * s
+    r1 = np.multiply(s, s, out=_new(P, z))
     np.subtract(s, r1, out=r1)
-    r2 = s * -2.0
+    r2 = np.multiply(s, -2.0, out=_new(P, z))
     r2 += 1.0
     r2 *= r1
     return s, r1, r2
 
 
-def _d_tanh(z, act, value_only=False):
-    t = np.tanh(z)
+def _d_tanh(z, act, P=None, value_only=False):
+    t = np.tanh(z, out=_new(P, z))
     if value_only:
         return t
-    r1 = t * t
+    r1 = np.multiply(t, t, out=_new(P, z))
     np.subtract(1.0, r1, out=r1)
-    r2 = t * -2.0
+    r2 = np.multiply(t, -2.0, out=_new(P, z))
     r2 *= r1
     return t, r1, r2
 
 
-def _d_silu(z, act, value_only=False):
-    s = _sig(z)
-    r = z * s
+def _d_silu(z, act, P=None, value_only=False):
+    s = _sig(z, P)
+    r = np.multiply(z, s, out=_new(P, z))
     if value_only:
         return r
-    r1 = r * s
+    r1 = np.multiply(r, s, out=_new(P, z))
     np.subtract(r, r1, out=r1)
     r1 += s  # s + z s (1 - s)
-    w = r * -2.0
+    w = np.multiply(r, -2.0, out=_new(P, z))
     w += z
     w += 2.0  # 2 + z (1 - 2 s)
-    r2 = s * s
+    r2 = np.multiply(s, s, out=_new(P, z))
     np.subtract(s, r2, out=r2)
     r2 *= w
     return r, r1, r2
@@ -659,14 +716,14 @@ _NR_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.2788
             -0.82215223, 0.17087277)
 
 
-def _ndtr_fast(z):
+def _ndtr_fast(z, P=None):
     """Standard normal CDF, relative error < 1.2e-7 (Numerical Recipes' erfcc)."""
-    x = np.abs(z)
+    x = np.abs(z, out=_new(P, z))
     x *= 1.0 / _SQRT2
-    t = x * 0.5
+    t = np.multiply(x, 0.5, out=_new(P, z))
     t += 1.0
     np.divide(1.0, t, out=t)
-    poly = t * _NR_ERFC[9]
+    poly = np.multiply(t, _NR_ERFC[9], out=_new(P, z))
     for c in _NR_ERFC[8:0:-1]:
         poly += c
         poly *= t
@@ -677,57 +734,58 @@ def _ndtr_fast(z):
     poly *= t
     poly *= 0.5  # 0.5 erfc(|z| / sqrt 2) = Phi(-|z|)
     # Phi(z) = Phi(-|z|) for z < 0, 1 - Phi(-|z|) for z >= 0
-    pos = z >= 0.0
-    t = poly * -2.0
+    np.greater_equal(z, 0.0, out=x)
+    np.multiply(poly, -2.0, out=t)
     t += 1.0
-    t *= pos
+    t *= x
     poly += t
     return poly
 
 
-def _d_gelu(z, act, value_only=False):
+def _d_gelu(z, act, P=None, value_only=False):
     if act.params["approximate"] == "tanh":
-        z2 = z * z
-        g = z2 * _GELU_TANH_C
+        z2 = np.multiply(z, z, out=_new(P, z))
+        g = np.multiply(z2, _GELU_TANH_C, out=_new(P, z))
         g += 1.0
         g *= z
         g *= _GELU_TANH_K
         t = np.tanh(g, out=g)
-        r = t + 1.0
+        r = np.add(t, 1.0, out=_new(P, z))
         r *= z
         r *= 0.5
         if value_only:
             return r
-        sech2 = t * t
+        sech2 = np.multiply(t, t, out=_new(P, z))
         np.subtract(1.0, sech2, out=sech2)
-        g1 = z2 * (3.0 * _GELU_TANH_C * _GELU_TANH_K)
+        g1 = np.multiply(z2, 3.0 * _GELU_TANH_C * _GELU_TANH_K, out=z2)
         g1 += _GELU_TANH_K
-        r1 = t + 1.0
+        r1 = np.add(t, 1.0, out=_new(P, z))
         r1 *= 0.5
-        hz = z * 0.5
+        hz = np.multiply(z, 0.5, out=_new(P, z))
         hz *= sech2
-        w = hz * g1
+        w = np.multiply(hz, g1, out=_new(P, z))
         r1 += w
         # r2 = sech2 g1 + 0.5 z sech2 (g2 - 2 t g1^2), g2 = 6 c k z
-        w = g1 * g1
+        np.multiply(g1, g1, out=w)
         w *= t
         w *= -2.0
-        w += z * (6.0 * _GELU_TANH_C * _GELU_TANH_K)
+        np.multiply(z, 6.0 * _GELU_TANH_C * _GELU_TANH_K, out=t)
+        w += t
         w *= hz
-        r2 = sech2 * g1
+        r2 = np.multiply(sech2, g1, out=sech2)
         r2 += w
         return r, r1, r2
-    cdf = _ndtr_fast(z)
-    r = z * cdf
+    cdf = _ndtr_fast(z, P)
+    r = np.multiply(z, cdf, out=_new(P, z))
     if value_only:
         return r
-    pdf = z * z
+    pdf = np.multiply(z, z, out=_new(P, z))
     pdf *= -0.5
     np.exp(pdf, out=pdf)
     pdf *= _INV_SQRT_2PI
-    r1 = z * pdf
+    r1 = np.multiply(z, pdf, out=_new(P, z))
     r1 += cdf
-    r2 = z * z
+    r2 = np.multiply(z, z, out=_new(P, z))
     np.subtract(2.0, r2, out=r2)
     r2 *= pdf
     return r, r1, r2
@@ -817,6 +875,8 @@ class _Inverse:
     clamp_hi: float
     z_lo: float
     z_hi: float
+    v_lo: float
+    v_hi: float
 
 
 _INV_CACHE: dict[tuple, list[_Inverse]] = {}
@@ -847,22 +907,31 @@ def _inverse_tables(act: Activation) -> list[_Inverse]:
             zmin, zmax = float(br.zs.min()), float(br.zs.max())
             z_lo = -math.inf if zmin <= -12.0 else zmin
             z_hi = math.inf if zmax >= 12.0 else zmax
+            # the branch's value range, tails beyond |z| = 12 included (with a margin for the
+            # saturating ones): for the lower bound in ``_smooth``
+            v_lo, v_hi = float(br.vals[0]) - 1e-4, float(br.vals[-1]) + 1e-4
+            for slope, val, zv, high in ext:
+                if high:
+                    v_hi = math.inf
+                else:
+                    v_lo = -math.inf
             out.append(_Inverse(float(v[0]), (_INV_POINTS - 1) / float(v[-1] - v[0]), zt, tuple(ext),
-                                clamp_lo, clamp_hi, z_lo, z_hi))
+                                clamp_lo, clamp_hi, z_lo, z_hi, v_lo, v_hi))
         _INV_CACHE[key] = out
     return _INV_CACHE[key]
 
 
-def _preimage(a: np.ndarray, inv: _Inverse) -> np.ndarray:
-    """Approximately the z on this branch with r(z) = a (clamped to the branch's steep part)."""
-    x = a - inv.v0
+def _preimage(a: np.ndarray, inv: _Inverse, out: np.ndarray, P=None) -> np.ndarray:
+    """Approximately the z on this branch with r(z) = a (clamped to the branch's steep part),
+    written into ``out``."""
+    x = np.subtract(a, inv.v0, out=_new(P, a))
     x *= inv.inv_dv
     np.clip(x, 0.0, _INV_POINTS - 1, out=x)
     np.rint(x, out=x)
-    z = np.take(inv.zt, x.astype(np.intp))
+    z = np.take(inv.zt, x.astype(np.intp), out=out)
     for slope, v, zv, high in inv.ext:
-        beyond = a > v if high else a < v
-        e = a - v
+        beyond = (np.greater if high else np.less)(a, v, out=P.mask(a) if P is not None else None)
+        e = np.subtract(a, v, out=x)
         e *= 1.0 / slope
         e += zv
         e -= z
@@ -871,139 +940,218 @@ def _preimage(a: np.ndarray, inv: _Inverse) -> np.ndarray:
     return _clip_into(z, inv.clamp_lo, inv.clamp_hi, z)
 
 
-_TOL = 1e-9  # a Newton step below _TOL (1 + |z|) counts as converged
-_FULL_ITERS = 3  # iterations on all starts before the converged ones are dropped
-_MAX_ITERS = 60
+_TOL = 1e-7  # an accepted Newton step below _TOL (1 + |z|) counts as converged ...
+_TOL_REJECTED = 1e-6  # ... and a rejected one below this (rounding-level stall at a minimum)
+_BLOCK_ITERS = 8  # iterations per block; the few elements still moving then finish together
+_MAX_ITERS = 80
 
 
-def _smooth(a, u, z0, lam, act, tables, z_out):
-    """Safeguarded Newton descent from every start at once (the starts are rows of one (S, m)
-    array); see ``_descend``. Keeps, per element, the cheapest end point."""
+def _branch_lower_bound(a, u, lam, inv, P=None):
+    """A lower bound of the objective over the branch's z range: ``dist(a, values)^2 +
+    lam dist(u, z range)^2`` (each term minimised separately)."""
+    lb = np.subtract(a, inv.v_hi, out=_new(P, a))
+    np.maximum(lb, 0.0, out=lb)
+    t = np.subtract(inv.v_lo, a, out=_new(P, a))
+    np.maximum(t, 0.0, out=t)
+    lb += t  # one of the two is zero
+    lb *= lb
+    if inv.z_hi < math.inf:
+        np.subtract(u, inv.z_hi, out=t)
+    else:
+        t[...] = 0.0
+    np.maximum(t, 0.0, out=t)
+    if inv.z_lo > -math.inf:
+        w = np.subtract(inv.z_lo, u, out=_new(P, a))
+        np.maximum(w, 0.0, out=w)
+        t += w
+    t *= t
+    t *= lam
+    lb += t
+    return lb
+
+
+def _smooth(a, u, z0, lam, act, tables, z_out, P=None):
+    """Safeguarded Newton descent (``_descend``) from a few starts, keeping per element the
+    cheapest end point (written into ``z_out``; its objective is returned).
+
+    First ``z0`` and ``u`` (without ``z0``: ``u`` and a preimage of ``a`` on the main branch of
+    ``r``) descend together, as rows of one (2, m) array.  Then a preimage of ``a`` on each other
+    monotone branch (with ``z0``: on each branch ``z0`` is not on; one branch: its preimage)
+    descends too, but only for the elements where a lower bound of the objective over that
+    branch is below the best value found so far -- the others cannot gain anything there.
+    Also returns the elements still moving after ``_BLOCK_ITERS`` iterations (``_finish``
+    takes those further, all blocks together) as (start, element, zb, fb, step)."""
     shape = a.shape
     a1, u1 = a.reshape(-1), u.reshape(-1)
     m = a1.size
-    pre = [_preimage(a1, inv) for inv in tables]
+    nb = len(tables)
+    main = max(range(nb), key=lambda k: tables[k].v_hi - tables[k].v_lo)
+    zs = np.empty((2, m))
     if z0 is None:
-        starts = [u1] + pre
+        zs[0] = u1
+        _preimage(a1, tables[main], zs[1], P)
+        extra = [k for k in range(nb) if k != main]
     else:
         z01 = z0.reshape(-1)
-        starts = [z01, u1]
-        if len(pre) == 1:
-            starts.append(pre[0])
-        else:
-            # the preimage on the first branch that z0 is not on
-            other = pre[-1].copy()
-            for k in range(len(pre) - 2, -1, -1):
-                off_k = (z01 < tables[k].z_lo) | (z01 > tables[k].z_hi)
-                d = pre[k] - other
-                d *= off_k
-                other += d
-            starts.append(other)
-    S = len(starts)
-    zs = np.empty((S, m))
-    for k, st in enumerate(starts):
-        zs[k] = st
-    zb, fb = _descend(zs, a1, u1, lam, act)
-    if act.kind == "gelu" and act.params["approximate"] == "none":
-        fb_sel = fb  # the surrogate costs pick the start; the exact polish below fixes the rest
-    else:
-        fb_sel = fb
+        zs[0] = z01
+        zs[1] = u1
+        extra = list(range(nb))
+    zb, fb, left = _descend(zs, None, None, a1, u1, lam, act, _BLOCK_ITERS)
     z1 = z_out.reshape(-1)
     z1[:] = zb[0]
-    c = fb_sel[0].copy()
-    tmp = np.empty(m)
-    for k in range(1, S):
-        _keep_better(z1, c, zb[k], fb_sel[k], tmp)
-    if act.kind == "gelu" and act.params["approximate"] == "none":
-        c = _gelu_exact_polish(z1, a1, u1, lam)
-    return c.reshape(shape)
+    c = fb[0].copy()
+    tmp = _new(P, a1)
+    _keep_better(z1, c, zb[1], fb[1], tmp, P)
+    lefts = []
+    if left is not None:
+        lefts.append((left[0] // m, left[0] % m) + left[1:])
+    for n_extra, k in enumerate(extra):
+        inv = tables[k]
+        need = np.less(_branch_lower_bound(a1, u1, lam, inv, P), c, out=P.mask(a1) if P is not None else None)
+        if z0 is not None and nb > 1:
+            need &= (z01 < inv.z_lo) | (z01 > inv.z_hi)
+        sel = np.flatnonzero(need)
+        if sel.size == 0:
+            continue
+        a_s, u_s = a1[sel], u1[sel]
+        zk, fk, left = _descend(_preimage(a_s, inv, np.empty(sel.size)), None, None, a_s, u_s, lam, act,
+                                _BLOCK_ITERS)
+        better = fk < c[sel]
+        z1[sel[better]] = zk[better]
+        c[sel[better]] = fk[better]
+        if left is not None:
+            lefts.append((np.full(left[0].size, 2 + n_extra), sel[left[0]]) + left[1:])
+    if not lefts:
+        return c.reshape(shape), None
+    left = tuple(np.concatenate([x[i] for x in lefts]) for i in range(5))
+    return c.reshape(shape), left
 
 
-def _descend(z, a, u, lam, act):
+def _finish(tails, a, u, lam, act, z, cost):
+    """Continue the descent of the leftover elements of all blocks in one set of arrays, then
+    let their end points compete with each element's current best. ``tails``: (offset of the
+    block in the flattened data, leftover of ``_smooth``); ``a, u, z, cost`` flattened."""
+    k = np.concatenate([t[1][0] for t in tails])
+    g = np.concatenate([off + t[1] for off, t in tails])
+    zb, fb, step = (np.concatenate([t[1][i] for t in tails]) for i in (2, 3, 4))
+    zb, fb, _ = _descend(zb, fb, step, a[g], u[g], lam, act, _MAX_ITERS - _BLOCK_ITERS)
+    for kk in np.unique(k):
+        sel = np.flatnonzero(k == kk)  # one start: every element at most once
+        gs, zk, fk = g[sel], zb[sel], fb[sel]
+        better = fk < cost[gs]
+        z[gs[better]] = zk[better]
+        cost[gs[better]] = fk[better]
+
+
+def _descend(zb, fb, step, a, u, lam, act, max_iter):
     """Monotone descent on the 1-D objective, all elements (and starts) at once: Newton where
     the curvature is clearly positive, else the Gauss-Newton step (curvature ``r'^2 + lam > 0``).
     A trial point is accepted when the objective decreases, else the step is halved from the
     last accepted point; the objective at a trial point comes with the derivatives there, so an
-    iteration costs one evaluation of ``r, r', r''``.  After ``_FULL_ITERS`` iterations the
-    converged elements (step below ``_TOL (1 + |z|)``) leave the working arrays, which are
-    compacted again whenever half of the rest has converged.  Returns the last accepted points
-    and their objective values (same shape as ``z``)."""
+    iteration costs one evaluation of ``r, r', r''``.  Steps are capped by a trust radius: 0.5
+    inside the curved region of ``r`` (so that a step cannot jump over a basin into a worse
+    one, e.g. from a flat-tail start straight back to ``u``), growing with the distance to
+    that region (where the objective is nearly quadratic) and doubling while steps are accepted
+    at the cap.  Converged elements (step below ``_TOL (1 + |z|)``) leave the working arrays.
+
+    ``fb`` None: start at ``zb``; else continue from accepted points ``zb`` (objective ``fb``)
+    with the pending step ``step``.  ``a``, ``u`` broadcast against ``zb``.  Returns the last
+    accepted points and their objective values (shape of ``zb``) and, when ``max_iter`` ran
+    out, the elements still moving as (flat index, zb, fb, step), else None."""
     derivs = _FAST_DERIVS[act.kind]
     radius = _tables(act)[1]
-    shape = z.shape
-    zb_all = z.reshape(-1).copy()
-    fb_all = np.empty(zb_all.size)
-    zt = z  # trial points; the first one is the start itself
-    zb = zt
-    A, U = a, u  # broadcast against the (S, m) start array until the first compaction
-    fb = step = None
+    shape = zb.shape
+    zb = np.array(zb, dtype=np.float64)
+    zt = np.empty(shape)
+    first = fb is None
+    if first:
+        fb = np.empty(shape)
+        step = np.zeros(shape)
+        zt[...] = zb
+    else:
+        fb = np.array(fb, dtype=np.float64)
+        step = np.array(step, dtype=np.float64)
+        np.add(zb, step, out=zt)
+    T = _Pool(zb.size)
+    zb_all = fb_all = None
+    A, U = a, u
     idx = None
-    n_active = zt.size
-    for it in range(_MAX_ITERS):
-        r, r1, r2 = derivs(zt, act)
+    n_active = zb.size
+    live = None
+    for it in range(max_iter):
+        T.reset()
+        r, r1, r2 = derivs(zt, act, T)
         res = np.subtract(r, A, out=r)
-        dz = zt - U
-        ft = res * res
-        g = dz * dz
+        dz = np.subtract(zt, U, out=T(zt))
+        ft = np.multiply(res, res, out=T(zt))
+        g = np.multiply(dz, dz, out=T(zt))
         g *= lam
         ft += g
-        if fb is None:
-            zb, fb = zt, ft
+        cap = np.abs(zb, out=T(zt))
+        cap -= radius
+        np.maximum(cap, 0.0, out=cap)
+        cap += 0.5
+        if first:
+            fb[...] = ft
             acc = None
+            first = False
         else:
-            acc = np.less(ft, fb)
+            acc = np.less(ft, fb, out=T.mask(zt))
             np.minimum(fb, ft, out=fb)
-            g = step * acc
+            np.multiply(step, acc, out=g)
             zb += g  # = zt where accepted (zt was formed as zb + step)
+            np.abs(g, out=g)
+            g *= 2.0
+            np.maximum(cap, g, out=cap)
         # Newton / Gauss-Newton step from the (new) accepted point
-        g = np.multiply(res, r1, out=g)
+        np.multiply(res, r1, out=g)
         dz *= lam
         g += dz
         gn = np.multiply(r1, r1, out=r1)
         gn += lam
-        res *= r2  # res r''
-        h = res + gn
-        ok = h > 0.05 * gn
+        res *= r2  # (r - a) r''
+        h = np.add(res, gn, out=ft)
+        np.multiply(gn, 0.05, out=r2)
+        ok = np.greater(h, r2, out=T.mask(zt))
         res *= ok
-        res += gn  # Newton curvature where it is clearly positive, else Gauss-Newton
+        res += gn  # the Newton curvature where it is clearly positive, else Gauss-Newton
         new = np.divide(g, res, out=g)
         new *= -1.0
-        # inside the curved region of r a step moves at most 0.5, so that it cannot jump over a
-        # basin into a worse one (e.g. from a flat-tail start straight back to u); outside, the
-        # objective is nearly quadratic and the cap grows with the distance to that region
-        cap = np.abs(zb)
-        cap -= radius
-        np.maximum(cap, 0.0, out=cap)
-        cap += 0.5
         np.minimum(new, cap, out=new)
         cap *= -1.0
         np.maximum(new, cap, out=new)
         if acc is None:
-            step = new
+            step[...] = new
         else:
-            # step <- new where accepted, step / 2 where not
-            step *= 0.5
+            step *= 0.5  # rejected: halve the step from the last accepted point
             new -= step
             new *= acc
             step += new
-        if it + 1 >= _FULL_ITERS:
-            live = np.abs(step)
-            w = np.abs(zb)
-            w += 1.0
-            w *= _TOL
-            live = np.greater(live, w)
+        if True:
+            thr = np.abs(zb, out=cap)
+            thr += 1.0
+            if acc is None:
+                thr *= _TOL
+            else:
+                tol = np.multiply(acc, _TOL - _TOL_REJECTED, out=r2)
+                tol += _TOL_REJECTED
+                thr *= tol
+            live = np.greater(np.abs(step, out=res), thr, out=T.mask(zt))
             n_live = int(np.count_nonzero(live))
-            if n_live == 0 or it + 1 == _MAX_ITERS:
+            if n_live == 0:
                 break
-            if n_live <= 0.5 * n_active:
-                # write back the finished ones and keep only the live elements
+            if n_live <= 0.75 * n_active and it + 1 < max_iter:
+                # write back the finished elements and keep only the live ones
                 if idx is None:
-                    zb_all[:] = zb.reshape(-1)
-                    fb_all[:] = fb.reshape(-1)
+                    zb_all, fb_all = zb.reshape(-1).copy(), fb.reshape(-1).copy()
                     keep = np.flatnonzero(live.reshape(-1))
                     idx = keep
-                    col = keep % a.size
-                    A, U = a[col], u[col]
+                    if np.ndim(a) == 1 and zb.ndim == 2:
+                        col = keep % zb.shape[1]
+                        A, U = a[col], u[col]
+                    else:
+                        A = np.broadcast_to(a, shape).reshape(-1)[keep]
+                        U = np.broadcast_to(u, shape).reshape(-1)[keep]
                     zb, fb, step = zb.reshape(-1)[keep], fb.reshape(-1)[keep], step.reshape(-1)[keep]
                 else:
                     zb_all[idx] = zb
@@ -1011,13 +1159,20 @@ def _descend(z, a, u, lam, act):
                     keep = np.flatnonzero(live)
                     idx = idx[keep]
                     A, U, zb, fb, step = A[keep], U[keep], zb[keep], fb[keep], step[keep]
+                zt = np.empty(zb.shape)
+                live = None
                 n_active = idx.size
-        zt = zb + step
+        np.add(zb, step, out=zt)
+    left = None
+    if live is not None and int(np.count_nonzero(live)):
+        keep = np.flatnonzero(live.reshape(-1))
+        flat = keep if idx is None else idx[keep]
+        left = (flat, zb.reshape(-1)[keep], fb.reshape(-1)[keep], step.reshape(-1)[keep])
     if idx is None:
-        return zb.reshape(shape), fb.reshape(shape)
+        return zb.reshape(shape), fb.reshape(shape), left
     zb_all[idx] = zb
     fb_all[idx] = fb
-    return zb_all.reshape(shape), fb_all.reshape(shape)
+    return zb_all.reshape(shape), fb_all.reshape(shape), left
 
 
 def _gelu_exact_polish(z, a, u, lam):
