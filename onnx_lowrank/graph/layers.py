@@ -149,8 +149,36 @@ def _find_activation(layer: ConvLayer, g, cons, graph_outputs, inits) -> None:
     _match_activation(layer, y, cons, inits)
 
 
+def _hardswish_written_out(t: str, users, cons, inits) -> str | None:
+    """``x * Clip(x + 3, 0, 6) / 6`` (Paddle exports): the output tensor if the pattern matches."""
+    add = next((u for u in users if u.op_type == "Add"), None)
+    mul = next((u for u in users if u.op_type == "Mul"), None)
+    if add is None or mul is None:
+        return None
+    three = add.input[1] if add.input[0] == t else add.input[0]
+    clip_users = cons.get(add.output[0], [])
+    if _const_scalar(three, inits) != 3.0 or len(clip_users) != 1 or clip_users[0].op_type != "Clip":
+        return None
+    clip = clip_users[0]
+    if len(clip.input) != 3 or _const_scalar(clip.input[1], inits) != 0.0 or _const_scalar(clip.input[2], inits) != 6.0:
+        return None
+    if set(mul.input) != {t, clip.output[0]} or len(cons.get(clip.output[0], [])) != 1:
+        return None
+    after = cons.get(mul.output[0], [])
+    if len(after) != 1 or after[0].input[0] != mul.output[0]:
+        return None
+    scale = _const_scalar(after[0].input[1], inits)
+    if (after[0].op_type == "Div" and scale == 6.0) or (after[0].op_type == "Mul" and scale is not None
+                                                       and abs(scale - 1 / 6) < 1e-6):
+        return after[0].output[0]
+    return None
+
+
 def _match_activation(layer: ConvLayer, t: str, cons, inits) -> None:
     users = cons.get(t, [])
+    if len(users) == 2 and (out := _hardswish_written_out(t, users, cons, inits)):
+        layer.activation, layer.target = "hardswish", out
+        return
     if len(users) == 2:  # x * Sigmoid(x)  (SiLU / Swish)
         sig = next((u for u in users if u.op_type == "Sigmoid"), None)
         mul = next((u for u in users if u.op_type == "Mul"), None)

@@ -104,6 +104,7 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     _constants_to_initializers(model)
     _drop_initializer_inputs(model)
     _fold_batchnorm(model)
+    _fold_affine(model)
     return model
 
 
@@ -200,6 +201,73 @@ def _fold_batchnorm(model: onnx.ModelProto) -> None:
         del g.node[:]
         g.node.extend(keep)
         _drop_unused_initializers(model)
+
+
+def _fold_affine(model: onnx.ModelProto) -> None:
+    """Fold constant per-channel Mul / Add / Sub / Div that directly follow a Conv into it.
+
+    Paddle exports write BatchNorm-like scale and shift this way (PP-OCR); once folded, the Conv
+    is followed directly by its activation and the nonlinear solver can target it.
+    """
+    g = model.graph
+    changed = True
+    while changed:
+        changed = False
+        inits = {t.name: t for t in g.initializer}
+        cons = _consumers(g)
+        outputs = {o.name for o in g.output}
+        producer = {o: n for n in g.node for o in n.output}
+        for op in list(g.node):
+            if op.op_type not in ("Mul", "Add", "Sub", "Div") or len(op.input) != 2:
+                continue
+            for pos in (0, 1):
+                conv = producer.get(op.input[pos])
+                if conv is not None and conv.op_type == "Conv":
+                    break
+            else:
+                continue
+            const = op.input[1 - pos]
+            y = conv.output[0]
+            if (const not in inits or conv.input[1] not in inits or len(cons.get(y, [])) != 1 or y in outputs
+                    or (op.op_type in ("Sub", "Div") and pos != 0)):
+                continue
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            if has_bias and conv.input[2] not in inits:
+                continue
+            w_t = inits[conv.input[1]]
+            w = numpy_helper.to_array(w_t).astype(np.float64)
+            if w_t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            c = numpy_helper.to_array(inits[const]).astype(np.float64)
+            d = w.shape[0]
+            if c.size == 1:
+                c = np.full(d, float(c.reshape(-1)[0]))
+            elif c.size == d and c.ndim >= 3 and c.shape[-(w.ndim - 1):] == (d,) + (1,) * (w.ndim - 2):
+                c = c.reshape(d)
+            else:
+                continue
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(d)
+            if op.op_type == "Mul":
+                w, b = w * c.reshape(-1, *([1] * (w.ndim - 1))), b * c
+            elif op.op_type == "Div":
+                if np.any(c == 0):
+                    continue
+                w, b = w / c.reshape(-1, *([1] * (w.ndim - 1))), b / c
+            else:
+                b = b + c if op.op_type == "Add" else b - c
+            base = conv.name or y
+            new_w = numpy_helper.from_array(w.astype(np.float32), _fresh_name(inits, f"{base}_W_folded"))
+            inits[new_w.name] = new_w
+            new_b = numpy_helper.from_array(b.astype(np.float32), _fresh_name(inits, f"{base}_B_folded"))
+            inits[new_b.name] = new_b
+            g.initializer.extend([new_w, new_b])
+            del conv.input[1:]
+            conv.input.extend([new_w.name, new_b.name])
+            conv.output[0] = op.output[0]
+            g.node.remove(op)
+            changed = True
+            break
+    _drop_unused_initializers(model)
 
 
 def _fresh_name(taken, base: str) -> str:
