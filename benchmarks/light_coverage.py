@@ -67,7 +67,7 @@ def output_diff(a: Path, b: Path, x: np.ndarray, name: str) -> tuple[bool, float
     return same, diff
 
 
-def run_model(name: str, work: Path, images: int, samples: int, timeout: int) -> dict:
+def run_model(name: str, work: Path, images: int, samples: int, timeout: int, method: str) -> dict:
     row = {"model": name}
     path = light_models.materialise(name)
     inp = input_name(path)
@@ -77,7 +77,8 @@ def run_model(name: str, work: Path, images: int, samples: int, timeout: int) ->
     report = work / f"{name}.report.json"
     for target in TARGETS:
         p, secs = cli("compress", path, "--calib", calib, "--speedup", target, "-o", out, "--report", report,
-                      "--samples-per-image", samples, "--threads", 2, "-q", timeout=timeout)
+                      "--samples-per-image", samples, "--method", method, "--threads", 2, "-q",
+                      timeout=timeout)
         row.update(target=target, compress_s=secs, rc=p.returncode)
         if p.returncode == 0:
             break
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16, help="calibration photo crops per model")
     ap.add_argument("--samples-per-image", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per CLI call")
+    ap.add_argument("--method", default="nonlinear", choices=["nonlinear", "linear"])
     ap.add_argument("--json", type=Path, default=common.RESULTS / "light_coverage.json")
     args = ap.parse_args()
     rows = []
@@ -126,7 +128,9 @@ def main() -> None:
         for name in args.models.split(","):
             t0 = time.perf_counter()
             try:
-                row = run_model(name, Path(tmp), args.images, args.samples_per_image, args.timeout)
+                row = run_model(name, Path(tmp), args.images, args.samples_per_image, args.timeout, args.method)
+            except subprocess.TimeoutExpired as exc:
+                row = {"model": name, "rc": "timeout", "error": f"timed out after {exc.timeout:.0f} s"}
             except Exception as exc:  # record and go on with the next model
                 row = {"model": name, "rc": "exception", "error": f"{type(exc).__name__}: {exc}"[:300]}
             rows.append(row)
@@ -152,7 +156,7 @@ def write(rows: list[dict], args) -> None:
     md = common.header("Graph coverage on the onnx wheel's light_* model-zoo architectures")
     md += (f"Random He-normal weights (`benchmarks/light_models.py`): output differences have no accuracy "
            f"meaning. Calibration: {args.images} photo crops (scikit-image photographs, ImageNet normalisation), "
-           f"`--samples-per-image {args.samples_per_image}`, defaults otherwise (nonlinear, asymmetric), "
+           f"`--samples-per-image {args.samples_per_image}`, `--method {args.method}`, asymmetric (default), "
            f"`--threads 2`. `target` is the `--speedup` given: 3, or the largest of 2.5 / 2 / 1.5 that the model "
            "can reach. Latency: `onnx-lowrank bench A B --threads 2 --runs 20` (median, batch 1); the machine is "
            "shared, so latencies are noisy. `max |diff|` is over 4 held-out crops of the softmax / final output.\n\n")
