@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .activations import Activation, z_step
+from .activations import Activation, _z_solve
 
 
 @dataclass
@@ -122,8 +122,12 @@ class _RRR:
         self.sqrt_s = np.sqrt(s)
 
     def fit(self, Z: np.ndarray, r: int) -> Factorisation:
-        zbar = Z.mean(axis=0)
-        cross = Z.T @ self.Xc  # = Zc^T Xc because Xc has zero column sums
+        # Z^T Xc = Zc^T Xc because Xc has zero column sums
+        return self.fit_cross(Z.T @ self.Xc, Z.mean(axis=0), r)
+
+    def fit_cross(self, cross: np.ndarray, zbar: np.ndarray, r: int) -> Factorisation:
+        """``fit`` from ``Z^T Xc`` and the column means of ``Z`` (lets a caller subtract a
+        constant offset's share without forming ``Z``)."""
         B = cross @ self.V  # Mhat = B diag(inv) V^T
         Bw = B * (self.sqrt_s * self.inv)  # Mhat C Mhat^T = Bw Bw^T
         U = _top_eigvecs(Bw @ Bw.T, r)
@@ -188,6 +192,35 @@ def _sq(x: np.ndarray) -> float:
     return float(np.dot(x, x))
 
 
+_ROWS = 1 << 14  # elements per block in the blocked reductions below
+
+
+def _sqdist(x: np.ndarray, y: np.ndarray) -> float:
+    """``||x - y||^2`` of (n, d) arrays, by row blocks (no n x d temporary)."""
+    step = max(1, _ROWS // max(x.shape[1], 1))
+    t = np.empty((min(step, x.shape[0]), x.shape[1]))
+    total = 0.0
+    for i in range(0, x.shape[0], step):
+        tb = t[: x[i : i + step].shape[0]]
+        np.subtract(x[i : i + step], y[i : i + step], out=tb)
+        tb = tb.ravel()
+        total += float(np.dot(tb, tb))
+    return total
+
+
+def _predict_into(f: Factorisation, X: np.ndarray, out: np.ndarray, off: np.ndarray | None) -> np.ndarray:
+    """``f.predict(X) (+ off)`` written into ``out``."""
+    d, r = f.P.shape
+    if 2 * r < d:
+        np.matmul(X @ f.Q, f.P.T, out=out)
+    else:
+        np.matmul(X, f.Q @ f.P.T, out=out)
+    out += f.b
+    if off is not None:
+        out += off
+    return out
+
+
 def nonlinear_reconstruction(
     Y: np.ndarray,
     rank: int,
@@ -221,47 +254,61 @@ def nonlinear_reconstruction(
         if k < 0 or not (lam > 0.0 and math.isfinite(lam)):
             raise ValueError(f"bad schedule entry ({k}, {lam}): need iterations >= 0 and lambda > 0")
 
-    A = activation.apply(Y if off is None else Y + off)
+    pre = Y if off is None else Y + off  # the true pre-activations: r(pre) = A exactly
+    A = activation.apply(pre)
     rrr = _RRR(X, ridge)
     fact = _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
-
-    def prediction(f: Factorisation) -> np.ndarray:
-        u = f.predict(X)
-        if off_hat is not None:
-            u += off_hat
-        return u
-
-    def true_loss(u: np.ndarray) -> float:
-        return _sq(A - activation.apply(u))
-
-    u = prediction(fact)
-    loss_lin = true_loss(u)
+    u = _predict_into(fact, X, np.empty((n, d)), off_hat)
+    loss_lin = _sq(A - activation.apply(u))
     info = SolveInfo(loss_linear=loss_lin, loss_final=loss_lin)
     if activation.is_identity or not sched:
         return fact, info
 
+    # with an offset, Z = W - off_hat: its cross product with Xc and its mean need W's only
+    cross_off = None if off_hat is None else off_hat.T @ rrr.Xc
+    mean_off = None if off_hat is None else off_hat.mean(axis=0)
     best, best_loss = fact, loss_lin
+    pending = 0  # iteration whose accepted factorisation has not been scored yet (0: none)
+    u_new = np.empty((n, d))
+    W, W_prev = np.empty((n, d)), None
     it = 0
     for k, lam in sched:
         for _ in range(k):
             it += 1
-            W = z_step(A, u, lam, activation)
-            fit_term = _sq(A - activation.apply(W))
-            obj_old = fit_term + lam * _sq(W - u)
-            Z = W if off_hat is None else W - off_hat
-            cand = rrr.fit(Z, r)
-            u_new = prediction(cand)
-            obj_new = fit_term + lam * _sq(W - u_new)
+            # z step, warm-started from the previous z (at first: the true pre-activations); its
+            # sums give the relaxed objective's fit term and the true loss of the current u
+            z0 = pre if W_prev is None else W_prev
+            W, _, sums = _z_solve(A, u, lam, activation, z0, want_sums=True, out=W)
+            if pending:
+                if sums.loss_u < best_loss:
+                    best, best_loss, info.best_iteration = fact, sums.loss_u, pending
+                pending = 0
+            pre = None
+            fit_term = sums.fit
+            obj_old = fit_term + lam * sums.pen
+            cross = W.T @ rrr.Xc
+            zbar = W.mean(axis=0)
+            if cross_off is not None:
+                cross -= cross_off
+                zbar -= mean_off
+            cand = rrr.fit_cross(cross, zbar, r)
+            _predict_into(cand, X, u_new, off_hat)
+            obj_new = fit_term + lam * _sqdist(W, u_new)
             # the ridge makes the M step inexact; never let it raise the relaxed objective
             if obj_new <= obj_old:
-                fact, u, obj = cand, u_new, obj_new
-                loss = true_loss(u)
-                if loss < best_loss:
-                    best, best_loss, info.best_iteration = fact, loss, it
+                fact, obj = cand, obj_new
+                u, u_new = u_new, u
+                pending = it
             else:
                 obj = obj_old
             info.objective.append(obj)
             info.lambdas.append(lam)
+            # the next z step writes into the older buffer
+            W_prev, W = W, (np.empty((n, d)) if W_prev is None else W_prev)
+    if pending:
+        loss = _sq(A - activation.apply(u))
+        if loss < best_loss:
+            best, best_loss, info.best_iteration = fact, loss, pending
     info.iterations = it
     info.loss_final = best_loss
     return best, info
