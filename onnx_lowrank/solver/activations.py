@@ -272,7 +272,8 @@ def _smooth_derivs(act: Activation, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # solvers below make 20 to a few hundred passes.  The Python loop over blocks costs a few
 # microseconds per block and operation, which is small next to that.
 
-_BLOCK = 1 << 12
+_BLOCK = 1 << 12  # smooth kinds (a dozen arrays of up to 3 starts per element stay in L2)
+_BLOCK_CLOSED = 1 << 14  # closed forms
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
@@ -349,10 +350,10 @@ def _z_solve(
     z2 = z.reshape(nrow, ncol)
     smooth = act.kind in SMOOTH
     exact_gelu = act.kind == "gelu" and act.params["approximate"] == "none"
-    cost2 = np.empty((nrow, ncol)) if (want_cost or want_sums or smooth) else None
+    cost2 = np.empty((nrow, ncol)) if (want_cost or smooth) else None
     sums = ZSums() if want_sums else None
     solver = _block_solver(act, lam)
-    step = max(1, _BLOCK // max(ncol, 1))
+    step = max(1, (_BLOCK if smooth else _BLOCK_CLOSED) // max(ncol, 1))
     P = _Pool(min(step, nrow) * ncol)
     tails = []
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
@@ -369,13 +370,18 @@ def _z_solve(
             if cost2 is not None:
                 cost2[s] = cb
             if sums is not None:
-                t = _value_block(act, ub)
+                t = _value_block(act, ub, P)
                 np.subtract(ab, t, out=t)
                 t = t.ravel()
                 sums.loss_u += float(np.dot(t, t))
+                if not smooth:
+                    t = np.subtract(zb, ub, out=P(zb)).ravel()
+                    pen = float(np.dot(t, t))
+                    sums.pen += pen
+                    sums.fit += float(cb.sum()) - lam * pen
         if tails:
             _finish(tails, a2.reshape(-1), u2.reshape(-1), lam, act, z2.reshape(-1), cost2.reshape(-1))
-        if sums is not None or exact_gelu:
+        if smooth and (sums is not None or exact_gelu):
             for i in range(0, nrow, step):
                 s = slice(i, i + step)
                 if exact_gelu:
@@ -392,10 +398,17 @@ def _z_solve(
     return z, (None if cost2 is None else cost2.reshape(shape)), sums
 
 
-def _value_block(act: Activation, z: np.ndarray) -> np.ndarray:
-    """``r(z)`` on a block as a new array (the cheap exp-based forms for the smooth kinds)."""
-    if act.kind in SMOOTH and not (act.kind == "gelu" and act.params["approximate"] == "none"):
-        return _FAST_DERIVS[act.kind](z, act, None, value_only=True)
+def _value_block(act: Activation, z: np.ndarray, P: _Pool) -> np.ndarray:
+    """``r(z)`` on a block into a scratch array (the cheap exp-based forms for the smooth
+    kinds)."""
+    k = act.kind
+    if k in SMOOTH and not (k == "gelu" and act.params["approximate"] == "none"):
+        return _FAST_DERIVS[k](z, act, P, value_only=True)
+    if k == "relu":
+        return np.maximum(z, 0.0, out=P(z))
+    if k == "clip":
+        lo, hi = act.params["min"], act.params["max"]
+        return _clip_into(z, -math.inf if lo is None else lo, math.inf if hi is None else hi, P(z))
     return act.apply(z)
 
 
