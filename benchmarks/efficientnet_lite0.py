@@ -161,6 +161,8 @@ def main() -> None:
                        for lay in rep["layers"] if lay["status"] == "factorised"]}
         if (method, asym) == DEFAULT:
             default_models[s] = res.model
+        # partial results after every job, so an interrupted run still leaves its tables
+        write_results(args, rows, {}, reports, max_speedup, calib_s, time.perf_counter() - t_all, copies, quiet=True)
         print(f"{s}x {row['method']:16s} theo {row['speedup_theoretical']:.3f}x  top1 {row['top1_agreement']:.3f}  "
               f"top5 {row['top5_overlap']:.3f}  nmse {row['nmse']:.3g}  {wall:.1f} s", flush=True)
 
@@ -176,7 +178,7 @@ def main() -> None:
     write_results(args, rows, lat, reports, max_speedup, calib_s, total_s, copies)
 
 
-def write_results(args, rows, lat, reports, max_speedup, calib_s, total_s, copies) -> None:
+def write_results(args, rows, lat, reports, max_speedup, calib_s, total_s, copies, quiet=False) -> None:
     name = NAME + args.suffix
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     table_rows = [r for r in rows if r["table"]]
@@ -234,7 +236,10 @@ def write_results(args, rows, lat, reports, max_speedup, calib_s, total_s, copie
                           and r["method"] == combo_name(*DEFAULT)), t, o, c, sp]
          for (s, t), (o, c, sp) in sorted(lat.items())])
     md += "\n\n" + summary(rows) + "\n"
-    common.write_result(name, md)
+    if quiet:
+        (common.RESULTS / f"{name}.md").write_text(md.rstrip() + "\n")
+    else:
+        common.write_result(name, md)
 
     sweep = sorted((r for r in rows if r["method"] == combo_name(*DEFAULT)), key=lambda r: r["speedup_target"])
     if sweep:
