@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
-from .calibration.sampling import Propagator, SampledTensor, collect, make_session, probe_shapes
+from .calibration.sampling import Propagator, SampledTensor, collect, make_session, probe_shapes, sample_key
 from .errors import LowRankError
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
@@ -257,27 +257,25 @@ def _no_candidate_message(plan: list[LayerPlan]) -> str:
     return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
 
 
-def _tensors(plan: list[LayerPlan]) -> tuple[list[SampledTensor], dict[str, str]]:
-    tensors, like = [], {}
-    for p in plan:
-        tensors.append(SampledTensor(p.layer.output, p.layer_id))
-        if p.layer.shortcut:
-            tensors.append(SampledTensor(p.layer.shortcut, p.layer_id))
-            like[p.layer.shortcut] = p.layer.output
-    return tensors, like
+def _tensors(p: LayerPlan) -> list[SampledTensor]:
+    """What a layer needs sampled: its Conv output, and the shortcut added to it (shaped like it)."""
+    tensors = [SampledTensor(p.layer.output, p.layer_id)]
+    if p.layer.shortcut:
+        tensors.append(SampledTensor(p.layer.shortcut, p.layer_id, like=p.layer.output))
+    return tensors
 
 
 def _collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
                       cfg: CompressConfig):
-    tensors, like = _tensors(plan)
+    tensors = [t for p in plan for t in _tensors(p)]
     with progress.bar("calibration", source.total(limit), "img") as update:
         return collect(model, value_types, source, tensors, batch, cfg.seed, cfg.samples_per_image,
-                       limit, like, update, cfg.threads)
+                       limit, update, cfg.threads)
 
 
-def _split(samples, name: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks (fit, held back): every ``holdout_every``-th image is held back for the report."""
-    img = samples.image[name]
+    img = samples.image[key]
     if samples.images < holdout_every or holdout_every < 2:
         mask = np.zeros(len(img), dtype=bool)
         return ~mask, ~mask
@@ -290,8 +288,9 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
     for i, p in enumerate(free):
-        fit, _ = _split(samples, p.layer.output, cfg.holdout_every)
-        spectra.append(response_spectrum(samples.rows[p.layer.output][fit]))
+        key = sample_key(p.layer.output, p.layer_id)
+        fit, _ = _split(samples, key, cfg.holdout_every)
+        spectra.append(response_spectrum(samples.rows[key][fit]))
         if p.layer.name in cfg.ranks:
             r = cfg.ranks[p.layer.name]
             if r > p.layer.out_channels:
@@ -337,9 +336,11 @@ def _activation(layer: ConvLayer) -> Activation:
 def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs."""
     lay = p.layer
-    fit, held = _split(original, lay.output, cfg.holdout_every)
-    y = original.rows[lay.output].astype(np.float64)
-    s = original.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
+    y_key = sample_key(lay.output, p.layer_id)
+    s_key = sample_key(lay.shortcut, p.layer_id) if lay.shortcut else None
+    fit, held = _split(original, y_key, cfg.holdout_every)
+    y = original.rows[y_key].astype(np.float64)
+    s = original.rows[s_key].astype(np.float64) if s_key else None
     n_fit, d = int(fit.sum()), y.shape[1]
     if approximated is not None and n_fit < MIN_ROWS_PER_CHANNEL * d:
         p.note = (f"fitted symmetrically: {n_fit} samples < {MIN_ROWS_PER_CHANNEL} x {d} channels "
@@ -347,8 +348,8 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
         progress.log(f"warning: {lay.name}: {p.note}")
         approximated = None
     src = approximated or original
-    yh = src.rows[lay.output].astype(np.float64)
-    sh = src.rows[lay.shortcut].astype(np.float64) if lay.shortcut else None
+    yh = src.rows[y_key].astype(np.float64)
+    sh = src.rows[s_key].astype(np.float64) if s_key else None
     act = _activation(lay)
     asym = p.asymmetric = approximated is not None
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
@@ -382,18 +383,15 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
     producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     stops: dict[int, list[SampledTensor]] = {}
     by_stop: dict[int, list[LayerPlan]] = {}
-    _, like = _tensors(chosen)
     for p in chosen:
         lay = p.layer
         stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
-        stops.setdefault(stop, []).append(SampledTensor(lay.output, p.layer_id))
-        if lay.shortcut:
-            stops[stop].append(SampledTensor(lay.shortcut, p.layer_id))
+        stops.setdefault(stop, []).extend(_tensors(p))
         by_stop.setdefault(stop, []).append(p)
     with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
-        for stop, approx in prop.run(stops, like, update):
+        for stop, approx in prop.run(stops, update):
             for p in by_stop[stop]:
                 _solve(p, samples, approx, cfg)
                 f = p.factorisation

@@ -92,3 +92,28 @@ def test_too_few_samples_fall_back_to_symmetric():
     res = onnx_lowrank.compress(model, {"input": x}, ranks={"conv0": 8, "conv1": 8}, speedup=None,
                                 method="linear", samples_per_image=4, asymmetric=False)
     assert all(lay["asymmetric"] is False and lay["note"] == "" for lay in res.report["layers"])
+
+
+def test_block_output_that_is_also_the_next_shortcut():
+    """MobileNetV2 / EfficientNet pattern: conv0's output is both a compressed layer's target and
+    the shortcut of conv2's residual Add. Its samples must be kept apart per layer."""
+    from builders import he, model_from
+
+    rng = np.random.default_rng(5)
+    inits = {"w0": he(rng, (16, 8, 1, 1), 8), "w1": he(rng, (32, 16, 3, 3), 144), "w2": he(rng, (16, 32, 1, 1), 32)}
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["t0"], name="conv0"),
+             helper.make_node("Conv", ["t0", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"], name="act1"),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "t0"], ["output"], name="add")]
+    model = model_from(nodes, inits, ["N", 8, 9, 9], "output", ["N", 16, 9, 9])
+    x = rng.standard_normal((60, 8, 9, 9)).astype(np.float32)
+    test = rng.standard_normal((10, 8, 9, 9)).astype(np.float32)
+    for asym in (False, True):
+        res = onnx_lowrank.compress(model, {"input": x}, ranks={"conv0": 4, "conv1": 8, "conv2": 6}, speedup=None,
+                                    asymmetric=asym, samples_per_image=12, method="linear")
+        conv2 = res.report["layers"][2]
+        assert conv2["target"] == "after residual add" and conv2["status"] == "factorised"
+        ref, out = run(model, {"input": test})[0], run(res.model, {"input": test})[0]
+        assert out.shape == ref.shape
+        assert np.sum((out - ref) ** 2) / np.sum(ref ** 2) < 0.5

@@ -49,12 +49,30 @@ def sample_positions(seed: int, layer_id: int, image: int, count: int, k: int) -
     return np.sort(rng.choice(count, size=k, replace=False))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampledTensor:
-    """How to sample one tensor: which layer's positions to use."""
+    """One tensor to sample for one layer, at that layer's positions.
+
+    The same tensor can serve two layers (a block's output is the next block's shortcut), so
+    samples are keyed by ``key``, never by the tensor name alone. ``like`` names a tensor whose
+    shape this one is broadcast to first (a shortcut broadcast in an Add).
+    """
 
     name: str
     layer_id: int
+    like: str | None = None
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.name, self.layer_id)
+
+    @property
+    def reads(self) -> list[str]:
+        return [self.name] + ([self.like] if self.like else [])
+
+
+def sample_key(name: str, layer_id: int) -> str:
+    return f"{layer_id}:{name}"
 
 
 def gather(batch: np.ndarray, first_image: int, layer_id: int, seed: int, k: int) -> np.ndarray:
@@ -84,22 +102,22 @@ class _Sampler:
 
     def __init__(self, tensors: list[SampledTensor], seed: int, k: int):
         self.tensors, self.seed, self.k = tensors, seed, k
-        self.rows: dict[str, list] = {t.name: [] for t in tensors}
-        self.imgs: dict[str, list] = {t.name: [] for t in tensors}
+        self.rows: dict[str, list] = {t.key: [] for t in tensors}
+        self.imgs: dict[str, list] = {t.key: [] for t in tensors}
         self.shapes: dict[str, tuple] = {}
         self.seen = 0
 
-    def add(self, n: int, get: Callable[[str], np.ndarray], like: dict[str, str]) -> None:
+    def add(self, n: int, get: Callable[[str], np.ndarray]) -> None:
         for t in self.tensors:
             a = get(t.name)
-            if t.name in like:
-                a = _broadcast(a, get(like[t.name]))
+            if t.like:
+                a = _broadcast(a, get(t.like))
             if a.ndim != 4:
                 a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
-            self.shapes[t.name] = tuple(a.shape[1:])
+            self.shapes[t.key] = tuple(a.shape[1:])
             r = gather(a, self.seen, t.layer_id, self.seed, self.k)
-            self.rows[t.name].append(r.astype(np.float32))
-            self.imgs[t.name].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
+            self.rows[t.key].append(r.astype(np.float32))
+            self.imgs[t.key].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
         self.seen += n
 
     def result(self) -> Samples:
@@ -111,19 +129,15 @@ class _Sampler:
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
             batch_size: int, seed: int, samples_per_image: int, max_images: int | None = None,
-            like: dict[str, str] | None = None, progress: Callable | None = None, threads: int | None = None) -> Samples:
-    """Run the model once over the data and sample each tensor at its layer's positions.
-
-    ``like`` maps a tensor to another whose shape it must take (a shortcut broadcast in an Add).
-    """
-    like = like or {}
-    names = list(dict.fromkeys([t.name for t in tensors] + list(like.values())))
+            progress: Callable | None = None, threads: int | None = None) -> Samples:
+    """Run the model once over the data and sample each tensor at its layer's positions."""
+    names = list(dict.fromkeys(n for t in tensors for n in t.reads))
     sess = make_session(with_outputs(model, names, value_types), threads)
     sampler = _Sampler(tensors, seed, samples_per_image)
     for feed in source.batches(batch_size, max_images):
         outs = dict(zip(names, sess.run(names, feed)))
         n = _batch_count(feed)
-        sampler.add(n, outs.__getitem__, like)
+        sampler.add(n, outs.__getitem__)
         if progress:
             progress(n)
     return sampler.result()
@@ -182,9 +196,8 @@ class Propagator:
         except FileNotFoundError:
             pass
 
-    def run(self, stops: dict[int, list[SampledTensor]], like: dict[str, str] | None = None,
+    def run(self, stops: dict[int, list[SampledTensor]],
             progress: Callable | None = None) -> Iterator[tuple[int, Samples]]:
-        like = like or {}
         g = self.model.graph
         inits = {t.name for t in g.initializer}
         last = last_use(self.model)
@@ -197,11 +210,11 @@ class Propagator:
         live = {i.name for i in g.input if i.name not in inits}
         prev = -1
         order = sorted(stops)
-        needed_later = {t.name for s in order for t in stops[s]} | set(like.values())
+        needed_later = {n for s in order for t in stops[s] for n in t.reads}
         for stop in order:
             produced = {o for n in g.node[prev + 1: stop + 1] for o in n.output if o}
             reads = {i for n in g.node[prev + 1: stop + 1] for i in n.input if i and i not in inits}
-            keep_now = {t.name for t in stops[stop]} | {like[t.name] for t in stops[stop] if t.name in like}
+            keep_now = {n for t in stops[stop] for n in t.reads}
             outputs = sorted(o for o in produced if last.get(o, -1) > stop or o in keep_now
                              or (o in needed_later and prod.get(o, -1) <= stop))
             inputs = sorted(i for i in reads if i in live)
@@ -215,8 +228,9 @@ class Propagator:
                         self._types[name] = helper.np_dtype_to_tensor_dtype(a.dtype)
                 del sess
             live |= set(outputs)
-            yield stop, self._sample(stops[stop], like)
-            dead = {t for t in live if last.get(t, -1) <= stop and t not in needed_later_after(stops, stop, like)}
+            yield stop, self._sample(stops[stop])
+            later = {n for s, ts in stops.items() if s > stop for t in ts for n in t.reads}
+            dead = {t for t in live if last.get(t, -1) <= stop and t not in later}
             for t in dead:
                 for b in range(len(self._batches)):
                     self._drop(b, t)
@@ -225,10 +239,10 @@ class Propagator:
             if progress:
                 progress(1)
 
-    def _sample(self, tensors: list[SampledTensor], like: dict[str, str]) -> Samples:
+    def _sample(self, tensors: list[SampledTensor]) -> Samples:
         sampler = _Sampler(tensors, self.seed, self.k)
         for b, n in enumerate(self._batches):
-            sampler.add(n, lambda name, b=b: self._load(b, name), like)
+            sampler.add(n, lambda name, b=b: self._load(b, name))
         return sampler.result()
 
     def transform(self, name: str, matrix: np.ndarray, bias: np.ndarray) -> None:
@@ -240,15 +254,3 @@ class Propagator:
             flat = y.reshape(shape[0], shape[1], -1).astype(np.float64)
             out = np.einsum("ij,njp->nip", m, flat) + np.asarray(bias, dtype=np.float64)[None, :, None]
             self._save(b, name, out.reshape(shape).astype(y.dtype))
-
-
-def needed_later_after(stops: dict[int, list[SampledTensor]], stop: int, like: dict[str, str]) -> set[str]:
-    """Tensors that a later stop samples (they must stay cached even if no node reads them)."""
-    names = set()
-    for s, ts in stops.items():
-        if s > stop:
-            for t in ts:
-                names.add(t.name)
-                if t.name in like:
-                    names.add(like[t.name])
-    return names

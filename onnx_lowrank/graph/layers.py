@@ -103,7 +103,7 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
         layer = ConvLayer(name=name, node_index=idx, input=node.input[0], output=node.output[0],
                           weight=weight, bias=bias, attrs=conv_attrs(node), group=int(_attr(node, "group", 1)))
         shape = value_types.get(node.output[0], (None, None))[1]
-        if shape and all(isinstance(v, int) and v > 0 for v in shape):
+        if shape and all(isinstance(v, int) and v > 0 for v in shape[1:]):  # the batch may stay symbolic
             layer.out_shape = [1] + list(shape[1:])
         layer.skip_reason = _skip_reason(layer, node, inits)
         if layer.skip_reason is None and layer.out_shape is None:
