@@ -199,6 +199,10 @@ def write_md(results: list[dict], notes: str = "") -> None:
            "relative to an idle machine; CPU times are given alongside.\n\n")
     rows = []
     for r in results:
+        if "cpu_s" not in r and (Path(r["work"]) / "stderr.txt").exists():
+            cpu = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", (Path(r["work"]) / "stderr.txt").read_text())
+            if cpu:
+                r["cpu_s"] = sum(float(v) for v in cpu)
         rows.append([r["images"], r["samples_per_image"], r["rc"], r["wall_s"], r.get("cpu_s", "-"), r["peak_rss_gb"],
                      r.get("speedup_theoretical", "-"), r.get("factorised", "-"),
                      {True: "yes", False: "NO"}.get(r.get("flops_add_up"), "-")])
