@@ -117,3 +117,22 @@ def test_block_output_that_is_also_the_next_shortcut():
         ref, out = run(model, {"input": test})[0], run(res.model, {"input": test})[0]
         assert out.shape == ref.shape
         assert np.sum((out - ref) ** 2) / np.sum(ref ** 2) < 0.5
+
+
+def test_disk_spill_gives_the_same_model_as_memory(monkeypatch):
+    """The propagation cache spills to disk past its memory budget; results must not depend on it."""
+    from onnx_lowrank.calibration import sampling
+
+    model = conv_chain([4, 16, 16, 16], size=8, seed=2, lowrank_bias=6)
+    x = np.random.default_rng(2).standard_normal((24, 4, 8, 8)).astype(np.float32)
+    kwargs = dict(ranks={"conv1": 4, "conv2": 4}, speedup=None, method="linear", batch_size=5)
+    in_memory = onnx_lowrank.compress(model, {"input": x}, **kwargs).model.SerializeToString()
+    original_init = sampling.Propagator.__init__
+
+    def tiny_budget(self, *args, **kw):
+        original_init(self, *args, **kw)
+        self.memory_budget = 0
+
+    monkeypatch.setattr(sampling.Propagator, "__init__", tiny_budget)
+    on_disk = onnx_lowrank.compress(model, {"input": x}, **kwargs).model.SerializeToString()
+    assert on_disk == in_memory

@@ -158,7 +158,7 @@ class Propagator:
 
     def __init__(self, model: onnx.ModelProto, value_types: dict, source: FeedSource, batch_size: int,
                  seed: int, samples_per_image: int, max_images: int | None = None,
-                 cache_dir: str | None = None, threads: int | None = None):
+                 cache_dir: str | None = None, threads: int | None = None, memory_budget: int = 2 << 30):
         self.model = model
         self.value_types = value_types
         self.source = source
@@ -168,10 +168,15 @@ class Propagator:
         self.max_images = max_images
         self.threads = threads
         self._dir = tempfile.mkdtemp(prefix="onnx-lowrank-cache-", dir=cache_dir)
+        # Cached tensors stay in memory up to the budget, and spill to disk beyond it.
+        self.memory_budget = memory_budget
+        self._mem: dict[tuple[int, str], np.ndarray] = {}
+        self._mem_bytes = 0
         self._batches: list[int] = []
         self._types: dict[str, int] = {}
 
     def close(self) -> None:
+        self._mem.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
@@ -185,12 +190,22 @@ class Propagator:
         return os.path.join(self._dir, f"{b:06d}_{safe}_{abs(hash(name)) % 10**8}.npy")
 
     def _save(self, b: int, name: str, a: np.ndarray) -> None:
-        np.save(self._path(b, name), a, allow_pickle=False)
+        self._drop(b, name)
+        if self._mem_bytes + a.nbytes <= self.memory_budget:
+            self._mem[(b, name)] = a
+            self._mem_bytes += a.nbytes
+        else:
+            np.save(self._path(b, name), a, allow_pickle=False)
 
     def _load(self, b: int, name: str) -> np.ndarray:
-        return np.load(self._path(b, name), allow_pickle=False)
+        a = self._mem.get((b, name))
+        return a if a is not None else np.load(self._path(b, name), allow_pickle=False)
 
     def _drop(self, b: int, name: str) -> None:
+        a = self._mem.pop((b, name), None)
+        if a is not None:
+            self._mem_bytes -= a.nbytes
+            return
         try:
             os.unlink(self._path(b, name))
         except FileNotFoundError:
