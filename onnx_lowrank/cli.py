@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ class _Group(click.Group):
     """Turn user errors into one line on stderr and their own exit code, never a traceback."""
 
     def invoke(self, ctx):
+        # A terminated run unwinds like an interrupted one, so temporary caches are removed.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except LowRankError as err:
@@ -27,6 +30,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)

@@ -392,10 +392,16 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, update):
-            for p in by_stop[stop]:
+            for i, p in enumerate(by_stop[stop]):
                 _solve(p, samples, approx, cfg)
                 f = p.factorisation
-                prop.transform(p.layer.output, f.P @ f.Q.T, f.b)
+                prop.transform(p.layer.output, f.P, f.Q, f.b)
+                # Two Convs feeding one Add are each other's shortcut: the second one must see the
+                # first one's approximation, as the rewritten model will.
+                for q in by_stop[stop][i + 1:]:
+                    if q.layer.shortcut == p.layer.output:
+                        key = sample_key(q.layer.shortcut, q.layer_id)
+                        approx.rows[key] = f.predict(approx.rows[key].astype(np.float64)).astype(np.float32)
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:

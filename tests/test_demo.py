@@ -109,3 +109,24 @@ def test_evaluate_matches_hand_computed_accuracy(heldout):
     x, y = heldout
     ev = evaluate(str(MODEL), str(MODEL), [{"input": x[:200]}], labels=y[:200])
     assert ev["accuracy_reference"] == pytest.approx(_accuracy(MODEL, x[:200], y[:200]))
+
+
+def test_sigterm_removes_the_cache_and_writes_nothing(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out" / "m.onnx"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", "compress", str(MODEL), "--calib", str(CALIB),
+                             "--speedup", "4", "-o", str(out), "-q"], env={**os.environ, "TMPDIR": str(tmp)},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp.glob("onnx-lowrank-cache-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # wait until the asymmetric pass has created its cache
+    assert proc.poll() is None, "compress finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert list(tmp.glob("onnx-lowrank-cache-*")) == [] and not out.exists()

@@ -1,0 +1,70 @@
+"""Assemble benchmarks/RESULTS.md from the per-benchmark files in benchmarks/results/.
+
+Each benchmark script writes its own section (command, machine, date, table); this only
+concatenates them in a fixed order under a short guide, so RESULTS.md never holds a number that
+no script wrote.
+
+    python benchmarks/collect_results.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = [
+    ("mnist_methods", "Issue 3: method comparison on the demo model"),
+    ("mnist_sweep", "Issue 4: sweep of the demo model"),
+    ("peer_baselines_mnist", "Issue 4: peer baselines on the demo model"),
+    ("efficientnet_lite0", "Issue 3 / 4: EfficientNet-Lite0 on real photographs"),
+    ("peer_baselines_efficientnet", "Issue 4: peer baselines on EfficientNet-Lite0"),
+    ("ppocr_rec", "Issue 3: PP-OCRv4 recogniser, character error rate"),
+    ("tool_cost", "Issue 3: tool cost on materialised VGG-19"),
+    ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
+]
+
+PREAMBLE = """# Benchmark results
+
+Every number below was written by a script in `benchmarks/` (the command heads each section),
+on the machine and date given there. The machine is a shared 2-core one: latencies are medians of
+interleaved runs and only ratios measured side by side in one run are reported; absolute times
+are noisy. Regenerate a section by rerunning its command, then `python benchmarks/collect_results.py`.
+Extra packages for the benchmarks: `pip install -r benchmarks/requirements.txt`.
+"""
+
+
+def main():
+    parts = [PREAMBLE]
+    for name, title in ORDER:
+        md = HERE / "results" / f"{name}.md"
+        csv = HERE / "results" / f"{name}.csv"
+        if md.exists():
+            body = md.read_text().strip()
+            parts.append(f"# {title}\n\n{body.replace(chr(10) + '## ', chr(10) + '### ')}\n")
+        elif csv.exists():
+            parts.append(f"# {title}\n\nSee `benchmarks/results/{csv.name}` and `{name}.png`, "
+                         f"made by `benchmarks/{name}.sh`.\n\n" + _csv_table(csv) + "\n")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+def _csv_table(path: Path) -> str:
+    import csv
+
+    rows = list(csv.DictReader(open(path)))
+    cols = [c for c in rows[0] if any(r[c] for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_short(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _short(v: str) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return v
+
+
+if __name__ == "__main__":
+    main()
