@@ -33,7 +33,7 @@ from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlin
 METHODS = ("linear", "nonlinear")
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
-MIN_ROWS_PER_CHANNEL = 4
+MIN_ROWS_PER_CHANNEL = 2
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
