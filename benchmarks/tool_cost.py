@@ -82,7 +82,8 @@ def _child(cli_args: list[str], timings_path: str, cprofile: str | None) -> int:
         dt = time.perf_counter() - t0
         t["solve (all layers)"] += dt
         layers.append({"name": p.layer.name, "c": p.layer.in_channels, "d": p.layer.out_channels, "rank": p.rank,
-                       "rows": int(len(original.rows[p.layer.output])), "seconds": round(dt, 2)})
+                       "rows": int(len(original.rows[pl.sample_key(p.layer.output, p.layer_id)])),
+                       "seconds": round(dt, 2)})
     pl._solve = solve_timed
 
     from onnx_lowrank.cli import main

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import progress
-from .calibration.inputs import open_source
+from .calibration.inputs import load_npz, open_source
 from .errors import BudgetExceeded, LowRankError
 from .measure import evaluate
 from .solver.ranks import RankSelectionError
@@ -28,6 +28,7 @@ class Budget:
     min_agreement: float | None = None    # fraction of top-1 predictions equal to the original's
     output: str | None = None             # model output to compare (default: the first)
     batch: int = 64
+    preprocess: object = None             # ImagePreprocess for image folders (as for calibration)
 
     @property
     def has_limits(self) -> bool:
@@ -40,7 +41,7 @@ class Budget:
             raise LowRankError(f"--min-agreement is a fraction between 0 and 1, not {self.min_agreement}")
 
 
-def evaluation_inputs(specs, data, labels: str | None, batch: int, limit: int | None = None):
+def evaluation_inputs(specs, data, labels: str | None, batch: int, limit: int | None = None, preprocess=None):
     """Batches of feeds and the label array (split off the .npz when ``labels`` names it)."""
     label_array = None
     if labels or isinstance(data, dict) or Path(str(data)).suffix == ".npz":
@@ -55,7 +56,7 @@ def evaluation_inputs(specs, data, labels: str | None, batch: int, limit: int | 
         if names <= set(arrays):  # evaluation files may carry extra arrays (labels, ids): keep the inputs
             arrays = {k: v for k, v in arrays.items() if k in names}
         data = arrays
-    return open_source(data, specs).batches(batch, limit), label_array
+    return open_source(data, specs, preprocess).batches(batch, limit), label_array
 
 
 def _npz_arrays(data) -> dict:
@@ -65,12 +66,11 @@ def _npz_arrays(data) -> dict:
         raise LowRankError(f"evaluation data not found: {data}")
     if Path(data).suffix != ".npz":
         raise LowRankError("--labels needs a .npz holding the inputs and the label array")
-    with np.load(data, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(Path(data))
 
 
 def evaluate_against(reference, candidate, specs, budget: Budget) -> dict:
-    feeds, labels = evaluation_inputs(specs, budget.data, budget.labels, budget.batch)
+    feeds, labels = evaluation_inputs(specs, budget.data, budget.labels, budget.batch, preprocess=budget.preprocess)
     return evaluate(reference, candidate, feeds, labels=labels, output=budget.output)
 
 

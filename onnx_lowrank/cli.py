@@ -125,10 +125,11 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
             items.append((name.strip(), r.strip()))
     ranks = {}
     for name, r in items:
-        try:
-            ranks[name] = int(r)
-        except (TypeError, ValueError):
-            raise LowRankError(f"rank for {name!r} must be an integer, not {r!r}") from None
+        if isinstance(r, str) and r.strip().lstrip("+").isdigit():
+            r = int(r)
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
+        ranks[name] = r
     return ranks
 
 
@@ -153,7 +154,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--samples-per-image", type=int, default=10, show_default=True, help="Random output positions sampled per image and layer.")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the sampled positions (same seed, same output).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for the sampled positions (same seed, same output).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
@@ -200,7 +202,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     if eval_data or max_accuracy_drop is not None or min_agreement is not None:
         if not eval_data:
             raise LowRankError("a budget needs --eval-data: held-out inputs to compare against the original model")
-        budget = Budget(eval_data, labels, max_accuracy_drop, min_agreement)
+        budget = Budget(eval_data, labels, max_accuracy_drop, min_agreement, preprocess=_preprocess(**image))
     auto = speedup == "auto"
     if auto and (budget is None or not budget.has_limits):
         raise LowRankError("--speedup auto needs a budget: --eval-data with --max-accuracy-drop or --min-agreement")
@@ -214,6 +216,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     output = output or model.with_name(model.stem + ".lowrank.onnx")
     if output.resolve() == model.resolve():
         raise LowRankError("--output is the input model: choose another path (the input is never modified)")
+    if report_path and report_path.resolve() in (model.resolve(), output.resolve()):
+        raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
     shapes = parse_input_shapes(input_shapes)
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
@@ -240,9 +244,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         click.echo(format_report(result.report))
     if broken and not write_failed:
         raise BudgetExceeded(f"budget broken: {broken}; nothing was written (--write-failed keeps the model)")
+    save_model_atomic(result.model, output)
     if report_path:
         _write_json_atomic(report_path, result.report)
-    save_model_atomic(result.model, output)
     if not quiet:
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
     if broken:
@@ -257,15 +261,11 @@ def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    import os
-    import tempfile
+    from .files import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _json_default(o):

@@ -18,31 +18,13 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tqdm import tqdm
 
+from onnx_lowrank.calibration.runtime import ORT_ERRORS as _ORT_ERRORS
+from onnx_lowrank.calibration.runtime import one_line as _one_line
 from onnx_lowrank.errors import LowRankError
 
 __all__ = ["synthetic_feeds", "bench", "evaluate", "format_bench", "format_eval"]
-
-# onnxruntime's own exceptions derive from Exception only; catch them by name so that
-# bugs in this module (TypeError, KeyError, ...) are not disguised as user errors.
-_ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
-    getattr(_ort_state, name)
-    for name in (
-        "Fail",
-        "InvalidArgument",
-        "InvalidGraph",
-        "InvalidProtobuf",
-        "NoSuchFile",
-        "NoModel",
-        "ModelLoaded",
-        "NotImplemented",
-        "RuntimeException",
-        "EPFail",
-    )
-    if isinstance(getattr(_ort_state, name, None), type)
-)
 
 _DTYPES: dict[str, type] = {
     "tensor(float)": np.float32,
@@ -63,11 +45,6 @@ _DTYPES: dict[str, type] = {
 _INT_HIGH = 10
 # Probabilities are clipped here before the log so that a zero in the candidate gives a large, finite KL.
 _PROB_EPS = 1e-12
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _session(model_path, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:

@@ -7,6 +7,7 @@ atomically only once the new model has passed ``onnx.checker`` and loaded in onn
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import time
@@ -19,12 +20,14 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
-from .calibration.sampling import Propagator, SampledTensor, collect, make_session, probe_shapes, sample_key
+from .calibration.runtime import make_session
+from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
+from .graph.subgraph import producers
 from .solver.activations import Activation
 from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
@@ -72,6 +75,8 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     dicts or an onnxruntime ``CalibrationDataReader``. Keyword overrides set fields of
     :class:`CompressConfig`.
     """
+    if output is not None and isinstance(model, (str, Path)) and Path(output).resolve() == Path(model).resolve():
+        raise LowRankError("the output path is the input model: choose another (the input is never modified)")
     result = Compressor(model, data, _config(config, overrides)).run()
     if output is not None:
         save_model_atomic(result.model, output)
@@ -130,13 +135,19 @@ class Compressor:
         cfg = _config(self.config, overrides)
         t0 = time.perf_counter()
         plan = _plan(self.layers, self.flops, cfg)
+        missing = [p.layer.name for p in plan if p.candidate and sample_key(p.layer.output, p.layer_id)
+                   not in self.samples.rows]
+        if missing:
+            raise LowRankError(f"no calibration samples for {', '.join(missing)}: pass these --ranks when the "
+                               "Compressor is created")
         # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
         # single-threaded reductions make the output file reproducible bit for bit.
         with threadpool_limits(limits=1, user_api="blas"):
             _choose_ranks(plan, self.samples, self.flops, cfg)
             chosen = [p for p in plan if p.rank is not None]
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit, cfg)
-        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen else self.model
+        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
+            else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
         return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds))
@@ -170,6 +181,8 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError("--max-images must be at least 1")
     if cfg.batch_size < 1:
         raise LowRankError("--batch-size must be at least 1")
+    if cfg.seed < 0:
+        raise LowRankError(f"--seed must be 0 or more, not {cfg.seed}")
     for name, r in cfg.ranks.items():
         if not isinstance(r, int) or r < 1:
             raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
@@ -354,14 +367,13 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     asym = p.asymmetric = approximated is not None
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
     lin_target = y if s is None else y + s - sh
-    lin_needs_regression = asym or s is not None
-    lin = linear_reconstruction(lin_target[fit], p.rank, yh[fit] if lin_needs_regression else None)
+    lin = linear_reconstruction(lin_target[fit], p.rank, yh[fit] if asym else None)
     f = lin
     if cfg.method == "nonlinear" and not act.is_identity:
-        f, _info = nonlinear_reconstruction(
+        f, _ = nonlinear_reconstruction(
             y[fit], p.rank, act, Yhat=yh[fit] if asym else None,
             offset=None if s is None else s[fit], offset_hat=None if sh is None else sh[fit],
-            schedule=cfg.schedule)
+            schedule=cfg.schedule, init=lin)
         p.method = "nonlinear"
     else:
         p.method = "linear"
@@ -380,7 +392,7 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
                       limit: int | None, cfg: CompressConfig) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
     by_stop: dict[int, list[LayerPlan]] = {}
     for p in chosen:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import progress
 from .budget import Budget, evaluate_against
+from .files import atomic_path
 from .graph.loading import save_model_atomic
 from .measure import bench, synthetic_feeds
 from .pipeline import Compressor, input_specs
@@ -24,7 +25,7 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
     """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels)."""
     compressor = Compressor(model, calib, config)
     specs = input_specs(compressor.model)
-    budget = Budget(eval_data, labels)
+    budget = Budget(eval_data, labels, preprocess=config.preprocess)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-sweep-") as tmp:
         original = os.path.join(tmp, "original.onnx")
@@ -56,15 +57,11 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
 
 
 def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -92,10 +89,8 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)

@@ -108,7 +108,7 @@ def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | Non
         if path.is_dir():
             return _image_folder(path, inputs, preprocess or ImagePreprocess())
         if path.suffix == ".npz":
-            return _arrays_source(_load_npz(path), inputs, str(path))
+            return _arrays_source(load_npz(path), inputs, str(path))
         if path.suffix == ".npy":
             if len(inputs) != 1:
                 raise LowRankError(f"{path} is a .npy but the model has {len(inputs)} inputs: use a .npz whose keys "
@@ -136,7 +136,7 @@ def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | Non
                        "an iterable of feed dicts or a CalibrationDataReader")
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -154,6 +154,8 @@ def _load_npy(path: Path) -> np.ndarray:
 def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str) -> FeedSource:
     feed = _check_feed({k: np.asarray(v) for k, v in arrays.items()}, inputs, desc)
     n = _batch_len(feed)
+    if n == 0:
+        raise LowRankError(f"the {desc} data holds no samples (first axis has length 0)")
     return FeedSource(lambda: iter([feed]), desc, n)
 
 
@@ -166,6 +168,8 @@ def _feeds_source(feeds: list, inputs: list[InputSpec], desc: str) -> FeedSource
             raise LowRankError(f"the {desc} gave a {type(f).__name__}, expected a dict of input name -> array")
         checked.append(_check_feed({k: np.asarray(v) for k, v in f.items()}, inputs, desc))
     n = sum(_batch_len(f) for f in checked)
+    if n == 0:
+        raise LowRankError(f"the {desc} gave no samples")
     return FeedSource(lambda: iter(checked), desc, n)
 
 
@@ -190,6 +194,8 @@ def _check_feed(feed: dict, inputs: list[InputSpec], desc: str) -> dict:
                 a = a.astype(spec.dtype)
             else:
                 raise LowRankError(f"calibration input {spec.name!r} is {a.dtype}, the model expects {spec.dtype}")
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise LowRankError(f"calibration input {spec.name!r} in {desc} contains NaN or infinite values")
         out[spec.name] = a
     return out
 
@@ -217,6 +223,15 @@ def _image_folder(path: Path, inputs: list[InputSpec], pp: ImagePreprocess) -> F
         raise LowRankError("the model's image size is symbolic: give --image-size HxW")
     if channels not in (1, 3):
         raise LowRankError(f"model input {spec.name!r} has {channels} channels; images need 1 or 3")
+    for what, values in (("mean", pp.mean), ("std", pp.std)):
+        if len(values) not in (1, channels):
+            raise LowRankError(f"--{what} has {len(values)} values; the model's images have {channels} channels: "
+                               f"give 1 or {channels}")
+    if any(v == 0 for v in pp.std):
+        raise LowRankError("--std values must not be 0")
+    if not np.issubdtype(spec.dtype, np.floating):
+        raise LowRankError(f"model input {spec.name!r} is {spec.dtype}: image folders feed float inputs only; "
+                           "give a .npz instead")
 
     def load(p: Path) -> np.ndarray:
         from PIL import Image  # only needed for image folders

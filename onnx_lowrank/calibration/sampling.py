@@ -18,27 +18,18 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from ..graph.subgraph import last_use, producers, segment, with_outputs
 from ..errors import LowRankError
 from .inputs import FeedSource
-
-
-def make_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+from .runtime import make_session, run
 
 
 def probe_shapes(model: onnx.ModelProto, names: list[str], value_types: dict, feed: dict) -> dict[str, tuple]:
     """Shapes of intermediate tensors from one real run, for those that shape inference could not reach."""
     sess = make_session(with_outputs(model, names, value_types))
-    return {n: tuple(a.shape) for n, a in zip(names, sess.run(names, feed))}
+    return {n: tuple(a.shape) for n, a in zip(names, run(sess, names, feed))}
 
 
 def sample_positions(seed: int, layer_id: int, image: int, count: int, k: int) -> np.ndarray:
@@ -135,7 +126,7 @@ def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tenso
     sess = make_session(with_outputs(model, names, value_types), threads)
     sampler = _Sampler(tensors, seed, samples_per_image)
     for feed in source.batches(batch_size, max_images):
-        outs = dict(zip(names, sess.run(names, feed)))
+        outs = dict(zip(names, run(sess, names, feed)))
         n = _batch_count(feed)
         sampler.add(n, outs.__getitem__)
         if progress:
@@ -237,7 +228,7 @@ class Propagator:
                 seg = segment(self.model, prev + 1, stop + 1, inputs, outputs, self.value_types, self._types)
                 sess = make_session(seg, self.threads)
                 for b in range(len(self._batches)):
-                    res = sess.run(outputs, {i: self._load(b, i) for i in inputs})
+                    res = run(sess, outputs, {i: self._load(b, i) for i in inputs})
                     for name, a in zip(outputs, res):
                         self._save(b, name, a)
                         self._types[name] = helper.np_dtype_to_tensor_dtype(a.dtype)

@@ -105,7 +105,18 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     _drop_initializer_inputs(model)
     _fold_batchnorm(model)
     _fold_affine(model)
+    _unique_node_names(model)
     return model
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """Layers are addressed by node name (--ranks, the report): repeated names get a suffix."""
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            node.name = _fresh_name(seen, node.name)
+        if node.name:
+            seen.add(node.name)
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:

@@ -230,6 +230,7 @@ def nonlinear_reconstruction(
     offset_hat: np.ndarray | None = None,
     schedule=((25, 0.01), (25, 1.0)),
     ridge: float = 1e-6,
+    init: Factorisation | None = None,
 ) -> tuple[Factorisation, SolveInfo]:
     """Section 3 (and 4 with ``Yhat``): minimise ``sum ||r(Y + offset) - r(Yhat M^T + b + offset_hat)||^2``
     over rank-r ``M`` and ``b`` through the relaxation
@@ -238,6 +239,8 @@ def nonlinear_reconstruction(
 
     ``offset`` is a residual shortcut added before the activation (a per-sample constant);
     ``Yhat`` None means ``Yhat = Y``, ``offset_hat`` None means ``offset_hat = offset``.
+    ``init`` replaces the default start (PCA of Y, or the regression of Y on Yhat), e.g. a linear
+    fit that already accounts for ``offset - offset_hat``.
     Returns the iterate with the lowest true loss (the linear one if nothing beat it)."""
     Y = _as_2d("Y", Y)
     n, d = Y.shape
@@ -257,7 +260,7 @@ def nonlinear_reconstruction(
     pre = Y if off is None else Y + off  # the true pre-activations: r(pre) = A exactly
     A = activation.apply(pre)
     rrr = _RRR(X, ridge)
-    fact = _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
+    fact = init if init is not None else _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
     u = _predict_into(fact, X, np.empty((n, d)), off_hat)
     loss_lin = _sq(A - activation.apply(u))
     info = SolveInfo(loss_linear=loss_lin, loss_final=loss_lin)
