@@ -181,7 +181,7 @@ def _phase_rows(res: dict) -> list[list]:
     for key in ["load", "normalise", "shape inference", "calibration pass (original model)", "rank selection"]:
         rows.append([key, ph.get(key, 0.0)])
     rows.append(["asymmetric propagation (ORT segments + cache I/O + transform + sampling)", asym - solve])
-    rows.append(["  of which propagation: transform (cached Conv outputs -> M y + b, np.einsum)",
+    rows.append(["  of which propagation: transform (cached Conv outputs -> P Q^T y + b)",
                  ph.get("propagation: transform", 0.0)])
     rows.append(["  of which propagation: sampling", ph.get("propagation: sampling", 0.0)])
     rows.append(["per-layer solve, all layers", solve])
@@ -198,9 +198,8 @@ def write_md(results: list[dict], notes: str = "") -> None:
     md = common.header("Tool cost: VGG-19 (light_vgg19, 224x224), defaults (nonlinear + asymmetric), --speedup 3")
     md += (f"Target: <= {TARGET_S // 60} min wall and <= {TARGET_GB:g} GB peak RSS on 2 cores for 500 calibration "
            "images at `--samples-per-image 20`. Calibration: photo crops of the scikit-image photographs, ImageNet "
-           "normalisation, in one .npz. Peak RSS from `/usr/bin/time -v` on the CLI process. The machine is shared "
-           "with other engineers' jobs (load average 6-9 on 2 cores during these runs), so wall times are inflated "
-           "relative to an idle machine; CPU times are given alongside.\n\n")
+           "normalisation, in one .npz. Peak RSS from `/usr/bin/time -v` on the CLI process. The machine is shared: "
+           "see the notes below for the load during each run; CPU times are given alongside wall times.\n\n")
     rows = []
     for r in results:
         if "cpu_s" not in r and (Path(r["work"]) / "stderr.txt").exists():
