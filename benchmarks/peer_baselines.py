@@ -195,8 +195,11 @@ def main():
     md = header(f"Peer baselines at equal FLOPs: {args.model}") + (
         "Same model, same evaluation data, same whole-model FLOP budget per row group; the baselines use no "
         "calibration data. Spatial SVD leaves 1x1 Convs unchanged (nothing to split), so it must cut the k x k "
-        "layers harder to meet the same budget.\n\n" + table + "\n")
+        "layers harder to meet the same budget.\n\n" + table + "\n" + NOTES.get(args.model, ""))
     write_result(f"peer_baselines_{args.model}", md)
+
+
+NOTES = {"efficientnet": ("\nOn EfficientNet-Lite0 every compressible Conv but the 3x3 stem is 1x1: spatial SVD has only the stem to cut and cannot reach the budget (`nan`), and a data-free Tucker-2 of 1x1 weights (1x1 -> 1x1 core -> 1x1) at the same FLOPs destroys the network (agreement 0). Calibration: 256 photo crops (seed 1), 10 positions each; layers with more than 1025 channels were fitted symmetrically (too few samples for asymmetric regression, see the tool's warning). Evaluation: 500 crops (seed 2).\n")}
 
 
 def _f(v, fmt):
