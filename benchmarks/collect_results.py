@@ -14,9 +14,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     ("mnist_methods", "Issue 3: method comparison on the demo model"),
-    ("mnist_sweep", "Issue 4: sweep of the demo model"),
+    ("mnist_sweep", "Issue 4: sweep of the demo model", "`bash benchmarks/mnist_sweep.sh`"),
     ("peer_baselines_mnist", "Issue 4: peer baselines on the demo model"),
     ("efficientnet_lite0", "Issue 3 / 4: EfficientNet-Lite0 on real photographs"),
+    ("efficientnet_lite0_sweep", "Issue 4: sweep of EfficientNet-Lite0 (nonlinear + asymmetric)",
+     "the `efficientnet_lite0.py` command of the previous section (package at commit c45fd31)"),
     ("peer_baselines_efficientnet", "Issue 4: peer baselines on EfficientNet-Lite0"),
     ("ppocr_rec", "Issue 3: PP-OCRv4 recogniser, character error rate"),
     ("tool_cost", "Issue 3: tool cost on materialised VGG-19"),
@@ -35,7 +37,7 @@ Extra packages for the benchmarks: `pip install -r benchmarks/requirements.txt`.
 
 def main():
     parts = [PREAMBLE]
-    for name, title in ORDER:
+    for name, title, *source in ORDER:
         md = HERE / "results" / f"{name}.md"
         csv = HERE / "results" / f"{name}.csv"
         if md.exists():
@@ -43,7 +45,7 @@ def main():
             parts.append(f"# {title}\n\n{body.replace(chr(10) + '## ', chr(10) + '### ')}\n")
         elif csv.exists():
             parts.append(f"# {title}\n\nSee `benchmarks/results/{csv.name}` and `{name}.png`, "
-                         f"made by `benchmarks/{name}.sh`.\n\n" + _csv_table(csv) + "\n")
+                         f"made by {source[0]}.\n\n" + _csv_table(csv) + "\n")
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
