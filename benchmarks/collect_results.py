@@ -9,9 +9,13 @@ no script wrote.
 
 from __future__ import annotations
 
+import datetime
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine  # noqa: E402
 ORDER = [
     ("mnist_methods", "Issue 3: method comparison on the demo model"),
     ("mnist_sweep", "Issue 4: sweep of the demo model", "`bash benchmarks/mnist_sweep.sh`"),
@@ -44,8 +48,9 @@ def main():
             body = md.read_text().strip()
             parts.append(f"# {title}\n\n{body.replace(chr(10) + '## ', chr(10) + '### ')}\n")
         elif csv.exists():
-            parts.append(f"# {title}\n\nSee `benchmarks/results/{csv.name}` and `{name}.png`, "
-                         f"made by {source[0]}.\n\n" + _csv_table(csv) + "\n")
+            when = datetime.date.fromtimestamp(csv.stat().st_mtime).isoformat()
+            parts.append(f"# {title}\n\n- command: {source[0]}\n- machine: {machine()}\n- date: {when}\n\n"
+                         f"See `benchmarks/results/{csv.name}` and `{name}.png`.\n\n" + _csv_table(csv) + "\n")
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
 
