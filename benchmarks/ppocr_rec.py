@@ -342,8 +342,8 @@ INTERPRETATION = """### Interpretation
   The asymmetric solve costs ~2-3 min per setting on 300 lines, the symmetric linear one ~1 s.
 - **Measured speed-up.** Latency ratios 1.19-1.34 (1 thread, batch 1, 40 interleaved runs, shared
   machine: treat as +-10%). Part of it is not the factorisation: normalisation folds the exporter's
-  per-channel `Mul`/`Add` after each Conv into the Conv (860 -> 378 nodes before any factorisation), so
-  even a lightly compressed model runs faster than the original file. Conv is only part of the time
+  per-channel `Mul`/`Add` after each Conv into the Conv before any factorisation, so even a
+  lightly compressed model runs faster than the original file. Conv is only part of the time
   here (depthwise convs and element-wise HardSwish ops are the rest).
 - **Symbolic dims survive.** Every compressed model keeps the `N x 3 x ? x W` input and runs at
   48x480; CER there stays close to the original's 0.061 on the same 40 wider lines (asym 2x: 0.037).
