@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph.subgraph import last_use, producers, segment, with_outputs
+from ..graph.subgraph import last_use, segment, with_outputs
 from ..errors import LowRankError
 from .inputs import FeedSource
 from .runtime import make_session, run
@@ -78,9 +78,8 @@ def gather(batch: np.ndarray, first_image: int, layer_id: int, seed: int, k: int
 
 @dataclass
 class Samples:
-    rows: dict[str, np.ndarray]     # tensor name -> (n_samples, channels)
-    image: dict[str, np.ndarray]    # tensor name -> image index of each row
-    shapes: dict[str, tuple]        # tensor name -> per-image shape (C, H, W)
+    rows: dict[str, np.ndarray]     # sample key -> (n_samples, channels)
+    image: dict[str, np.ndarray]    # sample key -> image index of each row
     images: int
 
 
@@ -95,7 +94,6 @@ class _Sampler:
         self.tensors, self.seed, self.k = tensors, seed, k
         self.rows: dict[str, list] = {t.key: [] for t in tensors}
         self.imgs: dict[str, list] = {t.key: [] for t in tensors}
-        self.shapes: dict[str, tuple] = {}
         self.seen = 0
 
     def add(self, n: int, get: Callable[[str], np.ndarray]) -> None:
@@ -105,7 +103,6 @@ class _Sampler:
                 a = _broadcast(a, get(t.like))
             if a.ndim != 4:
                 a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
-            self.shapes[t.key] = tuple(a.shape[1:])
             r = gather(a, self.seen, t.layer_id, self.seed, self.k)
             self.rows[t.key].append(r.astype(np.float32))
             self.imgs[t.key].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
@@ -115,7 +112,7 @@ class _Sampler:
         if self.seen == 0:
             raise LowRankError("the calibration data holds no samples")
         return Samples({k: np.concatenate(v) for k, v in self.rows.items()},
-                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.shapes, self.seen)
+                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.seen)
 
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
@@ -207,7 +204,6 @@ class Propagator:
         g = self.model.graph
         inits = {t.name for t in g.initializer}
         last = last_use(self.model)
-        prod = producers(self.model)
         for b, feed in enumerate(self.source.batches(self.batch_size, self.max_images)):
             self._batches.append(_batch_count(feed))
             for name, a in feed.items():
@@ -222,7 +218,7 @@ class Propagator:
             reads = {i for n in g.node[prev + 1: stop + 1] for i in n.input if i and i not in inits}
             keep_now = {n for t in stops[stop] for n in t.reads}
             outputs = sorted(o for o in produced if last.get(o, -1) > stop or o in keep_now
-                             or (o in needed_later and prod.get(o, -1) <= stop))
+                             or o in needed_later)
             inputs = sorted(i for i in reads if i in live)
             if outputs:
                 seg = segment(self.model, prev + 1, stop + 1, inputs, outputs, self.value_types, self._types)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import numpy_helper, shape_inference
 
 from ..errors import LowRankError
 
@@ -343,7 +343,3 @@ def infer_value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int |
     for t in g.initializer:
         out[t.name] = (t.data_type, list(t.dims))
     return out
-
-
-def make_value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem_type, None)
