@@ -8,7 +8,7 @@ largest speed-up whose model stays within the budget, reusing one calibration pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,14 @@ class Budget:
     output: str | None = None             # model output to compare (default: the first)
     batch: int = 64
     preprocess: object = None             # ImagePreprocess for image folders (as for calibration)
+    _inputs: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def inputs(self, specs) -> tuple[list[dict], np.ndarray | None]:
+        """Evaluation batches and labels, read once and reused by every trial of a search or sweep."""
+        if self._inputs is None:
+            feeds, labels = evaluation_inputs(specs, self.data, self.labels, self.batch, preprocess=self.preprocess)
+            self._inputs = (list(feeds), labels)
+        return self._inputs
 
     @property
     def has_limits(self) -> bool:
@@ -70,7 +78,7 @@ def _npz_arrays(data) -> dict:
 
 
 def evaluate_against(reference, candidate, specs, budget: Budget) -> dict:
-    feeds, labels = evaluation_inputs(specs, budget.data, budget.labels, budget.batch, preprocess=budget.preprocess)
+    feeds, labels = budget.inputs(specs)
     return evaluate(reference, candidate, feeds, labels=labels, output=budget.output)
 
 

@@ -298,7 +298,7 @@ def layers(model, input_shapes):
 
 def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):
     """Real inputs from --data (batched), or synthetic ones."""
-    from .calibration.inputs import open_source
+    from .budget import evaluation_inputs
     from .graph.loading import load_model
     from .pipeline import input_specs
 
@@ -306,9 +306,8 @@ def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: in
         from .measure import synthetic_feeds
 
         return [synthetic_feeds(str(model), batch=batch, seed=seed, shape_overrides=shapes or None)]
-    specs = input_specs(load_model(model))
-    source = open_source(str(data), specs)
-    return list(source.batches(batch, limit))
+    feeds, _ = evaluation_inputs(input_specs(load_model(model)), str(data), None, batch, limit)
+    return list(feeds)
 
 
 @main.command(context_settings=CONTEXT)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph.subgraph import last_use, segment, with_outputs
+from ..graph.subgraph import last_use, node_reads, segment, with_outputs
 from ..errors import LowRankError
 from .inputs import FeedSource
 from .runtime import make_session, run
@@ -215,7 +215,7 @@ class Propagator:
         needed_later = {n for s in order for t in stops[s] for n in t.reads}
         for stop in order:
             produced = {o for n in g.node[prev + 1: stop + 1] for o in n.output if o}
-            reads = {i for n in g.node[prev + 1: stop + 1] for i in n.input if i and i not in inits}
+            reads = {i for n in g.node[prev + 1: stop + 1] for i in node_reads(n) if i not in inits}
             keep_now = {n for t in stops[stop] for n in t.reads}
             outputs = sorted(o for o in produced if last.get(o, -1) > stop or o in keep_now
                              or o in needed_later)

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .subgraph import consumers
+
 # Activations the solver knows, by ONNX op type.
 _SIMPLE_ACTIVATIONS = {
     "Relu": "relu",
@@ -84,11 +86,7 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
     """Every Conv of a normalised model, with its activation / residual pattern and skip reason."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    cons: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            if i:
-                cons.setdefault(i, []).append(n)
+    cons = consumers(g)
     graph_outputs = {o.name for o in g.output}
     layers = []
     for idx, node in enumerate(g.node):

@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ..errors import LowRankError
+from .subgraph import consumers, node_reads
 
 MIN_OPSET = 9
 
@@ -158,20 +159,11 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
         model.ir_version = 4
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    cons: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            if i:
-                cons.setdefault(i, []).append(n)
-    return cons
-
-
 def _fold_batchnorm(model: onnx.ModelProto) -> None:
     """Fold inference-mode BatchNormalization into the Conv that feeds only it."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    cons = _consumers(g)
+    cons = consumers(g)
     outputs = {o.name for o in g.output}
     producer = {o: n for n in g.node for o in n.output}
     removed = []
@@ -225,7 +217,7 @@ def _fold_affine(model: onnx.ModelProto) -> None:
     while changed:
         changed = False
         inits = {t.name: t for t in g.initializer}
-        cons = _consumers(g)
+        cons = consumers(g)
         outputs = {o.name for o in g.output}
         producer = {o: n for n in g.node for o in n.output}
         for op in list(g.node):
@@ -290,14 +282,7 @@ def _fresh_name(taken, base: str) -> str:
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    for n in g.node:  # tensors referenced from subgraphs (If/Loop bodies)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                used |= {i for sn in a.g.node for i in sn.input}
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    used |= {i for sn in sg.node for i in sn.input}
+    used = set().union(*(node_reads(n) for n in g.node)) | {o.name for o in g.output}
     keep = [t for t in g.initializer if t.name in used]
     if len(keep) != len(g.initializer):
         del g.initializer[:]

@@ -32,25 +32,35 @@ def producers(model: onnx.ModelProto) -> dict[str, int]:
     return {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
 
 
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor directly (as a node input)."""
+    cons: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                cons.setdefault(i, []).append(n)
+    return cons
+
+
 def last_use(model: onnx.ModelProto) -> dict[str, int]:
     """Index of the last node that reads each tensor (graph outputs count as read at the end)."""
     last: dict[str, int] = {}
     nodes = model.graph.node
     for i, n in enumerate(nodes):
-        for name in _node_reads(n):
+        for name in node_reads(n):
             last[name] = i
     for o in model.graph.output:
         last[o.name] = len(nodes)
     return last
 
 
-def _node_reads(node: onnx.NodeProto) -> set[str]:
+def node_reads(node: onnx.NodeProto) -> set[str]:
     reads = {i for i in node.input if i}
     for a in node.attribute:  # outer-scope tensors read inside If / Loop / Scan bodies
         graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
         for sg in graphs:
             for sn in sg.node:
-                reads |= _node_reads(sn)
+                reads |= node_reads(sn)
     return reads
 
 
@@ -59,7 +69,7 @@ def segment(model: onnx.ModelProto, start: int, stop: int, inputs: list[str], ou
     """Model made of nodes [start, stop) that reads ``inputs`` and returns ``outputs``."""
     g = model.graph
     nodes = list(g.node[start:stop])
-    reads = set().union(*(_node_reads(n) for n in nodes)) if nodes else set()
+    reads = set().union(*(node_reads(n) for n in nodes)) if nodes else set()
     inits = [t for t in g.initializer if t.name in reads]
     graph = helper.make_graph(
         nodes, f"segment_{start}_{stop}",
