@@ -43,28 +43,41 @@ class Budget:
         return self.max_accuracy_drop is not None or self.min_agreement is not None
 
     def __post_init__(self):
-        if self.max_accuracy_drop is not None and not self.labels:
-            raise LowRankError("--max-accuracy-drop needs --labels KEY naming the label array in the evaluation .npz")
+        # A negative or NaN limit can never be met: refuse it before minutes of compression end in exit 3.
+        if self.max_accuracy_drop is not None:
+            if not self.labels:
+                raise LowRankError("--max-accuracy-drop needs --labels KEY naming the label array in the evaluation .npz")
+            if not math.isfinite(self.max_accuracy_drop) or self.max_accuracy_drop < 0:
+                raise LowRankError(f"--max-accuracy-drop is a number of percentage points, 0 or more, "
+                                   f"not {self.max_accuracy_drop}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise LowRankError(f"--min-agreement is a fraction between 0 and 1, not {self.min_agreement}")
 
 
 def evaluation_inputs(specs, data, labels: str | None, batch: int, limit: int | None = None, preprocess=None):
-    """Batches of feeds and the label array (split off the .npz when ``labels`` names it)."""
+    """Batches of feeds and the label array (split off the .npz when ``labels`` names it).
+
+    Everything is checked here, before any model runs: the inputs against the model's, and the
+    labels as one integer class id per sample.
+    """
     label_array = None
-    if labels or isinstance(data, dict) or Path(str(data)).suffix == ".npz":
+    if labels:
         arrays = dict(_npz_arrays(data))
-        if labels:
-            if labels not in arrays:
-                raise LowRankError(f"--labels {labels!r} is not an array in {data} (it has {', '.join(arrays)})")
-            label_array = np.asarray(arrays.pop(labels))
-            if limit is not None:
-                label_array = label_array[:limit]
-        names = {s.name for s in specs}
-        if names <= set(arrays):  # evaluation files may carry extra arrays (labels, ids): keep the inputs
-            arrays = {k: v for k, v in arrays.items() if k in names}
+        if labels not in arrays:
+            raise LowRankError(f"--labels {labels!r} is not an array in {data} (it has {', '.join(arrays)})")
+        label_array = np.asarray(arrays.pop(labels))
         data = arrays
-    return open_source(data, specs, preprocess).batches(batch, limit), label_array
+    source = open_source(data, specs, preprocess, role="evaluation")
+    if label_array is not None:
+        if label_array.ndim != 1 or not np.issubdtype(label_array.dtype, np.integer):
+            raise LowRankError(f"--labels {labels!r} must be a 1-D array of integer class ids, "
+                               f"not shape {list(label_array.shape)} dtype {label_array.dtype}")
+        if len(label_array) != source.total():
+            raise LowRankError(f"--labels {labels!r} has {len(label_array)} labels for {source.total()} "
+                               "evaluation samples: give one label per sample")
+        if limit is not None:
+            label_array = label_array[:limit]
+    return source.batches(batch, limit), label_array
 
 
 def _npz_arrays(data) -> dict:

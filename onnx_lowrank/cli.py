@@ -138,7 +138,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
 @click.option("--speedup", default=None, metavar="S|auto",
               help="Target whole-model FLOP reduction, e.g. 3 = a third of the FLOPs; 'auto' (with a budget) finds the "
@@ -156,7 +156,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the sampled positions (same seed, same output).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no table.")
 @click.option("--eval-data", metavar="DATA", help="Held-out inputs (.npz/.npy/folder): report fidelity (and accuracy with "
@@ -187,7 +187,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     """
     from .budget import Budget, evaluate_against, search_speedup, violation
     from .errors import BudgetExceeded
-    from .graph.loading import parse_input_shapes, save_model_atomic
+    from .files import check_writable, write_together
+    from .graph.loading import load_model, model_writer, parse_input_shapes
     from .pipeline import CompressConfig, Compressor, input_specs
     from .report import format_report
 
@@ -198,6 +199,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     if not model.exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
     ranks_d = _parse_ranks(ranks)
+    if labels and not eval_data:
+        raise LowRankError("--labels names the label array in --eval-data: give --eval-data too")
     budget = None
     if eval_data or max_accuracy_drop is not None or min_agreement is not None:
         if not eval_data:
@@ -218,14 +221,20 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         raise LowRankError("--output is the input model: choose another path (the input is never modified)")
     if report_path and report_path.resolve() in (model.resolve(), output.resolve()):
         raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
+    check_writable(output, "--output")
+    if report_path:
+        check_writable(report_path, "--report")
     shapes = parse_input_shapes(input_shapes)
+    source_model = load_model(model)
+    if budget:
+        budget.inputs(input_specs(source_model))   # reads and checks the evaluation data before any work
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=samples_per_image, max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image))
-    compressor = Compressor(model, data, cfg)
+    compressor = Compressor(source_model, data, cfg)
     broken = None
     if auto:
         result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)
@@ -244,9 +253,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         click.echo(format_report(result.report))
     if broken and not write_failed:
         raise BudgetExceeded(f"budget broken: {broken}; nothing was written (--write-failed keeps the model)")
-    save_model_atomic(result.model, output)
-    if report_path:
-        _write_json_atomic(report_path, result.report)
+    # Model and report appear together or not at all.
+    write_together([(output, model_writer(result.model))]
+                   + ([(report_path, lambda tmp: _write_json(tmp, result.report))] if report_path else []))
     if not quiet:
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
     if broken:
@@ -260,10 +269,8 @@ def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
     return [synthetic_feeds(str(model), batch=1, seed=seed + i, shape_overrides=shapes or None) for i in range(count)]
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    from .files import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
 
@@ -401,6 +408,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
       onnx-lowrank sweep models/mnist_vgg/mnist_vgg.onnx --calib models/mnist_vgg/calib.npz \\
           --eval-data models/mnist_vgg/heldout.npz --labels label --speedups 1.5,2,3,4,6 --out mnist_sweep
     """
+    from .files import check_writable, write_together
     from .graph.loading import parse_input_shapes
     from .pipeline import CompressConfig
     from .sweep import plot, sweep as run, write_csv
@@ -414,11 +422,14 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
         raise LowRankError("--speedups must list numbers greater than 1, e.g. 1.5,2,3")
     if not model.exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
+    csv_path, png_path = f"{out_prefix}.csv", f"{out_prefix}.png"
+    check_writable(csv_path, "--out")
+    check_writable(png_path, "--out")
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=samples_per_image,
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes))
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
-    write_csv(rows, f"{out_prefix}.csv")
-    plot(rows, f"{out_prefix}.png", title=f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}")
+    title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}"
+    write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_measured", "top1_agreement", "nmse",
             "accuracy_candidate", "status"]
     click.echo("  ".join(f"{c:>19}" for c in cols))

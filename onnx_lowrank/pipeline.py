@@ -23,6 +23,7 @@ from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_sou
 from .calibration.runtime import make_session
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
+from .files import check_writable
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
@@ -37,6 +38,9 @@ METHODS = ("linear", "nonlinear")
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
 MIN_ROWS_PER_CHANNEL = 2
+#: Fewest calibration images accepted: with fewer, no image of the default ``holdout_every`` (5) is
+#: held back, and the report's errors would be measured on the very images the layers were fitted to.
+MIN_CALIBRATION_IMAGES = 5
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
@@ -77,6 +81,8 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     """
     if output is not None and isinstance(model, (str, Path)) and Path(output).resolve() == Path(model).resolve():
         raise LowRankError("the output path is the input model: choose another (the input is never modified)")
+    if output is not None:
+        check_writable(output, "output")
     result = Compressor(model, data, _config(config, overrides)).run()
     if output is not None:
         save_model_atomic(result.model, output)
@@ -124,6 +130,7 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
+        _check_enough(self.source.total(self.limit))
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
                                          self.limit, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
@@ -167,6 +174,12 @@ def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int],
         flops[lay.name] = 2 * int(np.prod(lay.weight.shape)) * int(np.prod(shape[2:]))
         if lay.skip_reason and lay.skip_reason.startswith("output shape unknown"):
             lay.skip_reason = None
+
+
+def _check_enough(images: int | None) -> None:
+    if images is not None and images < MIN_CALIBRATION_IMAGES:
+        raise LowRankError(f"only {images} calibration image(s): give at least {MIN_CALIBRATION_IMAGES} "
+                           "(a few hundred is typical) so that some are held back to measure the error")
 
 
 def _check_config(cfg: CompressConfig) -> None:
@@ -255,6 +268,8 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
             p.reason = lay.skip_reason
         elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
             p.reason = "excluded by --exclude"
+        elif lay.name in cfg.ranks and cfg.ranks[lay.name] > lay.out_channels:
+            raise LowRankError(f"rank {cfg.ranks[lay.name]} for {lay.name!r} exceeds its {lay.out_channels} filters")
         elif lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
             p.reason = "no rank saves FLOPs (break-even rank is 0)"
         else:
@@ -287,13 +302,20 @@ def _collect_original(model, value_types, source: FeedSource, plan, batch: int, 
 
 
 def _split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (fit, held back): every ``holdout_every``-th image is held back for the report."""
+    """Boolean masks (fit, held back): every ``holdout_every``-th image is held back for the report.
+
+    Too few images (or ``holdout_every`` < 2) hold nothing back: all are fitted and no error is reported.
+    """
     img = samples.image[key]
-    if samples.images < holdout_every or holdout_every < 2:
+    if _held_back(samples.images, holdout_every) == 0:
         mask = np.zeros(len(img), dtype=bool)
-        return ~mask, ~mask
+        return ~mask, mask
     held = img % holdout_every == holdout_every - 1
     return ~held, held
+
+
+def _held_back(images: int, holdout_every: int) -> int:
+    return images // holdout_every if holdout_every >= 2 else 0
 
 
 def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig) -> None:
@@ -305,10 +327,7 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
         fit, _ = _split(samples, key, cfg.holdout_every)
         spectra.append(response_spectrum(samples.rows[key][fit]))
         if p.layer.name in cfg.ranks:
-            r = cfg.ranks[p.layer.name]
-            if r > p.layer.out_channels:
-                raise LowRankError(f"rank {r} for {p.layer.name!r} exceeds its {p.layer.out_channels} filters")
-            fixed[i] = r
+            fixed[i] = cfg.ranks[p.layer.name]
     total = sum(flops.values())
     if cfg.speedup is None:
         ranks = [fixed.get(i) for i in range(len(free))]
@@ -379,7 +398,9 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
         p.method = "linear"
     target = act.apply(y[held] + (0 if s is None else s[held]))
 
-    def err(fz: Factorisation) -> float:
+    def err(fz: Factorisation) -> float | None:
+        if not held.any():
+            return None
         pred = act.apply(fz.predict(yh[held]) + (0 if sh is None else sh[held]))
         den = float(np.sum(target ** 2))
         return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
@@ -477,6 +498,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "method": cfg.method,
         "asymmetric": cfg.asymmetric,
         "calibration_images": images,
+        "held_back_images": _held_back(images, cfg.holdout_every),
         "samples_per_image": cfg.samples_per_image,
         "seed": cfg.seed,
         "seconds": round(seconds, 2),

@@ -41,7 +41,8 @@ def format_report(report: dict) -> str:
     lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                  f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
     lines.append("energy = response energy kept by the rank; rel.err = relative squared error of the layer's "
-                 "target on held-back calibration images")
+                 "target on held-back calibration images"
+                 + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))
     for t in report.get("search", []):
         lines.append(f"search: --speedup {t['speedup']:g} {t['status']}"
                      + (f" (top-1 agreement {t['top1_agreement']:.4f})" if "top1_agreement" in t else "")

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import progress
 from .budget import Budget, evaluate_against
 from .files import atomic_path
-from .graph.loading import save_model_atomic
+from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
 from .pipeline import Compressor, input_specs
 from .solver.ranks import RankSelectionError
@@ -23,9 +23,11 @@ FIELDS = ["speedup_target", "speedup_theoretical", "speedup_measured", "latency_
 def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | None = None,
           runs: int = 30, threads: int | None = None, batch: int = 1) -> list[dict]:
     """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels)."""
-    compressor = Compressor(model, calib, config)
-    specs = input_specs(compressor.model)
+    source = load_model(model) if isinstance(model, (str, Path)) else model
+    specs = input_specs(source)
     budget = Budget(eval_data, labels, preprocess=config.preprocess)
+    budget.inputs(specs)   # the evaluation data is checked before calibration, not after it
+    compressor = Compressor(source, calib, config)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-sweep-") as tmp:
         original = os.path.join(tmp, "original.onnx")

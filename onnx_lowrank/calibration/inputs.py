@@ -97,26 +97,31 @@ def _concat(feeds: list[dict]) -> dict:
     return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
 
 
-def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | None = None) -> FeedSource:
-    """Turn a path or Python object into a FeedSource checked against the model's inputs."""
+def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | None = None,
+                role: str = "calibration") -> FeedSource:
+    """Turn a path or Python object into a FeedSource checked against the model's inputs.
+
+    ``role`` ("calibration" or "evaluation") only names the data in messages. Arrays named after
+    no model input (labels, ids) are ignored with one note; a model input without data is an error.
+    """
     if isinstance(data, FeedSource):
         return data
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
-            raise LowRankError(f"calibration data not found: {path} (give a .npz, a .npy or a folder of images)")
+            raise LowRankError(f"{role} data not found: {path} (give a .npz, a .npy or a folder of images)")
         if path.is_dir():
             return _image_folder(path, inputs, preprocess or ImagePreprocess())
         if path.suffix == ".npz":
-            return _arrays_source(load_npz(path), inputs, str(path))
+            return _arrays_source(load_npz(path), inputs, str(path), role)
         if path.suffix == ".npy":
             if len(inputs) != 1:
                 raise LowRankError(f"{path} is a .npy but the model has {len(inputs)} inputs: use a .npz whose keys "
                                    f"are the input names ({', '.join(i.name for i in inputs)})")
-            return _arrays_source({inputs[0].name: _load_npy(path)}, inputs, str(path))
-        raise LowRankError(f"unsupported calibration data {path}: give a .npz, a .npy or a folder of images")
+            return _arrays_source({inputs[0].name: _load_npy(path)}, inputs, str(path), role)
+        raise LowRankError(f"unsupported {role} data {path}: give a .npz, a .npy or a folder of images")
     if isinstance(data, dict):
-        return _arrays_source(data, inputs, "arrays")
+        return _arrays_source(data, inputs, "arrays", role)
     if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
         feeds = []
         while True:
@@ -129,10 +134,10 @@ def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | Non
                 data.rewind()
             except NotImplementedError:
                 pass
-        return _feeds_source(feeds, inputs, "CalibrationDataReader")
+        return _feeds_source(feeds, inputs, "CalibrationDataReader", role)
     if isinstance(data, Iterable):
-        return _feeds_source(list(data), inputs, "iterable of feed dicts")
-    raise LowRankError(f"cannot use {type(data).__name__} as calibration data: give a path, a dict of arrays, "
+        return _feeds_source(list(data), inputs, "iterable of feed dicts", role)
+    raise LowRankError(f"cannot use {type(data).__name__} as {role} data: give a path, a dict of arrays, "
                        "an iterable of feed dicts or a CalibrationDataReader")
 
 
@@ -151,51 +156,72 @@ def _load_npy(path: Path) -> np.ndarray:
         raise LowRankError(f"cannot read {path} as .npy ({type(exc).__name__}: {exc})") from None
 
 
-def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str) -> FeedSource:
-    feed = _check_feed({k: np.asarray(v) for k, v in arrays.items()}, inputs, desc)
+def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str, role: str) -> FeedSource:
+    feed = _check_feed({k: np.asarray(v) for k, v in arrays.items()}, inputs, desc, role)
+    _note_ignored(feed, inputs, desc, role)
+    feed = {i.name: feed[i.name] for i in inputs}
     n = _batch_len(feed)
     if n == 0:
-        raise LowRankError(f"the {desc} data holds no samples (first axis has length 0)")
+        raise LowRankError(f"the {desc} {role} data holds no samples (first axis has length 0)")
     return FeedSource(lambda: iter([feed]), desc, n)
 
 
-def _feeds_source(feeds: list, inputs: list[InputSpec], desc: str) -> FeedSource:
+def _feeds_source(feeds: list, inputs: list[InputSpec], desc: str, role: str) -> FeedSource:
     if not feeds:
         raise LowRankError(f"the {desc} gave no samples")
     checked = []
     for f in feeds:
         if not isinstance(f, dict):
             raise LowRankError(f"the {desc} gave a {type(f).__name__}, expected a dict of input name -> array")
-        checked.append(_check_feed({k: np.asarray(v) for k, v in f.items()}, inputs, desc))
+        checked.append(_check_feed({k: np.asarray(v) for k, v in f.items()}, inputs, desc, role))
+    _note_ignored({k: None for f in checked for k in f}, inputs, desc, role)
+    checked = [{i.name: f[i.name] for i in inputs} for f in checked]
     n = sum(_batch_len(f) for f in checked)
     if n == 0:
         raise LowRankError(f"the {desc} gave no samples")
     return FeedSource(lambda: iter(checked), desc, n)
 
 
-def _check_feed(feed: dict, inputs: list[InputSpec], desc: str) -> dict:
+def _note_ignored(feed: dict, inputs: list[InputSpec], desc: str, role: str) -> None:
+    from .. import progress
+
+    extra = sorted(set(feed) - {i.name for i in inputs})
+    if extra:
+        progress.log(f"note: {role} data {desc}: ignoring {', '.join(map(repr, extra))} "
+                     "(not a model input)")
+
+
+def _check_feed(feed: dict, inputs: list[InputSpec], desc: str, role: str = "calibration") -> dict:
+    """The feed with each model input checked (and floats cast); arrays for no input are kept, unchecked."""
     names = {i.name for i in inputs}
-    missing, extra = names - set(feed), set(feed) - names
-    if missing or extra:
-        raise LowRankError(f"calibration data {desc} has keys {sorted(feed)} but the model's inputs are "
-                           f"{sorted(names)}: name the arrays after the model inputs")
-    out = {}
+    missing = names - set(feed)
+    if missing:
+        raise LowRankError(f"{role} data {desc} has no array for model input(s) {sorted(missing)} "
+                           f"(it has {sorted(feed)}): name the arrays after the model inputs")
+    out = dict(feed)
     for spec in inputs:
         a = feed[spec.name]
         if a.ndim != len(spec.shape):
-            raise LowRankError(f"calibration input {spec.name!r} has shape {list(a.shape)} but the model expects "
+            raise LowRankError(f"{role} input {spec.name!r} has shape {list(a.shape)} but the model expects "
                                f"{len(spec.shape)} dims {_fmt_shape(spec.shape)} (first axis = samples)")
         for axis, (got, want) in enumerate(zip(a.shape, spec.shape)):
             if axis > 0 and isinstance(want, int) and want > 0 and got != want:
-                raise LowRankError(f"calibration input {spec.name!r} has shape {list(a.shape)} but the model expects "
+                raise LowRankError(f"{role} input {spec.name!r} has shape {list(a.shape)} but the model expects "
                                    f"{_fmt_shape(spec.shape)}")
         if a.dtype != spec.dtype:
-            if np.issubdtype(spec.dtype, np.floating) and np.issubdtype(a.dtype, np.number):
+            if np.issubdtype(spec.dtype, np.floating) and np.issubdtype(a.dtype, np.integer):
+                # Raw pixels fed to a float model: unscaled, they compress and evaluate a model
+                # that sees inputs 255 times too large, and nothing fails.
+                raise LowRankError(f"{role} input {spec.name!r} in {desc} is {a.dtype} but the model expects "
+                                   f"{spec.dtype}: convert it to float with the model's preprocessing first "
+                                   "(e.g. x.astype('float32') / 255), or pass a folder of images with "
+                                   "--scale/--mean/--std")
+            if np.issubdtype(spec.dtype, np.floating) and np.issubdtype(a.dtype, np.floating):
                 a = a.astype(spec.dtype)
             else:
-                raise LowRankError(f"calibration input {spec.name!r} is {a.dtype}, the model expects {spec.dtype}")
+                raise LowRankError(f"{role} input {spec.name!r} is {a.dtype}, the model expects {spec.dtype}")
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            raise LowRankError(f"calibration input {spec.name!r} in {desc} contains NaN or infinite values")
+            raise LowRankError(f"{role} input {spec.name!r} in {desc} contains NaN or infinite values")
         out[spec.name] = a
     return out
 

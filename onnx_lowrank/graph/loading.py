@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,26 +55,26 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write beside the target, then rename: the output appears whole or not at all.
+    """Write beside the target, then rename: the output appears whole or not at all."""
+    from ..files import write_together
 
-    Models above the 2 GB protobuf limit get their weights in one external ``.data`` file.
+    write_together([(path, model_writer(model))])
+
+
+def model_writer(model: onnx.ModelProto):
+    """A writer for :func:`onnx_lowrank.files.write_together`.
+
+    Models above the 2 GB protobuf limit get their weights in one external ``.data`` file beside them.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        tmp = os.path.join(tmpdir, p.name)
+    def write(tmp: str) -> None:
         if model.ByteSize() > 1_800_000_000:
-            data_name = p.name + ".data"
             onnx.save_model(copy.deepcopy(model), tmp, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(os.path.join(tmpdir, data_name), p.parent / data_name)
+                            all_tensors_to_one_file=True, location=os.path.basename(tmp) + ".data",
+                            size_threshold=1024)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, p)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return write
 
 
 _SHAPE_RE = re.compile(r"^(.+):(\d+(?:[x,]\d+)*)$")
