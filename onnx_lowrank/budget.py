@@ -92,7 +92,14 @@ def _npz_arrays(data) -> dict:
 
 def evaluate_against(reference, candidate, specs, budget: Budget) -> dict:
     feeds, labels = budget.inputs(specs)
-    return evaluate(reference, candidate, feeds, labels=labels, output=budget.output)
+    with progress.bar("evaluation", sum(len(next(iter(f.values()))) for f in feeds), "img") as update:
+        return evaluate(reference, candidate, _counted(feeds, update), labels=labels, output=budget.output)
+
+
+def _counted(feeds, update):
+    for f in feeds:
+        yield f
+        update(len(next(iter(f.values()))))
 
 
 def violation(ev: dict, budget: Budget) -> str | None:

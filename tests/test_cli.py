@@ -307,6 +307,22 @@ def test_compress_writes_model_and_report(runs):
     assert "wrote" in res.stdout
 
 
+def test_progress_is_logged_per_phase_when_stderr_is_not_a_terminal(runs):
+    """CI logs (stderr is a pipe here) get a started and a done line per phase; -q silences them."""
+    lines = runs.results["ok"].stderr.splitlines()
+    phases = [line for line in lines if PHASE_LINE.match(line)]
+    assert phases[:2] == ["calibration: started (15 img)", phases[1]]
+    assert phases[1].startswith("calibration: done, 15 img in ")       # the 15 samples of calib.npz
+    started = [line.split(":")[0] for line in phases if ": started" in line]
+    done = [line.split(":")[0] for line in phases if ": done," in line]
+    assert started == done and "asymmetric solve" in started, lines
+    for line in phases:   # the done count is the announced total
+        if ": started (" in line:
+            name, total = line.split(": started (")
+            assert any(p.startswith(f"{name}: done, {total.split()[0]} ") for p in phases), phases
+    assert not any(PHASE_LINE.match(line) for line in runs.results["folder"].stderr.splitlines())
+
+
 def test_compress_from_image_folder(runs):
     res = runs.results["folder"]
     d = runs.dirs["folder"]

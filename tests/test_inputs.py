@@ -65,6 +65,32 @@ def test_float64_inputs_are_cast_but_ints_rejected():
     assert next(src.batches(4))["input"].dtype == np.float32
     with pytest.raises(LowRankError, match="expects float32"):
         open_source({"input": np.zeros((2, 3, 8, 8), dtype=bool)}, SPEC)
+    for dtype in (np.uint8, np.int8, np.uint16, np.int32):   # raw pixels: never cast silently
+        ints = np.ones((2, 3, 8, 8), dtype=dtype)
+        with pytest.raises(LowRankError, match=r"x.astype\('float32'\) / 255"):
+            open_source({"input": ints}, SPEC)
+        with pytest.raises(LowRankError, match="evaluation input"):
+            open_source([{"input": ints}], SPEC, role="evaluation")
+
+
+def test_extra_arrays_are_ignored_with_one_note_and_missing_ones_refused(capsys):
+    from onnx_lowrank import progress
+
+    progress.set_enabled(True)
+    x = _data(6)
+    label = np.arange(6)
+    for data in ({"input": x, "label": label}, [{"input": x[:3], "label": label[:3]}, {"input": x[3:], "id": label[3:]}]):
+        src = open_source(data, SPEC)
+        batches = list(src.batches(4))
+        assert all(set(b) == {"input"} for b in batches)
+        np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), x)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "note: calibration data arrays: ignoring 'label' (not a model input)"
+    assert err[1].startswith("note: calibration data iterable of feed dicts: ignoring 'id', 'label'")
+    assert len(err) == 2   # one note per source, not one per feed
+    for role in ("calibration", "evaluation"):
+        with pytest.raises(LowRankError, match=f"{role} data arrays has no array for model input"):
+            open_source({"images": x, "label": label}, SPEC, role=role)
 
 
 def test_empty_reader_is_an_error():

@@ -24,7 +24,7 @@ from onnx_lowrank import compress  # noqa: E402
 from onnx_lowrank.graph.layers import find_conv_layers, node_flops  # noqa: E402
 from onnx_lowrank.graph.loading import infer_value_types, normalise  # noqa: E402
 
-FAST = dict(max_images=4, samples_per_image=6, schedule=((2, 0.01), (2, 1.0)), threads=2)
+FAST = dict(max_images=5, samples_per_image=6, schedule=((2, 0.01), (2, 1.0)), threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _session(model) -> ort.InferenceSession:
     return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
-def _feeds(path: Path, n: int = 4):
+def _feeds(path: Path, n: int = 5):
     name = _session(path).get_inputs()[0].name
     return name, {name: light_models.random_input(n, seed=1)}
 

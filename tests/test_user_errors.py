@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -105,3 +110,285 @@ def test_duplicate_node_names_each_get_their_own_factors(tmp_path):
     assert [lay["rank"] for lay in res.report["layers"]] == [None, 4]
     err = run(res.model, {"input": x})[0] - want
     assert np.sum(err ** 2) < 0.5 * np.sum(want ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data never passes silently: refused up front, before the model is loaded or calibrated.
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    """Names of the stages of work that ran: "load" (the model), "calibration", "evaluation"."""
+    import onnx_lowrank.graph.loading as loading
+    import onnx_lowrank.measure as measure
+    import onnx_lowrank.pipeline as pipeline
+    import onnx_lowrank.sweep as sweep
+
+    ran = []
+
+    def spy(module, name, stage):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            ran.append(stage)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(loading, "load_model", "load")
+    spy(pipeline, "load_model", "load")
+    spy(sweep, "load_model", "load")
+    spy(pipeline, "_collect_original", "calibration")
+    spy(measure, "evaluate", "evaluation")
+    return ran
+
+
+def _refused(args, tmp_path, monkeypatch, words, ran, before):
+    """An `error:` line naming ``words``, exit 2, nothing new on disk, and stage ``before`` never ran."""
+    _cli_error(args, tmp_path, monkeypatch, words)
+    assert before not in ran, ran
+
+
+def _unwritable_dir(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.access(d, os.W_OK):   # root ignores mode bits; the kernel still refuses new files in /sys
+        return Path("/sys")
+    return d
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int64])
+def test_integer_calibration_data_for_a_float_model(tmp_path, monkeypatch, stages, dtype):
+    """Raw pixels used unscaled gave a 10 % model with exit 0: now refused with what to do."""
+    _model_and_data(tmp_path)
+    np.savez(tmp_path / "c.npz", input=np.random.default_rng(0).integers(0, 100, (12, 3, 8, 8)).astype(dtype))
+    _refused(["compress", "m.onnx", "--calib", "c.npz"], tmp_path, monkeypatch, np.dtype(dtype).name, stages,
+             "calibration")
+    res = CliRunner().invoke(main, ["compress", "m.onnx", "--calib", "c.npz"])
+    assert "/ 255" in res.stderr and "--scale" in res.stderr
+
+
+def test_integer_data_refused_in_npy_api_and_eval(tmp_path, monkeypatch, stages):
+    _, path, x = _model_and_data(tmp_path)
+    pixels = (np.clip(x, 0, 1) * 255).astype(np.uint8)
+    np.save(tmp_path / "u8.npy", pixels)
+    np.savez(tmp_path / "u8.npz", input=pixels, label=np.zeros(12, np.int64))
+    _refused(["compress", "m.onnx", "--calib", "u8.npy"], tmp_path, monkeypatch, "uint8", stages, "calibration")
+    _refused(["compress", "m.onnx", "--calib", "c.npz", "--eval-data", "u8.npz", "--labels", "label",
+              "--max-accuracy-drop", "1"], tmp_path, monkeypatch, "uint8", stages, "calibration")
+    _refused(["eval", "m.onnx", "m.onnx", "--data", "u8.npz"], tmp_path, monkeypatch, "uint8", stages, "evaluation")
+    with pytest.raises(LowRankError, match="uint8"):
+        onnx_lowrank.compress(str(path), {"input": pixels})
+    with pytest.raises(LowRankError, match="uint8"):
+        onnx_lowrank.compress(str(path), [{"input": pixels[:6]}, {"input": pixels[6:]}])
+    assert "calibration" not in stages
+
+
+@pytest.mark.parametrize("n, extra", [(1, []), (4, []), (12, ["--max-images", "3"])])
+def test_too_few_calibration_images(tmp_path, monkeypatch, stages, n, extra):
+    """One image gave a 28 % model and "0 % error on held-back images": fewer than 5 are refused."""
+    _, _, x = _model_and_data(tmp_path)
+    np.savez(tmp_path / "c.npz", input=x[:n])
+    _refused(["compress", "m.onnx", "--calib", "c.npz", *extra], tmp_path, monkeypatch, "at least 5", stages,
+             "calibration")
+
+
+def test_error_is_reported_only_on_held_back_images(tmp_path):
+    """With nothing held back the report says so (no error figure) instead of a fitted 0 %."""
+    from onnx_lowrank.report import format_report
+
+    _, path, x = _model_and_data(tmp_path)
+    five = onnx_lowrank.compress(str(path), {"input": x[:5]}, speedup=None, ranks={"conv1": 4}, method="linear")
+    assert five.report["held_back_images"] == 1          # image 4 of 0..4
+    factorised = [lay for lay in five.report["layers"] if lay["status"] == "factorised"]
+    assert factorised and all(lay["rel_error"] > 0 for lay in factorised)
+    none = onnx_lowrank.compress(str(path), {"input": x[:7]}, speedup=None, ranks={"conv1": 4}, method="linear",
+                                 holdout_every=10)
+    assert none.report["held_back_images"] == 0
+    layer = {lay["name"]: lay for lay in none.report["layers"]}["conv1"]
+    assert layer["status"] == "factorised" and layer["rel_error"] is None and layer["rel_error_linear"] is None
+    assert "none held back" in format_report(none.report)
+
+
+@pytest.mark.parametrize("option", ["-o", "--report"])
+@pytest.mark.parametrize("where", ["directory", "under_a_file", "read_only"])
+def test_unwritable_output_refused_before_loading(tmp_path, monkeypatch, stages, option, where):
+    """Such outputs ended in a traceback after all the work (and a model without its report)."""
+    _model_and_data(tmp_path)
+    if where == "directory":
+        (tmp_path / "out").mkdir()
+        target, words = "out", "directory"
+    elif where == "under_a_file":
+        (tmp_path / "afile").write_text("x")
+        target, words = "afile/sub/out.json", "not a directory"
+    else:
+        target, words = str(_unwritable_dir(tmp_path) / "new" / "out.json"), "not writable"
+    _refused(["compress", "m.onnx", "--calib", "c.npz", option, target], tmp_path, monkeypatch, words, stages, "load")
+
+
+def test_sweep_output_refused_before_loading(tmp_path, monkeypatch, stages):
+    _model_and_data(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    _refused(["sweep", "m.onnx", "--calib", "c.npz", "--eval-data", "c.npz", "--out", "afile/s"], tmp_path,
+             monkeypatch, "not a directory", stages, "load")
+
+
+def test_report_that_fails_to_write_leaves_no_model(tmp_path, monkeypatch):
+    """Model and report are committed together: a full disk while writing the report writes neither."""
+    import errno
+
+    import onnx_lowrank.cli as cli
+
+    _model_and_data(tmp_path)
+
+    def full_disk(path, obj):
+        with open(path, "w") as f:
+            f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cli, "_write_json", full_disk)
+    _cli_error(["compress", "m.onnx", "--calib", "c.npz", "--ranks", "conv1=4", "--method", "linear", "-q",
+                "-o", "new/dir/m2.onnx", "--report", "r.json"], tmp_path, monkeypatch, "No space left")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-accuracy-drop", "-1"], "--max-accuracy-drop"),
+    (["--max-accuracy-drop", "nan"], "--max-accuracy-drop"),
+    (["--min-agreement", "1.5"], "--min-agreement"),
+    (["--min-agreement", "-0.1"], "--min-agreement"),
+    (["--min-agreement", "nan"], "--min-agreement"),
+])
+def test_budget_values_refused_before_loading(tmp_path, monkeypatch, stages, args, words):
+    """A negative budget ran 30 s and then exited 3."""
+    _, _, x = _model_and_data(tmp_path)
+    np.savez(tmp_path / "e.npz", input=x, label=np.arange(12) % 16)
+    _refused(["compress", "m.onnx", "--calib", "c.npz", "--eval-data", "e.npz", "--labels", "label", *args],
+             tmp_path, monkeypatch, words, stages, "load")
+
+
+def test_labels_without_eval_data(tmp_path, monkeypatch, stages):
+    _model_and_data(tmp_path)
+    _refused(["compress", "m.onnx", "--calib", "c.npz", "--labels", "label"], tmp_path, monkeypatch,
+             "--eval-data", stages, "load")
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing_key", "it has input, label"),
+    ("npy", ".npz"),
+    ("float_labels", "integer"),
+    ("short_labels", "one label per sample"),
+    ("wrong_shape", "evaluation input"),
+    ("wrong_key", "no array for model input"),
+])
+def test_eval_data_and_labels_checked_before_calibration(tmp_path, monkeypatch, stages, case, words):
+    """--labels with a missing key was found only after compressing."""
+    _, _, x = _model_and_data(tmp_path)
+    labels = np.arange(12) % 16
+    data = {"missing_key": dict(input=x, label=labels), "float_labels": dict(input=x, lbl=labels + 0.5),
+            "short_labels": dict(input=x, lbl=labels[:10]), "wrong_shape": dict(input=x[:, :, :4], lbl=labels),
+            "wrong_key": dict(images=x, lbl=labels)}
+    if case == "npy":
+        np.save(tmp_path / "e.npy", x)
+        eval_path = "e.npy"
+    else:
+        np.savez(tmp_path / "e.npz", **data[case])
+        eval_path = "e.npz"
+    args = ["--eval-data", eval_path, "--labels", "lbl", "--max-accuracy-drop", "1"]
+    _refused(["compress", "m.onnx", "--calib", "c.npz", *args], tmp_path, monkeypatch, words, stages, "calibration")
+    if case != "wrong_shape":   # the same files given to `eval` are refused before any model runs
+        _refused(["eval", "m.onnx", "m.onnx", "--data", eval_path, "--labels", "lbl"], tmp_path, monkeypatch, words,
+                 stages, "evaluation")
+
+
+def test_extra_npz_keys_are_ignored_alike_in_calibration_and_eval(tmp_path, monkeypatch):
+    """Calibration refused a `label` array beside the input that eval accepted: both now accept it,
+    give the same model as without it, and say once which arrays they ignore."""
+    _, _, x = _model_and_data(tmp_path)
+    np.savez(tmp_path / "extra.npz", input=x, label=np.arange(12) % 16, ids=np.arange(12))
+    monkeypatch.chdir(tmp_path)
+    common = ["--ranks", "conv1=4", "--method", "linear"]
+    plain = CliRunner().invoke(main, ["compress", "m.onnx", "--calib", "c.npz", "-o", "a.onnx", *common])
+    extra = CliRunner().invoke(main, ["compress", "m.onnx", "--calib", "extra.npz", "-o", "b.onnx",
+                                      "--eval-data", "extra.npz", *common])
+    assert plain.exit_code == 0 and extra.exit_code == 0, extra.stderr
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    notes = [line for line in extra.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and all("'ids', 'label'" in n for n in notes), extra.stderr
+    assert sorted(n.split()[1] for n in notes) == ["calibration", "evaluation"]
+    ev = CliRunner().invoke(main, ["eval", "m.onnx", "b.onnx", "--data", "extra.npz"])
+    assert ev.exit_code == 0 and "'ids', 'label'" in ev.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress in CI logs
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_phase_lines_only_when_stderr_is_not_a_terminal(monkeypatch, tty):
+    from onnx_lowrank import progress
+
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    progress.set_enabled(True)
+    with progress.bar("calibration", 7, "img") as update:
+        for _ in range(7):
+            update(1)
+    with pytest.raises(ValueError):
+        with progress.bar("solve", 3, "layer") as update:
+            update(1)
+            raise ValueError
+    progress.set_enabled(False)
+    with progress.bar("quiet phase", 2, "img") as update:
+        update(2)
+    progress.set_enabled(True)
+    lines = err.getvalue().splitlines()
+    if tty:   # a tqdm bar (carriage returns), never a log line
+        assert "calibration" in err.getvalue() and not any("started" in line or "done," in line for line in lines)
+    else:     # started / done with count and seconds; a failed phase has no done line; quiet has none
+        assert lines[0] == "calibration: started (7 img)"
+        assert re.fullmatch(r"calibration: done, 7 img in \d+\.\d s", lines[1])
+        assert lines[2:] == ["solve: started (3 layer)"]
+
+
+def _writer(text, fail=False):
+    def write(tmp):
+        Path(tmp).write_text(text)
+        Path(tmp + ".data").write_text(text + " weights")   # a sibling, like external model data
+        if fail:
+            raise OSError(28, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_outputs_are_written_together_or_not_at_all(tmp_path, failing):
+    from onnx_lowrank.files import write_together
+
+    (tmp_path / "old.json").write_text("previous")
+    outputs = [(tmp_path / "new" / "deep" / "m.onnx", _writer("model", failing == 0)),
+               (tmp_path / "old.json", _writer("report", failing == 1))]
+    with pytest.raises(LowRankError, match="No space left.*nothing was written"):
+        write_together(outputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]   # no temporaries, no created folders
+    assert (tmp_path / "old.json").read_text() == "previous"
+    write_together([(path, _writer(text)) for (path, _), text in zip(outputs, ["model", "report"])])
+    assert (tmp_path / "new" / "deep" / "m.onnx").read_text() == "model"
+    assert (tmp_path / "new" / "deep" / "m.onnx.data").read_text() == "model weights"
+    assert (tmp_path / "old.json").read_text() == "report"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "old.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old.json", "old.json.data"]
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    from onnx_lowrank.files import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "out.onnx", "--output")    # missing folders are created later
+    check_writable(tmp_path / "out.onnx", "--output")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(LowRankError, match="--report .* is a directory"):
+        check_writable(tmp_path, "--report")
