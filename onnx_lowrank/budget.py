@@ -38,6 +38,22 @@ class Budget:
             self._inputs = (list(feeds), labels)
         return self._inputs
 
+    def check_model(self, model) -> None:
+        """Refuse up front a budget that needs class scores when the compared output cannot hold them."""
+        if not (self.labels or self.min_agreement is not None) or not model.graph.output:
+            return
+        outputs = {o.name: o for o in model.graph.output}
+        name = self.output or model.graph.output[0].name
+        tt = outputs[name].type.tensor_type if name in outputs else None
+        if tt is None or not tt.HasField("shape"):
+            return   # unknown until it runs: evaluation checks it then
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if len(dims) != 2 or (dims[1] is not None and dims[1] < 2):
+            what = "--labels" if self.labels else "--min-agreement"
+            shape = "x".join("N" if d is None else str(d) for d in dims)
+            raise LowRankError(f"{what} needs a classifier output of shape (N, classes), but the model's output "
+                               f"{name!r} has shape {shape}")
+
     @property
     def has_limits(self) -> bool:
         return self.max_accuracy_drop is not None or self.min_agreement is not None

@@ -226,8 +226,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         check_writable(report_path, "--report")
     shapes = parse_input_shapes(input_shapes)
     source_model = load_model(model)
-    if budget:
-        budget.inputs(input_specs(source_model))   # reads and checks the evaluation data before any work
+    if budget:   # the evaluation data and the output it is compared on, checked before any work
+        budget.check_model(source_model)
+        budget.inputs(input_specs(source_model))
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),

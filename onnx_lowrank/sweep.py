@@ -26,7 +26,8 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
     source = load_model(model) if isinstance(model, (str, Path)) else model
     specs = input_specs(source)
     budget = Budget(eval_data, labels, preprocess=config.preprocess)
-    budget.inputs(specs)   # the evaluation data is checked before calibration, not after it
+    budget.check_model(source)   # the evaluation data and labels are checked before calibration, not after it
+    budget.inputs(specs)
     compressor = Compressor(source, calib, config)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-sweep-") as tmp:

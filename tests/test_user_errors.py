@@ -392,3 +392,32 @@ def test_check_writable_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(LowRankError, match="--report .* is a directory"):
         check_writable(tmp_path, "--report")
+
+
+@pytest.mark.parametrize("budget", [["--labels", "label", "--max-accuracy-drop", "1"], ["--min-agreement", "0.9"]])
+def test_budget_on_a_non_classifier_output_refused_before_calibration(tmp_path, monkeypatch, stages, budget):
+    """Labels and top-1 agreement need (N, classes) scores; a feature-map output was found only after compressing."""
+    import onnx
+
+    from builders import conv_node, model_from
+
+    rng = np.random.default_rng(3)
+    m = model_from([conv_node("conv0", "input", "y", "w", None, pads=[1, 1, 1, 1], kernel_shape=[3, 3])],
+                   {"w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32)}, ["N", 3, 8, 8], "y",
+                   ["N", 16, 8, 8])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((12, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", input=x)
+    np.savez(tmp_path / "e.npz", input=x, label=np.arange(12) % 16)
+    _refused(["compress", "m.onnx", "--calib", "c.npz", "--eval-data", "e.npz", *budget], tmp_path, monkeypatch,
+             "classifier output", stages, "calibration")
+
+
+def test_api_output_checked_before_calibration(tmp_path, stages):
+    _, path, x = _model_and_data(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LowRankError, match="not a directory"):
+        onnx_lowrank.compress(str(path), {"input": x}, output=str(tmp_path / "afile" / "out.onnx"))
+    with pytest.raises(LowRankError, match="is a directory"):
+        onnx_lowrank.compress(str(path), {"input": x}, output=str(tmp_path))
+    assert stages == [] and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.npz", "m.onnx"]
