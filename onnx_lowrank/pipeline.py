@@ -124,6 +124,10 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
+        unknown = [p.layer for p in candidates if p.layer.activation_unknown]
+        if unknown:
+            progress.log("warning: fitted as linear: " + "; ".join(
+                f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
                                          self.limit, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
@@ -154,19 +158,33 @@ class Compressor:
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
-    """Conv outputs that shape inference could not reach (shapes computed at run time): measure them."""
-    unknown = [lay for lay in layers if lay.out_shape is None and lay.weight is not None]
+    """Tensors that shape inference could not reach (shapes computed at run time): measure them, so
+    that every node is counted in ``flops`` and such Convs can be compressed."""
+    counted = {n.name or n.output[0] for n in model.graph.node} - set(flops)
+    unknown = sorted({o for n in model.graph.node if (n.name or n.output[0]) in counted for o in n.output if o}
+                     | {i for n in model.graph.node if (n.name or n.output[0]) in counted for i in n.input
+                        if i and not _shape_known(value_types, i)}
+                     | {lay.output for lay in layers if lay.out_shape is None and lay.weight is not None})
+    unknown = [t for t in unknown if not _shape_known(value_types, t)]
     if not unknown:
         return
-    shapes = probe_shapes(model, [lay.output for lay in unknown], value_types, first_batch())
-    for lay in unknown:
-        shape = shapes[lay.output]
-        if len(shape) != 4:
+    shapes = probe_shapes(model, unknown, value_types, first_batch())
+    measured = dict(value_types)
+    for t, shape in shapes.items():
+        measured[t] = (value_types.get(t, (onnx.TensorProto.FLOAT, None))[0], list(shape))
+    flops.update(node_flops(model, measured))
+    for lay in layers:
+        shape = shapes.get(lay.output)
+        if lay.out_shape is not None or lay.weight is None or shape is None or len(shape) != 4:
             continue
         lay.out_shape = [1] + list(shape[1:])
-        flops[lay.name] = 2 * int(np.prod(lay.weight.shape)) * int(np.prod(shape[2:]))
         if lay.skip_reason and lay.skip_reason.startswith("output shape unknown"):
             lay.skip_reason = None
+
+
+def _shape_known(value_types, name: str) -> bool:
+    s = value_types.get(name, (None, None))[1]
+    return s is not None and all(isinstance(v, int) for v in s[1:])
 
 
 def _check_config(cfg: CompressConfig) -> None:
@@ -450,6 +468,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "output_size": list(lay.out_shape[2:]) if lay.out_shape else None,
             "group": lay.group,
             "activation": lay.activation,
+            "activation_unknown": lay.activation_unknown,
             "target": lay.target_description,
             "status": p.status,
             "reason": p.reason,
