@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from builders import he, model_from, run
 
 import onnx_lowrank
+from onnx_lowrank import progress
 from onnx_lowrank.cli import main
 from onnx_lowrank.graph.layers import find_conv_layers
 from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
@@ -182,7 +183,8 @@ def test_squeeze_excite_is_not_an_unknown_activation():
     assert (layer.activation, layer.target, layer.activation_unknown) == ("identity", "y", None)
 
 
-def test_unknown_activation_is_reported_and_warned(capsys):
+def test_unknown_activation_is_reported_and_warned(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "_enabled", True)  # an earlier in-process CLI run with -q may have muted it
     m = _conv_then([N("Softplus", ["y"], ["o"])], "o")
     x = np.random.default_rng(0).standard_normal((6, 4, 7, 7)).astype(np.float32)
     res = onnx_lowrank.compress(m, {"input": x}, ranks={"conv": 2}, speedup=None, asymmetric=False)
