@@ -160,12 +160,11 @@ class Compressor:
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
     """Tensors that shape inference could not reach (shapes computed at run time): measure them, so
     that every node is counted in ``flops`` and such Convs can be compressed."""
-    counted = {n.name or n.output[0] for n in model.graph.node} - set(flops)
-    unknown = sorted({o for n in model.graph.node if (n.name or n.output[0]) in counted for o in n.output if o}
-                     | {i for n in model.graph.node if (n.name or n.output[0]) in counted for i in n.input
-                        if i and not _shape_known(value_types, i)}
-                     | {lay.output for lay in layers if lay.out_shape is None and lay.weight is not None})
-    unknown = [t for t in unknown if not _shape_known(value_types, t)]
+    uncounted = [n for n in model.graph.node if (n.name or n.output[0]) not in flops]
+    # Only tensors of a known element type: a graph output declared with the wrong type fails to load.
+    names = {t for n in uncounted for t in list(n.input) + list(n.output) if t and value_types.get(t, (0,))[0]}
+    names |= {lay.output for lay in layers if lay.out_shape is None and lay.weight is not None}
+    unknown = sorted(t for t in names if not _shape_known(value_types, t))
     if not unknown:
         return
     shapes = probe_shapes(model, unknown, value_types, first_batch())
