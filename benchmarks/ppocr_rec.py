@@ -343,6 +343,9 @@ INTERPRETATION = """### Notes
 - Normalisation folds the exporter's per-channel `Mul`/`Add` after each Conv into the Conv, so part of the
   measured latency gain is not the factorisation. Latency on this shared machine: treat as +-10%.
 - Every compressed model keeps the symbolic `N x 3 x ? x W` input (the 48x480 column).
+- Whole-model FLOPs count every node (elementwise ops, pooling, the SVTR neck's attention MatMuls,
+  whose shapes are measured with one onnxruntime run), so a given `--speedup` asks more of the Convs
+  than in runs before 2026-12-02, which counted Conv and MatMul only.
 """
 
 
