@@ -232,3 +232,17 @@ def test_identity_between_input_and_output_is_kept():
     x = np.random.default_rng(1).standard_normal((1, 4, 7, 7)).astype(np.float32)
     for a, b in zip(run(norm, {"input": x}), run(m, {"input": x})):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_unknown_activation_after_residual_add():
+    """Conv -> Add(shortcut) -> Softplus: the shortcut is found and the Softplus is named."""
+    rng = np.random.default_rng(8)
+    inits = {"w": he(rng, (D, 4, 3, 3), 36), "w2": he(rng, (D, 4, 1, 1), 4)}
+    nodes = [N("Conv", ["input", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             N("Conv", ["input", "w2"], ["z"], name="shortcut_conv"),
+             N("Add", ["y", "z"], ["s"]), N("Softplus", ["s"], ["o"])]
+    norm = normalise(model_from(nodes, inits, ["N", 4, 7, 7], "o", ["N", D, 7, 7]))
+    layers = find_conv_layers(norm, infer_value_types(with_input_shapes(norm, {"input": [1, 4, 7, 7]})))
+    lay = next(lay for lay in layers if lay.name == "conv")
+    assert (lay.shortcut, lay.target, lay.activation, lay.activation_unknown) == ("z", "s", "identity", "Softplus")
+    assert lay.target_description == "residual add (unknown activation Softplus)"
