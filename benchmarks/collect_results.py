@@ -24,7 +24,8 @@ ORDER = [
     ("efficientnet_lite0_sweep", "Issue 4: sweep of EfficientNet-Lite0 (nonlinear + asymmetric)",
      "the `efficientnet_lite0.py` command of the previous section (package at commit c45fd31)"),
     ("peer_baselines_efficientnet", "Issue 4: peer baselines on EfficientNet-Lite0"),
-    ("ppocr_rec", "Issue 3: PP-OCRv4 recogniser, character error rate"),
+    ("ppocr_rec", "Issue 3 / 9: PP-OCRv4 recogniser, character error rate"),
+    ("ppocr_det", "Issue 9: PP-OCRv4 detector, probability-map agreement"),
     ("tool_cost", "Issue 3: tool cost on materialised VGG-19"),
     ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
 ]

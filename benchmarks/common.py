@@ -82,3 +82,45 @@ def photo_crops(n: int, size: int = 224, seed: int = 0, files: list[str] | None 
         a = np.asarray(crop)
         out[i] = a[:, ::-1] if rng.random() < 0.5 else a
     return out
+
+
+def method_spec(spec: str) -> tuple[str, bool]:
+    """``(method, asymmetric)`` for a method named as on the command line: ``default`` (the tool's
+    defaults: nonlinear + asymmetric) or CLI flags such as ``linear --no-asymmetric``."""
+    method, asym = "nonlinear", True
+    words = spec.replace("--method", "").split()
+    for w in words:
+        if w in ("linear", "nonlinear"):
+            method = w
+        elif w in ("--no-asymmetric", "--asymmetric"):
+            asym = w == "--asymmetric"
+        elif w != "default":
+            raise SystemExit(f"bad method {spec!r}: write 'default' or flags like 'linear --no-asymmetric'")
+    return method, asym
+
+
+def activation_summary(layers) -> str:
+    """Which activation target each factorisable Conv got, and any the tool did not know."""
+    from collections import Counter
+
+    cand = [lay for lay in layers if not lay.skip_reason]
+    kinds = Counter(lay.activation if lay.activation != "identity" else "none (conv output)" for lay in cand)
+    unknown = [f"{lay.name} ({lay.activation_unknown})" for lay in cand if lay.activation_unknown]
+    return (f"activation targets of the {len(cand)} factorisable Convs: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            + f"; unknown activations: {', '.join(unknown) or 'none'}")
+
+
+def versus(results: list[dict], key: str, label: str, lower_is_better: bool,
+           a: str = "default", b: str = "linear --no-asymmetric") -> str:
+    """One computed line per speed-up: method ``a`` against method ``b`` on ``key``."""
+    lines = [f"### {a} vs {b} ({label}, computed)", ""]
+    for s in sorted({r["speedup"] for r in results}):
+        ra = next((r for r in results if r["speedup"] == s and r["method"] == a), None)
+        rb = next((r for r in results if r["speedup"] == s and r["method"] == b), None)
+        if ra is None or rb is None:
+            continue
+        better = ra[key] < rb[key] if lower_is_better else ra[key] > rb[key]
+        lines.append(f"- {s:g}x: {a} {ra[key]:.4g}, {b} {rb[key]:.4g}: "
+                     f"{a + ' better' if better else a + ' NOT better'}")
+    return "\n".join(lines) + "\n"

@@ -131,6 +131,10 @@ class Compressor:
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
         _check_enough(self.source.total(self.limit))
+        unknown = [p.layer for p in candidates if p.layer.activation_unknown]
+        if unknown:
+            progress.log("warning: fitted as linear: " + "; ".join(
+                f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
                                          self.limit, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
@@ -161,17 +165,25 @@ class Compressor:
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
-    """Conv outputs that shape inference could not reach (shapes computed at run time): measure them."""
-    unknown = [lay for lay in layers if lay.out_shape is None and lay.weight is not None]
+    """Tensors that shape inference could not reach (shapes computed at run time): measure them, so
+    that every node is counted in ``flops`` and such Convs can be compressed."""
+    uncounted = [n for n in model.graph.node if (n.name or n.output[0]) not in flops]
+    # Only tensors of a known element type: a graph output declared with the wrong type fails to load.
+    names = {t for n in uncounted for t in list(n.input) + list(n.output) if t and value_types.get(t, (0,))[0]}
+    names |= {lay.output for lay in layers if lay.out_shape is None and lay.weight is not None}
+    unknown = sorted(t for t in names if not _shape_known(value_types, t))
     if not unknown:
         return
-    shapes = probe_shapes(model, [lay.output for lay in unknown], value_types, first_batch())
-    for lay in unknown:
-        shape = shapes[lay.output]
-        if len(shape) != 4:
+    shapes = probe_shapes(model, unknown, value_types, first_batch())
+    measured = dict(value_types)
+    for t, shape in shapes.items():
+        measured[t] = (value_types.get(t, (onnx.TensorProto.FLOAT, None))[0], list(shape))
+    flops.update(node_flops(model, measured))
+    for lay in layers:
+        shape = shapes.get(lay.output)
+        if lay.out_shape is not None or lay.weight is None or shape is None or len(shape) != 4:
             continue
         lay.out_shape = [1] + list(shape[1:])
-        flops[lay.name] = 2 * int(np.prod(lay.weight.shape)) * int(np.prod(shape[2:]))
         if lay.skip_reason and lay.skip_reason.startswith("output shape unknown"):
             lay.skip_reason = None
 
@@ -180,6 +192,11 @@ def _check_enough(images: int | None) -> None:
     if images is not None and images < MIN_CALIBRATION_IMAGES:
         raise LowRankError(f"only {images} calibration image(s): give at least {MIN_CALIBRATION_IMAGES} "
                            "(a few hundred is typical) so that some are held back to measure the error")
+
+
+def _shape_known(value_types, name: str) -> bool:
+    s = value_types.get(name, (None, None))[1]
+    return s is not None and all(isinstance(v, int) for v in s[1:])
 
 
 def _check_config(cfg: CompressConfig) -> None:
@@ -471,6 +488,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "output_size": list(lay.out_shape[2:]) if lay.out_shape else None,
             "group": lay.group,
             "activation": lay.activation,
+            "activation_unknown": lay.activation_unknown,
             "target": lay.target_description,
             "status": p.status,
             "reason": p.reason,

@@ -275,9 +275,11 @@ def test_compress_writes_model_and_report(runs):
     rep = json.loads((d / "r.json").read_text())
     for key in ("flops_before", "flops_after", "speedup_theoretical", "layers"):
         assert key in rep
-    # Hand-derived FLOPs: three 3x3 pad-1 convs on 12x12 maps, and the 12 -> 5 Gemm.
+    # Hand-derived FLOPs: three 3x3 pad-1 convs on 12x12 maps, the 12 -> 5 Gemm, one per output element
+    # of the three Relus, one per input element of the GlobalAveragePool, none for Flatten.
     shapes = {"conv0": (3, 8), "conv1": (8, 16), "conv2": (16, 12)}
-    total = sum(_conv_flops(c, dd, 3, 3, 144) for c, dd in shapes.values()) + 2 * 12 * 5
+    total = sum(_conv_flops(c, dd, 3, 3, 144) for c, dd in shapes.values()) + 2 * 12 * 5 + (8 + 16 + 12) * 144 \
+        + 12 * 144
     assert rep["flops_before"] == total
     assert [lay["name"] for lay in rep["layers"]] == ["conv0", "conv1", "conv2"]
     inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}

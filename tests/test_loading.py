@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.graph.layers import find_conv_layers
+from onnx_lowrank.graph.layers import find_conv_layers, node_flops
 from onnx_lowrank.graph.loading import (infer_value_types, load_model, normalise, parse_input_shapes, real_inputs,
                                         with_input_shapes)
 
@@ -475,3 +475,59 @@ def test_non_float32_and_3d_convs_are_skipped():
     m = _model(nodes, {"w": w3}, [1, 3, 5, 5, 5], ["o"])
     (lay,) = _layers(m)
     assert "3-D convolution" in lay.skip_reason
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+def _flops_model(opaque_reshape: bool):
+    """input (N, 3, 8, 8) -> Conv 3->4 3x3 pad 1 -> Relu -> MaxPool 2x2 -> Add const -> Reshape
+    -> MatMul (4 -> 5) -> Softmax. ``opaque_reshape``: the Reshape's shape is computed by Shape -> Max,
+    which shape inference cannot see through, so everything after it has an unknown shape."""
+    rng = np.random.default_rng(5)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+             "c": rng.standard_normal((1, 4, 4, 4)).astype(np.float32),
+             "m": rng.standard_normal((4, 5)).astype(np.float32),
+             "shape": np.array([0, 4, 4, 4], np.int64)}
+    nodes = [helper.make_node("Conv", ["input", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Add", ["p", "c"], ["a"], name="add")]
+    if opaque_reshape:
+        nodes += [helper.make_node("Shape", ["a"], ["s"], name="shape_of"),
+                  helper.make_node("Max", ["s", "s"], ["s2"], name="max"),
+                  helper.make_node("Reshape", ["a", "s2"], ["ra"], name="reshape")]
+    else:
+        nodes.append(helper.make_node("Reshape", ["a", "shape"], ["ra"], name="reshape"))
+    nodes += [helper.make_node("MatMul", ["ra", "m"], ["mm"], name="matmul"),
+              helper.make_node("Softmax", ["mm"], ["output"], name="softmax", axis=-1)]
+    m = _model(nodes, inits, ["N", 3, 8, 8], ["output"])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+# Per image, by hand: Conv 2 * (4 * 3 * 3 * 3) MACs at 8 * 8 positions; Relu one per output element
+# (4 * 8 * 8); MaxPool output elements (4 * 4 * 4) x kernel (2 * 2); Add output elements; Reshape nothing;
+# MatMul 2 * (4 * 4 rows) * 4 * 5; Softmax one per input element (4 * 4 * 5).
+HAND_FLOPS = {"conv": 2 * 108 * 64, "relu": 256, "pool": 64 * 4, "add": 64, "reshape": 0, "matmul": 2 * 16 * 4 * 5,
+              "softmax": 80}
+
+
+def test_node_flops_counts_every_node_with_a_symbolic_batch():
+    norm = normalise(_flops_model(False))
+    assert node_flops(norm, infer_value_types(norm)) == HAND_FLOPS
+
+
+def test_report_speedup_counts_every_node():
+    """The same graph with a Reshape that shape inference cannot follow: the nodes after it are measured,
+    and the whole-model speed-up is total FLOPs before / after (ranks fixed by hand)."""
+    m = _flops_model(True)
+    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    rep = onnx_lowrank.compress(m, {"input": x}, ranks={"conv": 2}, speedup=None, method="linear",
+                                asymmetric=False).report
+    total = sum(HAND_FLOPS.values()) + 4  # Max over the 4-element shape vector; Shape counts nothing
+    after = total - HAND_FLOPS["conv"] + 2 * 2 * (27 + 4) * 64  # rank 2: 3x3 conv 3 -> 2, then 1x1 2 -> 4
+    assert (rep["flops_before"], rep["flops_after"]) == (total, after)
+    assert rep["speedup_theoretical"] == pytest.approx(total / after)
+    assert (rep["conv_flops_before"], rep["conv_flops_after"]) == (HAND_FLOPS["conv"], after - (total - HAND_FLOPS["conv"]))

@@ -2,17 +2,23 @@
 
 The nonlinear solver needs to know the activation that follows each Conv (its target is taken
 after it) and, for residual blocks, the shortcut tensor added before that activation. This
-module reads those patterns off a normalised graph; it computes nothing numerical.
+module reads those patterns off a normalised graph. Exporters write the same activation in many
+node orders (GELU as ``x * 0.5 * (1 + Erf(x / sqrt 2))`` with Div or Mul, operands swapped, ...), so
+multi-node forms are recognised by evaluating the small elementwise subgraph on a grid of values and
+comparing it with the solver's own activation functions, not by listing node orders.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from scipy.special import erf, expit
 
+from ..solver.activations import Activation
 from .subgraph import consumers
 
 # Activations the solver knows, by ONNX op type.
@@ -42,6 +48,7 @@ class ConvLayer:
     target: str | None = None              # tensor the reconstruction aims at (after the activation)
     shortcut: str | None = None            # residual tensor added before the activation
     skip_reason: str | None = None
+    activation_unknown: str | None = None  # an elementwise nonlinearity the solver does not know
 
     @property
     def in_channels(self) -> int:
@@ -61,6 +68,9 @@ class ConvLayer:
 
     @property
     def target_description(self) -> str:
+        if self.activation_unknown:
+            where = "residual add" if self.shortcut is not None else "conv output"
+            return f"{where} (unknown activation {self.activation_unknown})"
         if self.shortcut is not None:
             return f"after residual add + {self.activation}" if self.activation != "identity" else "after residual add"
         return f"after {self.activation}" if self.activation != "identity" else "conv output"
@@ -88,6 +98,7 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
     inits = {t.name: t for t in g.initializer}
     cons = consumers(g)
     graph_outputs = {o.name for o in g.output}
+    order = {id(n): i for i, n in enumerate(g.node)}
     layers = []
     for idx, node in enumerate(g.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
@@ -106,7 +117,7 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
         layer.skip_reason = _skip_reason(layer, node, inits)
         if layer.skip_reason is None and layer.out_shape is None:
             layer.skip_reason = "output shape unknown (give --input-shape NAME:DIMS for symbolic inputs)"
-        _find_activation(layer, g, cons, graph_outputs, inits)
+        _find_activation(layer, g, cons, graph_outputs, inits, order)
         layers.append(layer)
     return layers
 
@@ -127,7 +138,7 @@ def _skip_reason(layer: ConvLayer, node: onnx.NodeProto, inits) -> str | None:
     return None
 
 
-def _find_activation(layer: ConvLayer, g, cons, graph_outputs, inits) -> None:
+def _find_activation(layer: ConvLayer, g, cons, graph_outputs, inits, order) -> None:
     """Set the activation, its output (the target) and the residual shortcut, if any."""
     y = layer.output
     layer.target = y
@@ -142,53 +153,35 @@ def _find_activation(layer: ConvLayer, g, cons, graph_outputs, inits) -> None:
             layer.shortcut = other
             layer.target = add.output[0]
             if add.output[0] not in graph_outputs:
-                _match_activation(layer, add.output[0], cons, inits)
+                _match_activation(layer, add.output[0], cons, inits, graph_outputs, order)
         return
-    _match_activation(layer, y, cons, inits)
+    _match_activation(layer, y, cons, inits, graph_outputs, order)
 
 
-def _hardswish_written_out(t: str, users, cons, inits) -> str | None:
-    """``x * Clip(x + 3, 0, 6) / 6`` (Paddle exports): the output tensor if the pattern matches."""
-    add = next((u for u in users if u.op_type == "Add"), None)
-    mul = next((u for u in users if u.op_type == "Mul"), None)
-    if add is None or mul is None:
-        return None
-    three = add.input[1] if add.input[0] == t else add.input[0]
-    clip_users = cons.get(add.output[0], [])
-    if _const_scalar(three, inits) != 3.0 or len(clip_users) != 1 or clip_users[0].op_type != "Clip":
-        return None
-    clip = clip_users[0]
-    if len(clip.input) != 3 or _const_scalar(clip.input[1], inits) != 0.0 or _const_scalar(clip.input[2], inits) != 6.0:
-        return None
-    if set(mul.input) != {t, clip.output[0]} or len(cons.get(clip.output[0], [])) != 1:
-        return None
-    after = cons.get(mul.output[0], [])
-    if len(after) != 1 or after[0].input[0] != mul.output[0]:
-        return None
-    scale = _const_scalar(after[0].input[1], inits)
-    if (after[0].op_type == "Div" and scale == 6.0) or (after[0].op_type == "Mul" and scale is not None
-                                                       and abs(scale - 1 / 6) < 1e-6):
-        return after[0].output[0]
-    return None
-
-
-def _match_activation(layer: ConvLayer, t: str, cons, inits) -> None:
+def _match_activation(layer: ConvLayer, t: str, cons, inits, graph_outputs, order) -> None:
     users = cons.get(t, [])
-    if len(users) == 2 and (out := _hardswish_written_out(t, users, cons, inits)):
-        layer.activation, layer.target = "hardswish", out
+    if len(users) == 1 and _match_single_op(layer, users[0], inits):
         return
-    if len(users) == 2:  # x * Sigmoid(x)  (SiLU / Swish)
-        sig = next((u for u in users if u.op_type == "Sigmoid"), None)
-        mul = next((u for u in users if u.op_type == "Mul"), None)
-        if sig is not None and mul is not None and set(mul.input) == {t, sig.output[0]} \
-                and len(cons.get(sig.output[0], [])) == 1:
-            layer.activation, layer.target = "silu", mul.output[0]
-        return
-    if len(users) != 1:
-        return
-    act = users[0]
+    first_unknown = None
+    for out, nodes in _elementwise_regions(t, cons, inits, graph_outputs, order):
+        f = _evaluate(nodes, t, inits)
+        if f is None:
+            continue
+        match = next((act for act in _WRITTEN_OUT if _close(f, act.apply(_GRID))), None)
+        if match is not None:
+            layer.activation, layer.activation_params, layer.target = match.kind, dict(match.params), out
+            return
+        if first_unknown is None and not _is_affine(f):
+            first_unknown = _describe(nodes)
+    layer.activation_unknown = first_unknown
+
+
+def _match_single_op(layer: ConvLayer, act: onnx.NodeProto, inits) -> bool:
+    """One ONNX op that is an activation the solver knows (with its parameters)."""
     op = act.op_type
     params: dict = {}
+    if act.domain not in ("", "ai.onnx"):
+        return False
     if op in _SIMPLE_ACTIVATIONS:
         kind = _SIMPLE_ACTIVATIONS[op]
     elif op == "LeakyRelu":
@@ -201,20 +194,125 @@ def _match_activation(layer: ConvLayer, t: str, cons, inits) -> None:
             lo = _const_scalar(act.input[1], inits) if len(act.input) > 1 and act.input[1] else None
             hi = _const_scalar(act.input[2], inits) if len(act.input) > 2 and act.input[2] else None
             if (len(act.input) > 1 and act.input[1] and lo is None) or (len(act.input) > 2 and act.input[2] and hi is None):
-                return  # bounds computed at run time
+                return False  # bounds computed at run time
         kind, params = "clip", {"min": lo, "max": hi}
     elif op == "PRelu":
         if act.input[1] not in inits:
-            return
+            return False
         slope = numpy_helper.to_array(inits[act.input[1]]).astype(np.float64).reshape(-1)
         if slope.size not in (1, layer.out_channels):
-            return
+            return False
         kind, params = "prelu", {"slope": slope if slope.size > 1 else float(slope[0])}
-    elif op == "Gelu" and _attr(act, "approximate", "none") in ("none", b"none"):
-        kind = "gelu"
+    elif op == "Gelu" and _text(_attr(act, "approximate", "none")) in ("none", "tanh"):
+        kind, params = "gelu", {"approximate": _text(_attr(act, "approximate", "none"))}
     else:
-        return
+        return False
     layer.activation, layer.activation_params, layer.target = kind, params, act.output[0]
+    return True
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# Written-out activations are compared with these on _GRID (the solver's own definitions).
+_WRITTEN_OUT = (Activation.relu(), Activation.sigmoid(), Activation.tanh(), Activation.silu(), Activation.hardswish(),
+                Activation.gelu("none"), Activation.gelu("tanh"))
+_GRID = np.concatenate([np.linspace(-8.0, 8.0, 641), [-30.0, -12.0, 12.0, 30.0]])
+_MAX_REGION = 16
+
+
+def _close(f: np.ndarray, ref: np.ndarray) -> bool:
+    """Equal up to float32 rounding of the exporter's constants (erf vs tanh GELU differ by ~1e-3)."""
+    return bool(np.all(np.abs(f - ref) <= 1e-5 * (1.0 + np.abs(ref))))
+
+
+def _is_affine(f: np.ndarray) -> bool:
+    d2 = np.diff(f[:641], 2)
+    return bool(np.all(np.abs(d2) <= 1e-9 * (1.0 + np.abs(f[:641]).max())))
+
+
+def _describe(nodes: list[onnx.NodeProto]) -> str:
+    return nodes[0].op_type if len(nodes) == 1 else "(" + " -> ".join(n.op_type for n in nodes) + ")"
+
+
+def _elementwise_regions(t: str, cons, inits, graph_outputs, order):
+    """Yield ``(exit, nodes)`` for each growing set of elementwise nodes computed from ``t`` alone
+    (other operands: scalar constants) at which only ``exit`` is read outside the set."""
+    avail, nodes, seen = {t}, [], set()
+    heap = [(order[id(n)], id(n), n) for n in cons.get(t, [])]
+    heapq.heapify(heap)
+    while heap and len(nodes) < _MAX_REGION:
+        _, nid, n = heapq.heappop(heap)
+        if nid in seen:
+            continue
+        seen.add(nid)
+        if (n.op_type not in _EVAL or n.domain not in ("", "ai.onnx") or len(n.output) != 1
+                or not all(i in avail or _scalar_const(i, inits) for i in n.input if i)):
+            continue  # read from outside: graph order guarantees no later node makes it computable
+        nodes.append(n)
+        out = n.output[0]
+        avail.add(out)
+        for u in cons.get(out, []):
+            heapq.heappush(heap, (order[id(u)], id(u), u))
+        inside = {id(m) for m in nodes}
+        if all(v not in graph_outputs and all(id(u) in inside for u in cons.get(v, []))
+               for v in avail if v != out):
+            yield out, list(nodes)
+
+
+def _scalar_const(name: str, inits) -> bool:
+    return name in inits and int(np.prod(inits[name].dims)) == 1
+
+
+def _evaluate(nodes: list[onnx.NodeProto], t: str, inits) -> np.ndarray | None:
+    """The region's function of ``t`` on _GRID (float64), or None if it is not finite there."""
+    env = {t: _GRID}
+
+    def val(name):
+        return env[name] if name in env else float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+
+    with np.errstate(all="ignore"):
+        for n in nodes:
+            args = [val(i) if i else None for i in n.input]
+            env[n.output[0]] = np.broadcast_to(_EVAL[n.op_type](n, *args), _GRID.shape).astype(np.float64)
+        f = env[nodes[-1].output[0]]
+    return f if np.all(np.isfinite(f)) else None
+
+
+def _clip(n, x, lo=None, hi=None):
+    lo = _attr(n, "min") if lo is None and len(n.input) < 2 else lo
+    hi = _attr(n, "max") if hi is None and len(n.input) < 3 else hi
+    return np.clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+
+
+def _gelu(n, x):
+    approx = "tanh" if _text(_attr(n, "approximate", "none")) == "tanh" else "none"
+    return Activation.gelu(approx).apply(x)
+
+
+_EVAL = {
+    "Add": lambda n, a, b: a + b, "Sub": lambda n, a, b: a - b, "Mul": lambda n, a, b: a * b,
+    "Div": lambda n, a, b: a / b, "Pow": lambda n, a, b: np.power(a, b),
+    "Max": lambda n, *a: np.maximum.reduce(np.broadcast_arrays(*a)),
+    "Min": lambda n, *a: np.minimum.reduce(np.broadcast_arrays(*a)),
+    "Sum": lambda n, *a: np.add.reduce(np.broadcast_arrays(*a)),
+    "Neg": lambda n, x: -x, "Abs": lambda n, x: np.abs(x), "Exp": lambda n, x: np.exp(x),
+    "Log": lambda n, x: np.log(x), "Sqrt": lambda n, x: np.sqrt(x), "Reciprocal": lambda n, x: 1.0 / x,
+    "Erf": lambda n, x: erf(x), "Tanh": lambda n, x: np.tanh(x), "Sigmoid": lambda n, x: expit(x),
+    "Relu": lambda n, x: np.maximum(x, 0.0), "Softplus": lambda n, x: np.logaddexp(0.0, x),
+    "Softsign": lambda n, x: x / (1.0 + np.abs(x)),
+    "Elu": lambda n, x: np.where(x > 0, x, _attr(n, "alpha", 1.0) * np.expm1(x)),
+    "Celu": lambda n, x: np.maximum(x, 0) + np.minimum(0, _attr(n, "alpha", 1.0) * np.expm1(x / _attr(n, "alpha", 1.0))),
+    "Selu": lambda n, x: _attr(n, "gamma", 1.0507009873554805) * np.where(
+        x > 0, x, _attr(n, "alpha", 1.6732632423543772) * np.expm1(x)),
+    "Mish": lambda n, x: x * np.tanh(np.logaddexp(0.0, x)),
+    "LeakyRelu": lambda n, x: np.where(x >= 0, x, _attr(n, "alpha", 0.01) * x),
+    "ThresholdedRelu": lambda n, x: np.where(x > _attr(n, "alpha", 1.0), x, 0.0),
+    "HardSigmoid": lambda n, x: np.clip(_attr(n, "alpha", 0.2) * x + _attr(n, "beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda n, x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "Clip": _clip, "Gelu": _gelu,
+}
 
 
 def _const_scalar(name: str, inits) -> float | None:
@@ -223,10 +321,26 @@ def _const_scalar(name: str, inits) -> float | None:
     return None
 
 
-def node_flops(model: onnx.ModelProto, value_types: dict) -> dict[str, int]:
-    """FLOPs (2 x multiply-accumulates) per image of every Conv, Gemm and MatMul node, by node name.
+# Ops that only move or reshape data, or compute shapes: no arithmetic.
+_NO_FLOPS = {"Reshape", "Transpose", "Concat", "Identity", "Shape", "Size", "Squeeze", "Unsqueeze", "Flatten",
+             "Gather", "GatherElements", "GatherND", "Slice", "Split", "Cast", "CastLike", "Constant",
+             "ConstantOfShape", "Expand", "Tile", "Pad", "Range", "Dropout", "DepthToSpace", "SpaceToDepth",
+             "NonZero", "If", "Loop", "Scan"}
+# Ops that read every input element once: reductions, softmax, global pooling.
+_PER_INPUT = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "Softmax", "LogSoftmax", "ArgMax", "ArgMin",
+              "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "TopK"}
+_POOLS = {"MaxPool", "AveragePool", "LpPool"}
 
-    Other ops (pooling, activations, adds) are cheap next to these and not counted.
+
+def node_flops(model: onnx.ModelProto, value_types: dict) -> dict[str, int]:
+    """FLOPs per image of every node, by node name, all counted the same way.
+
+    Conv / ConvTranspose / Gemm / MatMul: 2 x multiply-accumulates. Pooling: output elements x
+    kernel size. Reductions and Softmax: input elements. Shape-only ops: 0. Every other op (the
+    elementwise ones, Resize, normalisations): output elements. The first axis is the batch and is
+    left out, so a symbolic batch does not drop a node. A node whose shapes are unknown is left out
+    (the pipeline measures such shapes first).
     """
     inits = {t.name: t for t in model.graph.initializer}
 
@@ -234,29 +348,44 @@ def node_flops(model: onnx.ModelProto, value_types: dict) -> dict[str, int]:
         if name in inits:
             return list(inits[name].dims)
         s = value_types.get(name, (None, None))[1]
-        return s if s and all(isinstance(v, int) for v in s) else None
+        return s if s is not None and all(isinstance(v, int) for v in s[1:]) else None
+
+    def per_image(name):
+        s = shape(name)
+        if s is None or (len(s) == 1 and not isinstance(s[0], int)):
+            return None
+        return int(np.prod(s[1:])) if len(s) > 1 else int(np.prod(s))
 
     flops: dict[str, int] = {}
     for node in model.graph.node:
         name = node.name or node.output[0]
-        if node.op_type in ("Conv", "ConvTranspose"):
+        op = node.op_type
+        n = None
+        if op in _NO_FLOPS:
+            n = 0
+        elif op in ("Conv", "ConvTranspose"):
             w, o, x = shape(node.input[1]), shape(node.output[0]), shape(node.input[0])
-            if w is None or o is None:
-                continue
-            if node.op_type == "Conv":
-                flops[name] = 2 * int(np.prod(w)) * int(np.prod(o[2:]))
-            elif x is not None:
-                flops[name] = 2 * int(np.prod(w)) * int(np.prod(x[2:]))
-        elif node.op_type == "Gemm":
+            if w is not None and o is not None and op == "Conv":
+                n = 2 * int(np.prod(w)) * int(np.prod(o[2:]))
+            elif w is not None and x is not None and op == "ConvTranspose":
+                n = 2 * int(np.prod(w)) * int(np.prod(x[2:]))
+        elif op == "Gemm":
             a, o = shape(node.input[0]), shape(node.output[0])
-            if a is None or o is None:
-                continue
-            k = a[0] if _attr(node, "transA", 0) else a[1]
-            flops[name] = 2 * (o[1] * k)  # per image: one row of the batch
-        elif node.op_type == "MatMul":
+            if a is not None and o is not None:
+                k = a[0] if _attr(node, "transA", 0) else a[1]
+                n = 2 * (o[1] * k)  # per image: one row of the batch
+        elif op == "MatMul":
             a, b = shape(node.input[0]), shape(node.input[1])
-            if a is None or b is None or len(b) < 2 or len(a) < 1:
-                continue
-            rows = int(np.prod(a[1:-1])) if len(a) > 2 else 1
-            flops[name] = 2 * rows * a[-1] * b[-1]
+            if a is not None and b is not None and len(b) >= 2 and len(a) >= 1:
+                rows = int(np.prod(a[1:-1])) if len(a) > 2 else 1
+                n = 2 * rows * a[-1] * b[-1]
+        elif op in _PER_INPUT:
+            n = per_image(node.input[0])
+        elif op in _POOLS:
+            out = per_image(node.output[0])
+            n = None if out is None else out * int(np.prod(_attr(node, "kernel_shape", [1])))
+        elif node.output and node.output[0]:
+            n = per_image(node.output[0])
+        if n is not None:
+            flops[name] = n
     return flops

@@ -98,10 +98,12 @@ def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a normalised copy: Constant weights as initializers, BatchNorm folded into Convs."""
+    """Return a normalised copy: Constant weights as initializers, no Identity nodes, BatchNorm and
+    constant scale / shift folded into Convs."""
     model = copy.deepcopy(model)
     _constants_to_initializers(model)
     _drop_initializer_inputs(model)
+    _remove_identities(model)
     _fold_batchnorm(model)
     _fold_affine(model)
     _unique_node_names(model)
@@ -143,6 +145,55 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     if len(keep) != len(g.node):
         del g.node[:]
         g.node.extend(keep)
+
+
+def _remove_identities(model: onnx.ModelProto) -> None:
+    """Drop Identity nodes, rewiring their readers to the Identity's input.
+
+    Exporters write ``Conv -> Add(bias) -> Identity -> activation``: the Identity hides both the
+    foldable bias and the activation. A graph output keeps its name: its producer is renamed
+    instead. Tensors read inside If / Loop bodies are left alone (renaming there is not worth it).
+    """
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    sub_reads = set().union(*(node_reads(n) - set(n.input) for n in g.node))
+    alias: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+        if (n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and n.input[0]
+                and n.output[0] not in outputs and n.output[0] not in sub_reads):
+            alias[n.output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    # Identity -> graph output: the producer writes the output name directly.
+    fixed = {i.name for i in g.input} | {t.name for t in g.initializer} | outputs | sub_reads
+    producer = {o: n for n in keep for o in n.output}
+    done = set()
+    for n in keep:
+        if n.op_type != "Identity" or n.domain not in ("", "ai.onnx") or len(n.input) != 1:
+            continue
+        x, y = n.input[0], n.output[0]
+        if x in fixed or x not in producer or x in done:
+            continue
+        prod = producer[x]
+        prod.output[list(prod.output).index(x)] = y
+        for m in keep:
+            for i, name in enumerate(m.input):
+                if name == x:
+                    m.input[i] = y
+        done.add(x)
+        alias[x] = y
+        n.input[0] = ""  # marks it for removal below
+    keep = [n for n in keep if not (n.op_type == "Identity" and n.input and n.input[0] == "")]
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+        vi = [v for v in g.value_info if v.name not in alias]
+        del g.value_info[:]
+        g.value_info.extend(vi)
 
 
 def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
