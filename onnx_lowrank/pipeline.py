@@ -29,6 +29,7 @@ from .graph.loading import (infer_value_types, load_model, normalise, real_input
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from .graph.subgraph import producers
 from .solver.activations import Activation
+from .solver.balance import Balanced, balance
 from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
                                     response_spectrum)
@@ -59,6 +60,7 @@ class CompressConfig:
     threads: int | None = None
     cache_dir: str | None = None
     preprocess: ImagePreprocess | None = None
+    balance: bool = True
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Compressor:
     """
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
-    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule")
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -228,6 +230,7 @@ class LayerPlan:
     rel_error_linear: float | None = None
     method: str | None = None
     factorisation: Factorisation | None = None
+    balanced: Balanced | None = None
     candidate: bool = False
     asymmetric: bool | None = None
     note: str = ""
@@ -387,6 +390,8 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     p.rel_error = err(f)
     p.rel_error_linear = err(lin) if p.method == "nonlinear" else p.rel_error
     p.factorisation = f
+    # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
+    p.balanced = balance(f, yh) if cfg.balance else None
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
@@ -417,12 +422,17 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    lay, f = p.layer, p.factorisation
+    lay = p.layer
+    f = p.balanced.factorisation if p.balanced else p.factorisation
     w = lay.weight.astype(np.float64)
     w1 = np.einsum("dr,dckl->rckl", f.Q, w)
-    b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
+    if p.balanced:
+        b1, b2 = p.balanced.first_bias(lay.bias), p.balanced.second_bias()
+    else:
+        b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
+        b2 = f.b
     return [ConvStage(w1, b1, first_stage_attrs(lay.attrs, lay.kernel)),
-            ConvStage(f.P[:, :, None, None], f.b, pointwise_attrs())]
+            ConvStage(f.P[:, :, None, None], b2, pointwise_attrs())]
 
 
 def _validate(model: onnx.ModelProto) -> None:
@@ -476,6 +486,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "target_speedup": cfg.speedup,
         "method": cfg.method,
         "asymmetric": cfg.asymmetric,
+        "balance": cfg.balance,
         "calibration_images": images,
         "samples_per_image": cfg.samples_per_image,
         "seed": cfg.seed,
