@@ -38,6 +38,11 @@ METHODS = ("linear", "nonlinear")
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
 MIN_ROWS_PER_CHANNEL = 2
+#: ``samples_per_image="auto"`` samples enough positions per image that each layer is fitted on at least
+#: this many rows per output channel (measured on the demo model, benchmarks/RESULTS.md "Samples per layer").
+ROWS_PER_CHANNEL = 16
+#: ... but never fewer positions per image than the old fixed default.
+MIN_SAMPLES_PER_IMAGE = 10
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
@@ -50,7 +55,7 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)
     method: str = "nonlinear"
     asymmetric: bool = True
-    samples_per_image: int = 10
+    samples_per_image: int | str = "auto"
     max_images: int | None = None
     seed: int = 0
     batch_size: int = 16
@@ -126,8 +131,9 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
+        self.positions = positions_per_image(plan, self.source.total(self.limit), cfg)
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
-                                         self.limit, cfg)
+                                         self.limit, self.positions, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
 
     def run(self, **overrides) -> CompressionResult:
@@ -147,7 +153,8 @@ class Compressor:
         with threadpool_limits(limits=1, user_api="blas"):
             _choose_ranks(plan, self.samples, self.flops, cfg)
             chosen = [p for p in plan if p.rank is not None]
-            _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit, cfg)
+            _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
+                       self.positions, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
             else copy.deepcopy(self.model)
         _validate(new_model)
@@ -177,8 +184,9 @@ def _check_config(cfg: CompressConfig) -> None:
     if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
         raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
                            "2 means half the FLOPs")
-    if cfg.samples_per_image < 1:
-        raise LowRankError("--samples-per-image must be at least 1")
+    k = cfg.samples_per_image
+    if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
     if cfg.max_images is not None and cfg.max_images < 1:
         raise LowRankError("--max-images must be at least 1")
     if cfg.batch_size < 1:
@@ -234,6 +242,7 @@ class LayerPlan:
     candidate: bool = False
     asymmetric: bool | None = None
     note: str = ""
+    rows: int | None = None
 
     @property
     def shape(self) -> ConvShape:
@@ -273,6 +282,33 @@ def _no_candidate_message(plan: list[LayerPlan]) -> str:
     return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
 
 
+def fit_images(total: int, holdout_every: int) -> int:
+    """Images whose rows are fitted (the others are held back for the report, see :func:`_split`)."""
+    if total < holdout_every or holdout_every < 2:
+        return total
+    return total - total // holdout_every
+
+
+def positions_per_image(plan: list[LayerPlan], total_images: int | None, cfg: CompressConfig) -> dict[int, int]:
+    """Sampled positions per image for each layer id.
+
+    An asymmetric fit regresses d channels on d channels, so it needs rows in proportion to d:
+    ``"auto"`` takes enough positions that a layer's fitted rows reach ``ROWS_PER_CHANNEL x d``, at least
+    ``MIN_SAMPLES_PER_IMAGE`` and at most the layer's positions per image. An explicit number is used as
+    it is for every layer.
+    """
+    out = {}
+    for p in plan:
+        if cfg.samples_per_image != "auto":
+            out[p.layer_id] = cfg.samples_per_image
+            continue
+        n_fit = fit_images(total_images, cfg.holdout_every) if total_images else 0
+        k = max(MIN_SAMPLES_PER_IMAGE, -(-ROWS_PER_CHANNEL * p.layer.out_channels // n_fit) if n_fit else 0)
+        positions = p.layer.positions
+        out[p.layer_id] = min(k, positions) if positions else k
+    return out
+
+
 def _tensors(p: LayerPlan) -> list[SampledTensor]:
     """What a layer needs sampled: its Conv output, and the shortcut added to it (shaped like it)."""
     tensors = [SampledTensor(p.layer.output, p.layer_id)]
@@ -282,10 +318,10 @@ def _tensors(p: LayerPlan) -> list[SampledTensor]:
 
 
 def _collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
-                      cfg: CompressConfig):
+                      positions: dict[int, int], cfg: CompressConfig):
     tensors = [t for p in plan for t in _tensors(p)]
     with progress.bar("calibration", source.total(limit), "img") as update:
-        return collect(model, value_types, source, tensors, batch, cfg.seed, cfg.samples_per_image,
+        return collect(model, value_types, source, tensors, batch, cfg.seed, positions,
                        limit, update, cfg.threads)
 
 
@@ -306,6 +342,7 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
     for i, p in enumerate(free):
         key = sample_key(p.layer.output, p.layer_id)
         fit, _ = _split(samples, key, cfg.holdout_every)
+        p.rows = int(fit.sum())
         spectra.append(response_spectrum(samples.rows[key][fit]))
         if p.layer.name in cfg.ranks:
             r = cfg.ranks[p.layer.name]
@@ -333,11 +370,11 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
 
 
 def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
-               cfg: CompressConfig) -> None:
+               positions: dict[int, int], cfg: CompressConfig) -> None:
     if not chosen:
         return
     if cfg.asymmetric:
-        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, cfg)
+        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, positions, cfg)
         return
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
@@ -395,7 +432,7 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      limit: int | None, cfg: CompressConfig) -> None:
+                      limit: int | None, positions: dict[int, int], cfg: CompressConfig) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
@@ -405,7 +442,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
         stops.setdefault(stop, []).extend(_tensors(p))
         by_stop.setdefault(stop, []).append(p)
-    with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, limit,
+    with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, update):
@@ -471,6 +508,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "method": p.method,
             "asymmetric": p.asymmetric,
             "note": p.note,
+            "rows": p.rows,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
         })
