@@ -2,8 +2,8 @@
 
 Models: the original in fp32 and INT8; the factorised model at each speed-up in fp32 and in INT8
 with the intermediate channels balanced (the default), unbalanced (``balance=False``, the solver's
-own scaling) and deliberately skewed (each intermediate channel rescaled by a random 1e-3 .. 1e3,
-the same function in fp32). INT8 is onnxruntime's ``quantize_static`` (QDQ, per-channel int8
+own scaling), deliberately skewed (each intermediate channel rescaled by a random 1e-3 .. 1e3,
+the same function in fp32) and skewed then balanced. INT8 is onnxruntime's ``quantize_static`` (QDQ, per-channel int8
 weights, int8 activations, MinMax calibration on the calibration digits). Accuracy on the 1500
 held-out digits; latency ratios against the fp32 original from one interleaved run of all models
 (medians), batch 1 and batch 16.
@@ -32,6 +32,8 @@ from onnx_lowrank.solver.balance import Balanced  # noqa: E402
 from onnx_lowrank.solver.reconstruction import Factorisation  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"
+#: (activation type, calibration method) tried besides the main QInt8 / MinMax
+OTHER_SETTINGS = [("QUInt8", "MinMax"), ("QInt8", "Percentile"), ("QInt8", "Entropy")]
 
 
 def skew(f: Factorisation) -> Factorisation:
@@ -40,8 +42,9 @@ def skew(f: Factorisation) -> Factorisation:
     return Factorisation(f.P * d, f.Q / d, f.b)
 
 
-def quantise(src: Path, dst: Path, calib: np.ndarray) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def quantise(src: Path, dst: Path, calib: np.ndarray, activations: str = "QInt8", method: str = "MinMax") -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -52,7 +55,8 @@ def quantise(src: Path, dst: Path, calib: np.ndarray) -> None:
 
     logging.disable(logging.WARNING)
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType[activations], weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod[method])
     logging.disable(logging.NOTSET)
 
 
@@ -82,18 +86,20 @@ def main():
     comp = pipeline.Compressor(str(orig), str(DEMO / "calib.npz"), pipeline.CompressConfig())
     real_balance = pipeline.balance
     variants = [("balanced", real_balance), ("unbalanced", None),
-                ("skewed", lambda f, yh: Balanced(skew(f), np.zeros(f.rank)))]
+                ("skewed", lambda f, yh: Balanced(skew(f), np.zeros(f.rank))),
+                ("skewed, then balanced", lambda f, yh: real_balance(skew(f), yh))]
     for s in [float(v) for v in args.speedups.split(",")]:
         for name, fn in variants:
             pipeline.balance = fn or real_balance
             res = comp.run(speedup=s, balance=fn is not None)
             pipeline.balance = real_balance
-            fp32 = tmp / f"s{s:g}_{name}.onnx"
+            fp32 = tmp / f"s{s:g}_{name.replace(', ', '_')}.onnx"
             onnx.save(res.model, fp32)
             if name == "balanced":
                 models.append((f"{s:g}", "fp32", fp32))
-            quantise(fp32, tmp / f"s{s:g}_{name}.int8.onnx", calib)
-            models.append((f"{s:g}", f"int8 {name}", tmp / f"s{s:g}_{name}.int8.onnx"))
+            int8 = fp32.with_suffix(".int8.onnx")
+            quantise(fp32, int8, calib)
+            models.append((f"{s:g}", f"int8 {name}", int8))
     ref = logits(orig, x)
     acc, nmse = {}, {}
     for _, _, p in models:
@@ -105,6 +111,16 @@ def main():
         feeds = [{"input": x[i:i + batch]} for i in range(0, 40 * batch, batch)]
         res = bench([str(p) for _, _, p in models], feeds, threads=args.threads, runs=args.runs, warmup=10)
         lat[batch] = res["speedup"]
+    other = []
+    last = [float(v) for v in args.speedups.split(",")][-1]
+    for name in ("balanced", "unbalanced"):
+        fp32 = tmp / f"s{last:g}_{name}.onnx"
+        row = [f"{last:g}", name, f"{100 * float((logits(fp32, x).argmax(1) == labels).mean()):.2f}"]
+        for act, method in OTHER_SETTINGS:
+            dst = tmp / f"other_{name}_{act}_{method}.onnx"
+            quantise(fp32, dst, calib, act, method)
+            row.append(f"{100 * float((logits(dst, x).argmax(1) == labels).mean()):.2f}")
+        other.append(row)
     rows = [[s, v, f"{acc[p]:.2f}", f"{nmse[p]:.2e}", f"{lat[1][i]:.2f}x", f"{lat[16][i]:.2f}x"]
             for i, (s, v, p) in enumerate(models)]
     md = header("INT8 after factorisation on the demo model") + (
@@ -113,8 +129,12 @@ def main():
         f"median latency of the fp32 original / median of the model, all models interleaved in one run "
         f"({args.runs} rounds, onnxruntime CPU, {args.threads} thread(s), real digits), batch 1 and batch 16. "
         "`skewed` = every intermediate channel of every factorised layer rescaled by 10^U(-3,3) "
-        "(same function in fp32) and not balanced.\n\n")
+        "(same function in fp32) and not balanced; `skewed, then balanced` = the same skew, then balanced.\n\n")
     md += markdown_table(["speed-up (FLOPs)", "model", "accuracy %", "logit NMSE", "speed b1", "speed b16"], rows)
+    md += ("\n\nOther quantize_static settings (QDQ, per-channel int8 weights), held-out accuracy %, "
+           "accuracy only:\n\n")
+    md += markdown_table(["speed-up (FLOPs)", "factorised model", "fp32"] + [f"{a} {m}" for a, m in OTHER_SETTINGS],
+                         other)
     write_result("int8_demo", md)
 
 

@@ -161,8 +161,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--schedule", default="25:0.01,25:1", show_default=True, metavar="ITERS:LAMBDA,...",
               help="Nonlinear solver: iterations at each penalty lambda, in order (the paper's schedule by default).")
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
-              help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for at least "
-                   "16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
+              help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for "
+                   "at least 16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

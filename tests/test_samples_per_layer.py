@@ -81,3 +81,13 @@ def test_cli_rejects_a_bad_samples_per_image(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "--samples-per-image" in p.stderr
     assert not out.exists()
+
+
+def test_cli_help_states_the_auto_rule():
+    from click.testing import CliRunner
+
+    from onnx_lowrank.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["compress", "--help"]).output.split())
+    assert f"at least {pipeline.ROWS_PER_CHANNEL} fitted rows per output channel" in text
+    assert f"never fewer than {pipeline.MIN_SAMPLES_PER_IMAGE}" in text
