@@ -107,3 +107,16 @@ def test_skewed_factorisation_breaks_int8_unless_balanced(compressor, data, tmp_
     # ... but INT8 of it collapses, and balancing the same skewed factorisation restores it.
     assert int8_skew < fp_skew - 10, int8_skew
     assert abs(int8_bal - fp_bal) <= 0.3, (fp_bal, int8_bal)
+
+
+def test_balancing_leaves_the_fp32_function_unchanged(compressor, data):
+    """Centring moves a bias across the padded k x k stage: exact only if both biases are rewritten right."""
+    import onnxruntime as ort
+
+    _, x, _ = data
+    outs = []
+    for bal in (True, False):
+        model = compressor.run(speedup=4.0, method="linear", balance=bal).model
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {"input": x[:200]})[0])
+    assert np.max(np.abs(outs[0] - outs[1])) < 1e-4 * np.max(np.abs(outs[1]))
