@@ -28,6 +28,8 @@ ORDER = [
     ("ppocr_det", "Issue 9: PP-OCRv4 detector, probability-map agreement"),
     ("tool_cost", "Issue 3: tool cost on materialised VGG-19"),
     ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
+    ("samples_per_layer", "Issue 9: samples per layer (rows per output channel)"),
+    ("int8_demo", "Issue 9: INT8 after factorisation on the demo model"),
 ]
 
 PREAMBLE = """# Benchmark results

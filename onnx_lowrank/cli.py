@@ -104,6 +104,15 @@ def _parse_schedule(spec: str) -> tuple:
     return steps
 
 
+def _parse_samples(spec: str) -> int | str:
+    if spec.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(spec)
+    except ValueError:
+        raise LowRankError(f"--samples-per-image takes a positive integer or 'auto', not {spec!r}") from None
+
+
 def _parse_ranks(spec: str | None) -> dict[str, int]:
     if not spec:
         return {}
@@ -151,7 +160,9 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
               help="Fit each layer on inputs from the already-compressed layers before it, so errors do not pile up.")
 @click.option("--schedule", default="25:0.01,25:1", show_default=True, metavar="ITERS:LAMBDA,...",
               help="Nonlinear solver: iterations at each penalty lambda, in order (the paper's schedule by default).")
-@click.option("--samples-per-image", type=int, default=10, show_default=True, help="Random output positions sampled per image and layer.")
+@click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
+              help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for "
+                   "at least 16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -232,7 +243,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
-                         samples_per_image=samples_per_image, max_images=max_images, seed=seed,
+                         samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image))
     compressor = Compressor(source_model, data, cfg)
@@ -391,7 +402,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--speedups", default="1.5,2,3,4,6", show_default=True, help="Comma-separated target speed-ups.")
 @click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True)
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True)
-@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
+              help="As for compress.")
 @click.option("--max-images", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
@@ -426,7 +438,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     csv_path, png_path = f"{out_prefix}.csv", f"{out_prefix}.png"
     check_writable(csv_path, "--out")
     check_writable(png_path, "--out")
-    cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=samples_per_image,
+    cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes))
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}"

@@ -30,6 +30,7 @@ from .graph.loading import (infer_value_types, load_model, normalise, real_input
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from .graph.subgraph import producers
 from .solver.activations import Activation
+from .solver.balance import Balanced, balance
 from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
                                     response_spectrum)
@@ -41,6 +42,11 @@ MIN_ROWS_PER_CHANNEL = 2
 #: Fewest calibration images accepted: with fewer, no image of the default ``holdout_every`` (5) is
 #: held back, and the report's errors would be measured on the very images the layers were fitted to.
 MIN_CALIBRATION_IMAGES = 5
+#: ``samples_per_image="auto"`` samples enough positions per image that each layer is fitted on at least
+#: this many rows per output channel (measured on the demo model, benchmarks/RESULTS.md "Samples per layer").
+ROWS_PER_CHANNEL = 16
+#: ... but never fewer positions per image than the old fixed default.
+MIN_SAMPLES_PER_IMAGE = 10
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
@@ -53,7 +59,7 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)
     method: str = "nonlinear"
     asymmetric: bool = True
-    samples_per_image: int = 10
+    samples_per_image: int | str = "auto"
     max_images: int | None = None
     seed: int = 0
     batch_size: int = 16
@@ -63,6 +69,7 @@ class CompressConfig:
     threads: int | None = None
     cache_dir: str | None = None
     preprocess: ImagePreprocess | None = None
+    balance: bool = True
 
 
 @dataclass
@@ -107,7 +114,7 @@ class Compressor:
     """
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
-    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule")
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -135,8 +142,9 @@ class Compressor:
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
+        self.positions = positions_per_image(plan, self.source.total(self.limit), cfg)
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
-                                         self.limit, cfg)
+                                         self.limit, self.positions, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
 
     def run(self, **overrides) -> CompressionResult:
@@ -156,7 +164,8 @@ class Compressor:
         with threadpool_limits(limits=1, user_api="blas"):
             _choose_ranks(plan, self.samples, self.flops, cfg)
             chosen = [p for p in plan if p.rank is not None]
-            _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit, cfg)
+            _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
+                       self.positions, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
             else copy.deepcopy(self.model)
         _validate(new_model)
@@ -205,8 +214,9 @@ def _check_config(cfg: CompressConfig) -> None:
     if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
         raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
                            "2 means half the FLOPs")
-    if cfg.samples_per_image < 1:
-        raise LowRankError("--samples-per-image must be at least 1")
+    k = cfg.samples_per_image
+    if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
     if cfg.max_images is not None and cfg.max_images < 1:
         raise LowRankError("--max-images must be at least 1")
     if cfg.batch_size < 1:
@@ -258,9 +268,11 @@ class LayerPlan:
     rel_error_linear: float | None = None
     method: str | None = None
     factorisation: Factorisation | None = None
+    balanced: Balanced | None = None
     candidate: bool = False
     asymmetric: bool | None = None
     note: str = ""
+    rows: int | None = None
 
     @property
     def shape(self) -> ConvShape:
@@ -302,6 +314,33 @@ def _no_candidate_message(plan: list[LayerPlan]) -> str:
     return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
 
 
+def fit_images(total: int, holdout_every: int) -> int:
+    """Images whose rows are fitted (the others are held back for the report, see :func:`_split`)."""
+    if total < holdout_every or holdout_every < 2:
+        return total
+    return total - total // holdout_every
+
+
+def positions_per_image(plan: list[LayerPlan], total_images: int | None, cfg: CompressConfig) -> dict[int, int]:
+    """Sampled positions per image for each layer id.
+
+    An asymmetric fit regresses d channels on d channels, so it needs rows in proportion to d:
+    ``"auto"`` takes enough positions that a layer's fitted rows reach ``ROWS_PER_CHANNEL x d``, at least
+    ``MIN_SAMPLES_PER_IMAGE`` and at most the layer's positions per image. An explicit number is used as
+    it is for every layer.
+    """
+    out = {}
+    for p in plan:
+        if cfg.samples_per_image != "auto":
+            out[p.layer_id] = cfg.samples_per_image
+            continue
+        n_fit = fit_images(total_images, cfg.holdout_every) if total_images else 0
+        k = max(MIN_SAMPLES_PER_IMAGE, -(-ROWS_PER_CHANNEL * p.layer.out_channels // n_fit) if n_fit else 0)
+        positions = p.layer.positions
+        out[p.layer_id] = min(k, positions) if positions else k
+    return out
+
+
 def _tensors(p: LayerPlan) -> list[SampledTensor]:
     """What a layer needs sampled: its Conv output, and the shortcut added to it (shaped like it)."""
     tensors = [SampledTensor(p.layer.output, p.layer_id)]
@@ -311,10 +350,10 @@ def _tensors(p: LayerPlan) -> list[SampledTensor]:
 
 
 def _collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
-                      cfg: CompressConfig):
+                      positions: dict[int, int], cfg: CompressConfig):
     tensors = [t for p in plan for t in _tensors(p)]
     with progress.bar("calibration", source.total(limit), "img") as update:
-        return collect(model, value_types, source, tensors, batch, cfg.seed, cfg.samples_per_image,
+        return collect(model, value_types, source, tensors, batch, cfg.seed, positions,
                        limit, update, cfg.threads)
 
 
@@ -342,6 +381,7 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
     for i, p in enumerate(free):
         key = sample_key(p.layer.output, p.layer_id)
         fit, _ = _split(samples, key, cfg.holdout_every)
+        p.rows = int(fit.sum())
         spectra.append(response_spectrum(samples.rows[key][fit]))
         if p.layer.name in cfg.ranks:
             fixed[i] = cfg.ranks[p.layer.name]
@@ -366,11 +406,11 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
 
 
 def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
-               cfg: CompressConfig) -> None:
+               positions: dict[int, int], cfg: CompressConfig) -> None:
     if not chosen:
         return
     if cfg.asymmetric:
-        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, cfg)
+        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, positions, cfg)
         return
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
@@ -425,10 +465,12 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     p.rel_error = err(f)
     p.rel_error_linear = err(lin) if p.method == "nonlinear" else p.rel_error
     p.factorisation = f
+    # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
+    p.balanced = balance(f, yh) if cfg.balance else None
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      limit: int | None, cfg: CompressConfig) -> None:
+                      limit: int | None, positions: dict[int, int], cfg: CompressConfig) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
@@ -438,7 +480,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
         stops.setdefault(stop, []).extend(_tensors(p))
         by_stop.setdefault(stop, []).append(p)
-    with Propagator(model, value_types, source, batch, cfg.seed, cfg.samples_per_image, limit,
+    with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, update):
@@ -455,12 +497,17 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    lay, f = p.layer, p.factorisation
+    lay = p.layer
+    f = p.balanced.factorisation if p.balanced else p.factorisation
     w = lay.weight.astype(np.float64)
     w1 = np.einsum("dr,dckl->rckl", f.Q, w)
-    b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
+    if p.balanced:
+        b1, b2 = p.balanced.first_bias(lay.bias), p.balanced.second_bias()
+    else:
+        b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
+        b2 = f.b
     return [ConvStage(w1, b1, first_stage_attrs(lay.attrs, lay.kernel)),
-            ConvStage(f.P[:, :, None, None], f.b, pointwise_attrs())]
+            ConvStage(f.P[:, :, None, None], b2, pointwise_attrs())]
 
 
 def _validate(model: onnx.ModelProto) -> None:
@@ -500,6 +547,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "method": p.method,
             "asymmetric": p.asymmetric,
             "note": p.note,
+            "rows": p.rows,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
         })
@@ -515,6 +563,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "target_speedup": cfg.speedup,
         "method": cfg.method,
         "asymmetric": cfg.asymmetric,
+        "balance": cfg.balance,
         "calibration_images": images,
         "held_back_images": _held_back(images, cfg.holdout_every),
         "samples_per_image": cfg.samples_per_image,

@@ -15,7 +15,7 @@ def _pct(v) -> str:
 
 
 def format_report(report: dict) -> str:
-    head = ("layer", "c -> d", "kernel", "out", "rank", "FLOPs before", "FLOPs after", "energy", "rel.err", "note")
+    head = ("layer", "c -> d", "kernel", "out", "rank", "FLOPs before", "FLOPs after", "energy", "rows", "rel.err", "note")
     rows = []
     for lay in report["layers"]:
         out = "x".join(map(str, lay["output_size"])) if lay["output_size"] else "?"
@@ -25,7 +25,7 @@ def format_report(report: dict) -> str:
             (f"; {lay['note']}" if lay.get("note") else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
-                     _flops(lay["flops_after"]), _pct(lay["energy_kept"]), _pct(lay["rel_error"]), note))
+                     _flops(lay["flops_after"]), _pct(lay["energy_kept"]), lay.get("rows") or "-", _pct(lay["rel_error"]), note))
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head) - 1)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1]]
     lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 4)
@@ -40,8 +40,8 @@ def format_report(report: dict) -> str:
                  f"per image, {report['speedup_theoretical']:.2f}x theoretical speed-up")
     lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                  f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
-    lines.append("energy = response energy kept by the rank; rel.err = relative squared error of the layer's "
-                 "target on held-back calibration images"
+    lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
+                 "squared error of the layer's target on held-back calibration images"
                  + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))
     for t in report.get("search", []):
         lines.append(f"search: --speedup {t['speedup']:g} {t['status']}"

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -87,10 +87,15 @@ def _broadcast(t: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(t, like.shape) if t.shape != like.shape else t
 
 
+def per_layer(k: int | Mapping[int, int], layer_id: int) -> int:
+    """Positions per image for one layer: one number for all layers, or a number per layer id."""
+    return k if isinstance(k, int) else k[layer_id]
+
+
 class _Sampler:
     """Accumulates sampled rows batch by batch, the same way in both passes."""
 
-    def __init__(self, tensors: list[SampledTensor], seed: int, k: int):
+    def __init__(self, tensors: list[SampledTensor], seed: int, k: int | Mapping[int, int]):
         self.tensors, self.seed, self.k = tensors, seed, k
         self.rows: dict[str, list] = {t.key: [] for t in tensors}
         self.imgs: dict[str, list] = {t.key: [] for t in tensors}
@@ -103,7 +108,7 @@ class _Sampler:
                 a = _broadcast(a, get(t.like))
             if a.ndim != 4:
                 a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
-            r = gather(a, self.seen, t.layer_id, self.seed, self.k)
+            r = gather(a, self.seen, t.layer_id, self.seed, per_layer(self.k, t.layer_id))
             self.rows[t.key].append(r.astype(np.float32))
             self.imgs[t.key].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
         self.seen += n
@@ -116,9 +121,12 @@ class _Sampler:
 
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
-            batch_size: int, seed: int, samples_per_image: int, max_images: int | None = None,
+            batch_size: int, seed: int, samples_per_image: int | Mapping[int, int], max_images: int | None = None,
             progress: Callable | None = None, threads: int | None = None) -> Samples:
-    """Run the model once over the data and sample each tensor at its layer's positions."""
+    """Run the model once over the data and sample each tensor at its layer's positions.
+
+    ``samples_per_image``: positions per image, for every layer or per layer id.
+    """
     names = list(dict.fromkeys(n for t in tensors for n in t.reads))
     sess = make_session(with_outputs(model, names, value_types), threads)
     sampler = _Sampler(tensors, seed, samples_per_image)
@@ -145,7 +153,7 @@ class Propagator:
     """
 
     def __init__(self, model: onnx.ModelProto, value_types: dict, source: FeedSource, batch_size: int,
-                 seed: int, samples_per_image: int, max_images: int | None = None,
+                 seed: int, samples_per_image: int | Mapping[int, int], max_images: int | None = None,
                  cache_dir: str | None = None, threads: int | None = None, memory_budget: int = 2 << 30):
         self.model = model
         self.value_types = value_types
