@@ -28,12 +28,15 @@ from .graph.loading import (infer_value_types, load_model, normalise, real_input
                             with_input_shapes)
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from .graph.subgraph import producers
+from .latency import (LatencyTable, LayerSpec, cache_dir, environment, interpolate, load_cache, measure_model,
+                      model_key, save_cache, time_layer, timed_ranks)
 from .solver.activations import Activation
-from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
+from .solver.ranks import ConvShape, LayerCosts, candidate_ranks, select_ranks, select_ranks_costed, speedup_to_budget
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
                                     response_spectrum)
 
 METHODS = ("linear", "nonlinear")
+OBJECTIVES = ("latency", "flops")
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
 MIN_ROWS_PER_CHANNEL = 2
@@ -59,6 +62,16 @@ class CompressConfig:
     threads: int | None = None
     cache_dir: str | None = None
     preprocess: ImagePreprocess | None = None
+    #: "latency": --speedup is measured on onnxruntime (layers timed, see latency.py); "flops": FLOP count.
+    objective: str = "latency"
+    #: Chosen ranks are multiples of this (onnxruntime's NCHWc block); 1 = any rank.
+    rank_multiple: int = 16
+    #: A latency table file: used if it exists (every timing must be in it), else written.
+    latency_table: str | None = None
+    #: Where measured layer timings are cached (default: $ONNX_LOWRANK_CACHE or ~/.cache/onnx-lowrank).
+    latency_cache: str | None = None
+    #: Seconds of timing per layer (all its candidate ranks together).
+    latency_seconds: float = 1.0
 
 
 @dataclass
@@ -101,7 +114,7 @@ class Compressor:
     """
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
-    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule")
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "objective", "rank_multiple")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -126,7 +139,19 @@ class Compressor:
             raise LowRankError(_no_candidate_message(plan))
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
                                          self.limit, cfg)
+        self._latency: dict = {}
         self._setup_seconds = time.perf_counter() - self._t0
+
+    def timing_feed(self) -> dict:
+        """One calibration input at batch 1 (the model's own batch if it is fixed): what latency is timed on."""
+        n = self.batch if _fixed_batch(input_specs(self.model)) else 1
+        return next(self.source.batches(n, n))
+
+    def _latency_costs(self, plan: list[LayerPlan], cfg: CompressConfig) -> LatencyCosts:
+        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table)
+        if key not in self._latency:
+            self._latency[key] = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
+        return self._latency[key]
 
     def run(self, **overrides) -> CompressionResult:
         bad = set(overrides) - set(self.RUN_FIELDS)
@@ -142,15 +167,16 @@ class Compressor:
                                "Compressor is created")
         # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
         # single-threaded reductions make the output file reproducible bit for bit.
+        latency = self._latency_costs(plan, cfg) if cfg.objective == "latency" else None
         with threadpool_limits(limits=1, user_api="blas"):
-            _choose_ranks(plan, self.samples, self.flops, cfg)
+            _choose_ranks(plan, self.samples, self.flops, cfg, latency)
             chosen = [p for p in plan if p.rank is not None]
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
-        return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds))
+        return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds, latency))
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
@@ -175,6 +201,12 @@ def _check_config(cfg: CompressConfig) -> None:
     if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
         raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
                            "2 means half the FLOPs")
+    if cfg.objective not in OBJECTIVES:
+        raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
+        raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
+    if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):
+        raise LowRankError(f"latency_seconds must be positive, not {cfg.latency_seconds!r}")
     if cfg.samples_per_image < 1:
         raise LowRankError("--samples-per-image must be at least 1")
     if cfg.max_images is not None and cfg.max_images < 1:
@@ -196,6 +228,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
     return specs
+
+
+def _fixed_batch(inputs: list[InputSpec]) -> bool:
+    return any(i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 for i in inputs)
 
 
 def _batching(inputs: list[InputSpec], source: FeedSource, cfg: CompressConfig) -> tuple[int, int | None]:
@@ -231,6 +267,8 @@ class LayerPlan:
     candidate: bool = False
     asymmetric: bool | None = None
     note: str = ""
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     @property
     def shape(self) -> ConvShape:
@@ -296,7 +334,87 @@ def _split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarra
     return ~held, held
 
 
-def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig) -> None:
+@dataclass
+class LatencyCosts:
+    """Measured times (ms): the whole original model and, per candidate layer name, its table entry."""
+
+    model_ms: float
+    layers: dict[str, dict]
+    environment: str
+    source: str  # "measured" or the table file it came from
+
+
+def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
+    shape = value_types.get(lay.input, (None, None))[1]
+    if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
+        hw = shape[2:]
+    else:  # input size from the output size: exact up to the stride's remainder, enough for timing
+        s = lay.attrs.get("strides", [1, 1])
+        dil = lay.attrs.get("dilations", [1, 1])
+        pads = lay.attrs.get("pads", [0, 0, 0, 0])
+        hw = [(lay.out_shape[2 + a] - 1) * s[a] + dil[a] * (lay.kernel[a] - 1) + 1 - pads[a] - pads[a + 2]
+              for a in range(2)]
+    return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, lay.attrs)
+
+
+def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg: CompressConfig) -> LatencyCosts:
+    """Time the whole model and each candidate layer (cache or table first); see latency.py."""
+    env = environment(cfg.threads)
+    free = [p for p in plan if p.candidate]
+    wanted = {}  # table key -> (layer spec, ranks to time)
+    names = {}
+    for p in free:
+        spec = _layer_spec(p.layer, value_types)
+        key = LatencyTable.layer_key(spec, cfg.rank_multiple)
+        names[p.layer.name] = key
+        wanted[key] = (spec, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
+    mkey = model_key(model, feed)
+    table_path = Path(cfg.latency_table) if cfg.latency_table else None
+    if table_path is not None and table_path.exists():
+        table = LatencyTable.load(table_path)
+        missing = [k for k in [mkey, *wanted] if k not in table.entries]
+        if missing:
+            raise LowRankError(f"latency table {table_path} lacks {len(missing)} timing(s) this compression needs "
+                               f"(e.g. {missing[0]}): it was made for another model, --rank-multiple or input size; "
+                               "give a new file name to measure and write one")
+        if table.env != env:
+            progress.log(f"note: latency table {table_path} was measured with {table.env}; here: {env}")
+        return LatencyCosts(float(table.entries[mkey]["ms"]), {n: table.entries[k] for n, k in names.items()},
+                            table.env, str(table_path))
+    where = cache_dir(cfg.latency_cache)
+    cache = load_cache(where, env)
+    todo = [k for k in wanted if k not in cache.entries]
+    if mkey not in cache.entries or todo:
+        progress.log(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
+                     f"about {cfg.latency_seconds:g} s each, cached in {where}")
+    if mkey not in cache.entries:
+        cache.entries[mkey] = {"ms": measure_model(model, feed, cfg.threads, seconds=2 * cfg.latency_seconds)}
+        progress.log(f"latency: whole model {cache.entries[mkey]['ms']:.3f} ms")
+    for n, k in enumerate(todo, 1):
+        spec, ranks = wanted[k]
+        cache.entries[k] = time_layer(spec, ranks, cfg.threads, cfg.latency_seconds)
+        progress.log(f"latency: [{n}/{len(todo)}] {k}: original {cache.entries[k]['original_ms']:.3f} ms, "
+                     f"{len(ranks)} rank(s) timed")
+    save_cache(where, LatencyTable(env, {k: cache.entries[k] for k in [mkey, *todo]}))
+    used = LatencyTable(env, {k: cache.entries[k] for k in [mkey, *wanted]})
+    if table_path is not None:
+        used.save(table_path)
+    return LatencyCosts(float(used.entries[mkey]["ms"]), {n: used.entries[k] for n, k in names.items()}, env,
+                        str(table_path) if table_path else "measured")
+
+
+def _layer_costs(p: LayerPlan, entry: dict, multiple: int) -> LayerCosts:
+    ranks = candidate_ranks(p.shape.break_even_rank(), multiple)
+    return LayerCosts.from_table(p.layer.out_channels, float(entry["original_ms"]), interpolate(entry, ranks))
+
+
+def _fixed_latency(entry: dict, r: int | None) -> float:
+    """Time of a hand-set rank: interpolated when timed ranks surround it, else the original's."""
+    return interpolate(entry, [r]).get(r, float(entry["original_ms"])) if r is not None else float(entry["original_ms"])
+
+
+def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig,
+                  latency: LatencyCosts | None = None) -> None:
     free = [p for p in plan if p.candidate]
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
@@ -308,22 +426,49 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
             r = cfg.ranks[p.layer.name]
             if r > p.layer.out_channels:
                 raise LowRankError(f"rank {r} for {p.layer.name!r} exceeds its {p.layer.out_channels} filters")
+            if r % cfg.rank_multiple:
+                progress.log(f"warning: rank {r} for {p.layer.name!r} is not a multiple of --rank-multiple "
+                             f"{cfg.rank_multiple}: onnxruntime may run it slower than the next multiple")
             fixed[i] = r
     total = sum(flops.values())
     if cfg.speedup is None:
         ranks = [fixed.get(i) for i in range(len(free))]
         ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
-    else:
+    elif latency is None:
         budget = speedup_to_budget(total, cfg.speedup)
-        ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed)
+        ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed, multiple=cfg.rank_multiple)
+    else:
+        ranks = [fixed[i] if i in fixed and p.shape.saves(fixed[i]) else None for i, p in enumerate(free)]
+        movable = [i for i in range(len(free)) if i not in fixed]
+        entries = [latency.layers[p.layer.name] for p in free]
+        fixed_ms = latency.model_ms - sum(float(e["original_ms"]) for e in entries) + \
+            sum(_fixed_latency(entries[i], ranks[i]) for i in fixed)
+        chosen = select_ranks_costed([_layer_costs(free[i], entries[i], cfg.rank_multiple) for i in movable],
+                                     [spectra[i] for i in movable], latency.model_ms / cfg.speedup, fixed_ms,
+                                     unit="ms (predicted latency)", indices=movable)
+        for i, r in zip(movable, chosen):
+            ranks[i] = r
+    if latency is not None:
+        for i, (p, r) in enumerate(zip(free, ranks)):
+            e = latency.layers[p.layer.name]
+            p.latency_before = float(e["original_ms"])
+            p.latency_after = _fixed_latency(e, r) if i in fixed or r is None else \
+                _layer_costs(p, e, cfg.rank_multiple).cost_at(r)
     for p, r, spec in zip(free, ranks, spectra):
         if r is None:
             p.status = "skipped"
             if p.layer.name in cfg.ranks:
                 p.reason = (f"rank {cfg.ranks[p.layer.name]} is at or above break-even "
                             f"({p.shape.break_even_rank()}): no FLOP saving")
+            elif not cfg.speedup:
+                p.reason = "no rank given"
+            elif p.shape.break_even_rank() < cfg.rank_multiple:
+                p.reason = (f"break-even rank {p.shape.break_even_rank()} is below the rank multiple "
+                            f"{cfg.rank_multiple}")
+            elif latency is not None and not _layer_costs(p, latency.layers[p.layer.name], cfg.rank_multiple).ranks:
+                p.reason = "no candidate rank is faster than the original on onnxruntime (measured)"
             else:
-                p.reason = "kept at full rank by rank selection" if cfg.speedup else "no rank given"
+                p.reason = "kept at full rank by rank selection"
             continue
         p.rank, p.status, p.reason = int(r), "factorised", ""
         p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
@@ -435,7 +580,8 @@ def _validate(model: onnx.ModelProto) -> None:
         raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc
 
 
-def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float) -> dict:
+def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float,
+            latency: LatencyCosts | None = None) -> dict:
     total_before = sum(flops.values())
     conv_before = sum(p.flops_before for p in plan)
     saved = sum(p.flops_before - p.flops_after for p in plan)
@@ -457,6 +603,8 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "break_even_rank": p.shape.break_even_rank() if p.candidate else None,
             "flops_before": p.flops_before,
             "flops_after": p.flops_after,
+            "latency_before_ms": p.latency_before,
+            "latency_after_ms": p.latency_after,
             "energy_kept": p.energy_kept,
             "method": p.method,
             "asymmetric": p.asymmetric,
@@ -466,6 +614,10 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         })
     after = total_before - saved
     conv_after = conv_before - saved
+    predicted = None
+    if latency is not None:
+        predicted = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
+                                           if p.latency_before is not None and p.rank is not None)
     return {
         "flops_before": total_before,
         "flops_after": after,
@@ -474,6 +626,13 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "conv_flops_after": conv_after,
         "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
         "target_speedup": cfg.speedup,
+        "objective": cfg.objective,
+        "rank_multiple": cfg.rank_multiple,
+        "latency_original_ms": latency.model_ms if latency else None,
+        "latency_predicted_ms": predicted,
+        "predicted_latency_speedup": latency.model_ms / predicted if latency and predicted else None,
+        "latency_table": latency.source if latency else None,
+        "latency_environment": latency.environment if latency else None,
         "method": cfg.method,
         "asymmetric": cfg.asymmetric,
         "calibration_images": images,
