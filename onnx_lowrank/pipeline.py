@@ -385,15 +385,15 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     cache = load_cache(where, env)
     todo = [k for k in wanted if k not in cache.entries]
     if mkey not in cache.entries or todo:
-        progress.log(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
+        progress.status(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
                      f"about {cfg.latency_seconds:g} s each, cached in {where}")
     if mkey not in cache.entries:
         cache.entries[mkey] = {"ms": measure_model(model, feed, cfg.threads, seconds=2 * cfg.latency_seconds)}
-        progress.log(f"latency: whole model {cache.entries[mkey]['ms']:.3f} ms")
+        progress.status(f"latency: whole model {cache.entries[mkey]['ms']:.3f} ms")
     for n, k in enumerate(todo, 1):
         spec, ranks = wanted[k]
         cache.entries[k] = time_layer(spec, ranks, cfg.threads, cfg.latency_seconds)
-        progress.log(f"latency: [{n}/{len(todo)}] {k}: original {cache.entries[k]['original_ms']:.3f} ms, "
+        progress.status(f"latency: [{n}/{len(todo)}] {k}: original {cache.entries[k]['original_ms']:.3f} ms, "
                      f"{len(ranks)} rank(s) timed")
     save_cache(where, LatencyTable(env, {k: cache.entries[k] for k in [mkey, *todo]}))
     used = LatencyTable(env, {k: cache.entries[k] for k in [mkey, *wanted]})
@@ -445,7 +445,7 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
             sum(_fixed_latency(entries[i], ranks[i]) for i in fixed)
         chosen = select_ranks_costed([_layer_costs(free[i], entries[i], cfg.rank_multiple) for i in movable],
                                      [spectra[i] for i in movable], latency.model_ms / cfg.speedup, fixed_ms,
-                                     unit="ms (predicted latency)", indices=movable)
+                                     unit="ms of predicted latency", indices=movable)
         for i, r in zip(movable, chosen):
             ranks[i] = r
     if latency is not None:
