@@ -114,7 +114,7 @@ class Compressor:
     """
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
-    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "objective", "rank_multiple")
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "objective", "rank_multiple", "threads")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
