@@ -27,6 +27,8 @@ ORDER = [
     ("ppocr_rec", "Issue 3: PP-OCRv4 recogniser, character error rate"),
     ("tool_cost", "Issue 3: tool cost on materialised VGG-19"),
     ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
+    ("latency_objective", "Issue 7: latency objective vs FLOP objective"),
+    ("latency_objective_quick", "Issue 7: latency objective, smoke test only (--quick, shared busy machine)"),
 ]
 
 PREAMBLE = """# Benchmark results

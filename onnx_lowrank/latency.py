@@ -146,7 +146,13 @@ def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSessio
 
 def _interleaved(sessions: list, feeds: list[dict], seconds: float, min_rounds: int = 3,
                  max_rounds: int = 50) -> list[float]:
-    """Median ms of each session, runs interleaved (order rotated per round) for about ``seconds``."""
+    """Fastest ms of each session, runs interleaved (order rotated per round) for about ``seconds``.
+
+    The minimum, not the median: on a shared machine the noise only ever adds time, in spikes that
+    a median of a handful of rounds does not reject, and one spike in a layer's original time
+    would inflate every saving computed from it. The whole model is timed the same way, so the
+    prediction compares like with like.
+    """
     for s, f in zip(sessions, feeds):
         s.run(None, f)
     times: list[list[float]] = [[] for _ in sessions]
@@ -160,7 +166,7 @@ def _interleaved(sessions: list, feeds: list[dict], seconds: float, min_rounds: 
             sessions[i].run(None, feeds[i])
             times[i].append((time.perf_counter() - t0) * 1000.0)
         rounds += 1
-    return [float(statistics.median(t)) for t in times]
+    return [float(min(t)) for t in times]
 
 
 def timed_ranks(candidates: list[int], limit: int = MAX_TIMED_RANKS) -> list[int]:
@@ -172,7 +178,7 @@ def timed_ranks(candidates: list[int], limit: int = MAX_TIMED_RANKS) -> list[int
 
 
 def time_layer(spec: LayerSpec, ranks: list[int], threads: int | None = None, seconds: float = 1.0) -> dict:
-    """``{"original_ms": t, "ranks_ms": {"r": t, ...}}``: medians of interleaved runs, batch 1."""
+    """``{"original_ms": t, "ranks_ms": {"r": t, ...}}``: fastest of interleaved runs, batch 1."""
     models = [layer_model(spec, None)] + [layer_model(spec, r) for r in ranks]
     sessions = [_session(m, threads) for m in models]
     x = np.random.default_rng(0).random((1, spec.c, spec.h, spec.w), dtype=np.float32)
@@ -181,8 +187,27 @@ def time_layer(spec: LayerSpec, ranks: list[int], threads: int | None = None, se
 
 
 def measure_model(model: onnx.ModelProto, feed: dict, threads: int | None, seconds: float = 2.0) -> float:
-    """Median ms of the whole model at batch 1."""
+    """Fastest ms of the whole model at batch 1 (see :func:`_interleaved`)."""
     return _interleaved([_session(model, threads)], [feed], seconds, min_rounds=5)[0]
+
+
+def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict, threads: int | None,
+                   seconds: float = 3.0) -> float:
+    """Speed-up of ``candidate`` over ``original``: ratio of medians of interleaved runs (as ``bench``)."""
+    sessions = [_session(original, threads), _session(candidate, threads)]
+    for s in sessions:
+        s.run(None, feed)
+    times: list[list[float]] = [[], []]
+    t_end = time.perf_counter() + seconds
+    rounds = 0
+    while rounds < 5 or (rounds < 200 and time.perf_counter() < t_end):
+        for k in range(2):
+            i = (rounds + k) % 2
+            t0 = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+        rounds += 1
+    return float(statistics.median(times[0]) / statistics.median(times[1]))
 
 
 def model_key(model: onnx.ModelProto, feed: dict) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,10 +30,11 @@ from .graph.loading import (infer_value_types, load_model, normalise, real_input
                             with_input_shapes)
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from .graph.subgraph import producers
-from .latency import (LatencyTable, LayerSpec, cache_dir, environment, interpolate, load_cache, measure_model,
-                      model_key, save_cache, time_layer, timed_ranks)
+from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
+                      measure_model, model_key, save_cache, time_layer, timed_ranks)
 from .solver.activations import Activation
-from .solver.ranks import ConvShape, LayerCosts, candidate_ranks, select_ranks, select_ranks_costed, speedup_to_budget
+from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
+                           select_ranks_costed, speedup_to_budget)
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
                                     response_spectrum)
 
@@ -150,8 +153,26 @@ class Compressor:
     def _latency_costs(self, plan: list[LayerPlan], cfg: CompressConfig) -> LatencyCosts:
         key = (cfg.rank_multiple, cfg.threads, cfg.latency_table)
         if key not in self._latency:
-            self._latency[key] = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
+            lat = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
+            lat.measure = lambda ranks: self._stand_in_speedup(ranks, cfg)
+            self._latency[key] = lat
         return self._latency[key]
+
+    def _stand_in_speedup(self, ranks: dict[str, int], cfg: CompressConfig) -> float:
+        """Measured speed-up of the model factorised at ``ranks`` with constant weights (nothing solved):
+        latency does not depend on the weights' values, so this checks the per-layer prediction."""
+        stages = {}
+        for lay in self.layers:
+            if lay.name in ranks:
+                r, d, (kh, kw) = ranks[lay.name], lay.out_channels, lay.kernel
+                w1 = np.full((r, lay.in_channels, kh, kw), 0.01, np.float32)
+                stages[lay.name] = [ConvStage(w1, np.zeros(r, np.float32) if lay.bias is not None else None,
+                                              first_stage_attrs(lay.attrs, lay.kernel)),
+                                    ConvStage(np.full((d, r, 1, 1), 0.01, np.float32), np.zeros(d, np.float32),
+                                              pointwise_attrs())]
+        stand_in = rewrite_convs(self.model, stages) if stages else self.model
+        progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
+        return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
     def run(self, **overrides) -> CompressionResult:
         bad = set(overrides) - set(self.RUN_FIELDS)
@@ -200,7 +221,7 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
         raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
-                           "2 means half the FLOPs")
+                           "2 means twice as fast, or half the FLOPs with --objective flops")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
@@ -342,6 +363,27 @@ class LatencyCosts:
     layers: dict[str, dict]
     environment: str
     source: str  # "measured" or the table file it came from
+    table: LatencyTable | None = None  # every entry used, written to the table file / cache as it grows
+    table_path: Path | None = None
+    frozen: bool = False  # the table came from a file: its layer timings are final
+    cache: Path | None = None
+    model_key: str = ""
+    measure: object = None  # callable: {layer name: rank} -> measured speed-up of a stand-in model
+    checks: list = field(default_factory=list)  # the whole-model checks of the last rank choice
+    chosen_check: float | None = None  # checked speed-up of the ranks chosen
+
+    def checked_speedup(self, ranks: dict[str, int]) -> float:
+        """Measured speed-up of the model with these ranks (stand-in weights), from the table if there."""
+        key = "check_" + hashlib.sha256(json.dumps([self.model_key, sorted(ranks.items())]).encode()).hexdigest()[:20]
+        if key not in self.table.entries:
+            # A table file fixes the layer timings; a check it lacks (another --speedup) is measured and added.
+            cached = None if self.frozen else load_cache(self.cache, self.table.env).entries.get(key)
+            self.table.entries[key] = cached or {"speedup": float(self.measure(ranks))}
+            if cached is None and not self.frozen:
+                save_cache(self.cache, LatencyTable(self.table.env, {key: self.table.entries[key]}))
+            if self.table_path is not None:
+                self.table.save(self.table_path)
+        return float(self.table.entries[key]["speedup"])
 
 
 def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
@@ -380,7 +422,7 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
         if table.env != env:
             progress.log(f"note: latency table {table_path} was measured with {table.env}; here: {env}")
         return LatencyCosts(float(table.entries[mkey]["ms"]), {n: table.entries[k] for n, k in names.items()},
-                            table.env, str(table_path))
+                            table.env, str(table_path), table, table_path, True, None, mkey)
     where = cache_dir(cfg.latency_cache)
     cache = load_cache(where, env)
     todo = [k for k in wanted if k not in cache.entries]
@@ -400,7 +442,7 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     if table_path is not None:
         used.save(table_path)
     return LatencyCosts(float(used.entries[mkey]["ms"]), {n: used.entries[k] for n, k in names.items()}, env,
-                        str(table_path) if table_path else "measured")
+                        str(table_path) if table_path else "measured", used, table_path, False, where, mkey)
 
 
 def _layer_costs(p: LayerPlan, entry: dict, multiple: int) -> LayerCosts:
@@ -411,6 +453,59 @@ def _layer_costs(p: LayerPlan, entry: dict, multiple: int) -> LayerCosts:
 def _fixed_latency(entry: dict, r: int | None) -> float:
     """Time of a hand-set rank: interpolated when timed ranks surround it, else the original's."""
     return interpolate(entry, [r]).get(r, float(entry["original_ms"])) if r is not None else float(entry["original_ms"])
+
+
+#: Checked whole-model speed-ups within this fraction of the target are accepted.
+CHECK_TOLERANCE = 0.03
+MAX_CHECKS = 4
+
+
+def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latency: LatencyCosts,
+                   cfg: CompressConfig) -> list[int | None]:
+    """Ranks for a measured speed-up of ``cfg.speedup``: the per-layer table chooses, the whole model checks.
+
+    The table's savings are measured on layers alone; inside the whole model a layer saves a
+    somewhat different amount (caches, fused neighbours, threads). So each choice is checked
+    by timing the whole model factorised at those ranks (constant weights, nothing solved) and
+    the savings are rescaled by ``alpha = measured saving / table saving`` before choosing again,
+    until the checked speed-up is within ``CHECK_TOLERANCE`` of the target (at most MAX_CHECKS
+    times). The choice kept is the checked one closest to the target from above, else the fastest.
+    """
+    base = [fixed[i] if i in fixed and p.shape.saves(fixed[i]) else None for i, p in enumerate(free)]
+    movable = [i for i in range(len(free)) if i not in fixed]
+    entries = [latency.layers[p.layer.name] for p in free]
+    options = [_layer_costs(free[i], entries[i], cfg.rank_multiple) for i in movable]
+    model_ms, target = latency.model_ms, float(cfg.speedup)
+    fixed_ms = model_ms - sum(float(e["original_ms"]) for e in entries) + \
+        sum(_fixed_latency(entries[i], base[i]) for i in fixed)
+    alpha, tried = 1.0, []
+    for attempt in range(MAX_CHECKS):
+        budget = model_ms - model_ms * (1 - 1 / target) / alpha
+        try:
+            chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
+                                         unit="ms of predicted latency", indices=movable)
+        except RankSelectionError:
+            if attempt == 0:
+                raise
+            break
+        ranks = list(base)
+        for i, r in zip(movable, chosen):
+            ranks[i] = r
+        saving = sum(float(entries[i]["original_ms"]) - _fixed_latency(entries[i], r) if i in fixed
+                     else float(entries[i]["original_ms"]) - _layer_costs(free[i], entries[i], cfg.rank_multiple)
+                     .cost_at(r) for i, r in enumerate(ranks) if r is not None)
+        checked = latency.checked_speedup({free[i].layer.name: r for i, r in enumerate(ranks) if r is not None})
+        tried.append({"table_speedup": model_ms / (model_ms - saving) if saving < model_ms else math.inf,
+                      "checked_speedup": checked, "ranks": ranks})
+        measured_saving = model_ms * (1 - 1 / checked)
+        if abs(checked / target - 1) <= CHECK_TOLERANCE or saving <= 0 or measured_saving <= 0:
+            break
+        alpha = measured_saving / saving
+    above = [t for t in tried if t["checked_speedup"] >= target * (1 - CHECK_TOLERANCE)]
+    best = min(above, key=lambda t: t["checked_speedup"]) if above else max(tried, key=lambda t: t["checked_speedup"])
+    latency.checks = [{k: v for k, v in t.items() if k != "ranks"} for t in tried]
+    latency.chosen_check = best["checked_speedup"]
+    return best["ranks"]
 
 
 def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig,
@@ -438,16 +533,7 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
         budget = speedup_to_budget(total, cfg.speedup)
         ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed, multiple=cfg.rank_multiple)
     else:
-        ranks = [fixed[i] if i in fixed and p.shape.saves(fixed[i]) else None for i, p in enumerate(free)]
-        movable = [i for i in range(len(free)) if i not in fixed]
-        entries = [latency.layers[p.layer.name] for p in free]
-        fixed_ms = latency.model_ms - sum(float(e["original_ms"]) for e in entries) + \
-            sum(_fixed_latency(entries[i], ranks[i]) for i in fixed)
-        chosen = select_ranks_costed([_layer_costs(free[i], entries[i], cfg.rank_multiple) for i in movable],
-                                     [spectra[i] for i in movable], latency.model_ms / cfg.speedup, fixed_ms,
-                                     unit="ms of predicted latency", indices=movable)
-        for i, r in zip(movable, chosen):
-            ranks[i] = r
+        ranks = _latency_ranks(free, spectra, fixed, latency, cfg)
     if latency is not None:
         for i, (p, r) in enumerate(zip(free, ranks)):
             e = latency.layers[p.layer.name]
@@ -614,10 +700,12 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         })
     after = total_before - saved
     conv_after = conv_before - saved
-    predicted = None
+    table_ms = speedup = None
     if latency is not None:
-        predicted = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
-                                           if p.latency_before is not None and p.rank is not None)
+        table_ms = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
+                                          if p.latency_before is not None and p.rank is not None)
+        # With a target the ranks were checked on the whole model: that measurement is the prediction.
+        speedup = latency.chosen_check if cfg.speedup else latency.model_ms / table_ms
     return {
         "flops_before": total_before,
         "flops_after": after,
@@ -629,8 +717,11 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "objective": cfg.objective,
         "rank_multiple": cfg.rank_multiple,
         "latency_original_ms": latency.model_ms if latency else None,
-        "latency_predicted_ms": predicted,
-        "predicted_latency_speedup": latency.model_ms / predicted if latency and predicted else None,
+        "latency_table_ms": table_ms,
+        "table_latency_speedup": latency.model_ms / table_ms if latency else None,
+        "latency_predicted_ms": latency.model_ms / speedup if latency else None,
+        "predicted_latency_speedup": speedup,
+        "latency_checks": latency.checks if latency and cfg.speedup else None,
         "latency_table": latency.source if latency else None,
         "latency_environment": latency.environment if latency else None,
         "method": cfg.method,

@@ -44,7 +44,10 @@ def format_report(report: dict) -> str:
                  + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
     if report.get("predicted_latency_speedup"):
         lines.append(f"latency    : {report['latency_original_ms']:.3f} -> {report['latency_predicted_ms']:.3f} ms "
-                     f"predicted, {report['predicted_latency_speedup']:.2f}x")
+                     f"predicted, {report['predicted_latency_speedup']:.2f}x (sum of timed layers: "
+                     f"{report['table_latency_speedup']:.2f}x"
+                     + (f"; {len(report['latency_checks'])} whole-model check(s)" if report.get("latency_checks")
+                        else "") + ")")
     if report.get("measured_latency_speedup"):
         m = report["latency_measured"]
         lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms (median of {m['runs']} "
