@@ -13,6 +13,9 @@ stages of a factorised one) run inside the blocked layout as in the real network
 boundary reorders and pools are the same in the original and every factorised model. Only
 differences ``original - factorised`` are ever used (rank selection compares savings; the
 whole-model prediction is ``measured original - sum of savings``), so that common part cancels.
+What does not cancel (a layer saves a little more or less inside the whole network: caches,
+fusions with neighbours, threads) is corrected by the pipeline, which times the whole model
+factorised at the chosen ranks with stand-in weights (:func:`compare_models`) and rescales.
 
 Results are cached as JSON under ``$ONNX_LOWRANK_CACHE`` or ``$XDG_CACHE_HOME/onnx-lowrank``
 (``~/.cache/onnx-lowrank``), keyed by layer shape, threads, onnxruntime version and CPU. A
