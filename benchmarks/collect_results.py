@@ -29,6 +29,7 @@ ORDER = [
     ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
     ("latency_objective", "Issue 7: latency objective vs FLOP objective"),
     ("latency_objective_quick", "Issue 7: latency objective, smoke test only (--quick, shared busy machine)"),
+    ("latency_objective_quick_resnet50", "Issue 7: latency objective on ResNet-50, smoke test only (--quick)"),
 ]
 
 PREAMBLE = """# Benchmark results
