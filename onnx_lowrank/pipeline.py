@@ -481,13 +481,17 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
     alpha, tried = 1.0, []
     for attempt in range(MAX_CHECKS):
         budget = model_ms - model_ms * (1 - 1 / target) / alpha
+        fastest = False
         try:
             chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
                                          unit="ms of predicted latency", indices=movable)
-        except RankSelectionError:
-            if attempt == 0:
-                raise
-            break
+        except RankSelectionError as err:
+            if attempt > 0:
+                break
+            # The table may understate what the layers save inside the model: check the fastest choice first.
+            fastest = True
+            chosen = select_ranks_costed(options, [spectra[i] for i in movable], err.min_flops, fixed_ms,
+                                         unit="ms of predicted latency", indices=movable)
         ranks = list(base)
         for i, r in zip(movable, chosen):
             ranks[i] = r
@@ -497,6 +501,8 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
         checked = latency.checked_speedup({free[i].layer.name: r for i, r in enumerate(ranks) if r is not None})
         tried.append({"table_speedup": model_ms / (model_ms - saving) if saving < model_ms else math.inf,
                       "checked_speedup": checked, "ranks": ranks})
+        if fastest and checked < target * (1 - CHECK_TOLERANCE):
+            raise RankSelectionError(model_ms / target, model_ms / checked, model_ms, "ms of measured latency")
         measured_saving = model_ms * (1 - 1 / checked)
         if abs(checked / target - 1) <= CHECK_TOLERANCE or saving <= 0 or measured_saving <= 0:
             break
