@@ -31,6 +31,7 @@ from common import CACHE, RESULTS, ROOT, header, markdown_table, write_result  #
 
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.measure import bench, evaluate  # noqa: E402
+from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"
 VARIANTS = [("flops", 1), ("flops", 16), ("latency", 16)]
@@ -83,9 +84,17 @@ def main():
             for s in targets:
                 results = {}
                 for objective, multiple in VARIANTS:
-                    results[vname(objective, multiple)] = comp.run(speedup=s, objective=objective,
-                                                                   rank_multiple=multiple)
+                    try:
+                        results[vname(objective, multiple)] = comp.run(speedup=s, objective=objective,
+                                                                       rank_multiple=multiple)
+                    except RankSelectionError as err:
+                        rows.append({"model": model, "threads": threads, "target": s,
+                                     "variant": vname(objective, multiple),
+                                     "status": f"unreachable (at most {err.max_speedup:.2f}x)"})
+                        print(rows[-1], flush=True)
                 names = list(results)
+                if not names:
+                    continue
                 b = bench([comp.model] + [results[n].model for n in names], feed, threads=threads, runs=runs,
                           warmup=2)
                 for k, n in enumerate(names, 1):
@@ -97,7 +106,7 @@ def main():
                            "checks": len(rep["latency_checks"] or []),
                            "original_ms": b["models"][0]["median_ms"], "ms": b["models"][k]["median_ms"],
                            "factorised": sum(1 for lay in rep["layers"] if lay["status"] == "factorised"),
-                           "setup_s": setup_s}
+                           "setup_s": setup_s, "status": "ok"}
                     for err, x in (("prediction_error", "predicted_x"), ("table_error", "table_x")):
                         row[err] = row["original_ms"] / row[x] / row["ms"] - 1 if row[x] else None
                     if held is not None:
@@ -125,12 +134,16 @@ def _write(rows, args, runs):
         w.writerows(rows)
     table_rows = []
     for r in rows:
+        if r["status"] != "ok":
+            table_rows.append([r["model"], r["threads"], f"{r['target']:g}x", r["variant"]] + ["-"] * 12
+                              + [r["status"]])
+            continue
         table_rows.append([r["model"], r["threads"], f"{r['target']:g}x", r["variant"], f"{r['flops_x']:.2f}",
                            _fmt(r["table_x"], ".2f"), _fmt(r["predicted_x"], ".2f"), f"{r['measured_x']:.2f}",
                            f"{r['measured_x'] / r['target']:.2f}", _fmt(r["table_error"], "+.1%"),
                            _fmt(r["prediction_error"], "+.1%"), r["checks"] or "-",
                            f"{r['original_ms']:.2f} -> {r['ms']:.2f}", r["factorised"],
-                           _fmt(r.get("accuracy"), ".2f"), _fmt(r.get("agreement"), ".4f")])
+                           _fmt(r.get("accuracy"), ".2f"), _fmt(r.get("agreement"), ".4f"), "ok"])
     md = header("Latency objective vs FLOP objective (issue 7)") + (
         f"Variants: objective/rank multiple. Speed-ups are medians of {runs} interleaved rounds (original and "
         "the three variants timed together, batch 1, `measure.bench`). table = the latency objective's "
@@ -140,7 +153,7 @@ def _write(rows, args, runs):
         "(random weights: fidelity meaningless).\n\n"
         + markdown_table(["model", "threads", "target", "variant", "FLOPs x", "table x", "predicted x", "measured x",
                           "measured / target", "table error", "prediction error", "checks", "ms", "layers",
-                          "accuracy %", "agreement"],
+                          "accuracy %", "agreement", "status"],
                          table_rows))
     md += "\n\n" + _equal_speedup(rows)
     write_result(name, md)
@@ -150,7 +163,7 @@ def _equal_speedup(rows) -> str:
     """Demo fidelity of FLOP-chosen ranks, interpolated at the measured speed-up of latency-chosen ones."""
     out = []
     for threads in sorted({r["threads"] for r in rows if r["model"] == "demo"}):
-        demo = [r for r in rows if r["model"] == "demo" and r["threads"] == threads]
+        demo = [r for r in rows if r["model"] == "demo" and r["threads"] == threads and r["status"] == "ok"]
         lat = sorted((r["measured_x"], r["accuracy"], r["agreement"]) for r in demo if r["variant"] == "latency/16")
         flo = sorted((r["measured_x"], r["accuracy"], r["agreement"]) for r in demo if r["variant"] == "flops/1")
         if len(flo) < 2 or not lat:
