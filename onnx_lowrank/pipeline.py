@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -368,7 +369,7 @@ class LatencyCosts:
     frozen: bool = False  # the table came from a file: its layer timings are final
     cache: Path | None = None
     model_key: str = ""
-    measure: object = None  # callable: {layer name: rank} -> measured speed-up of a stand-in model
+    measure: Callable[[dict[str, int]], float] | None = None  # {layer name: rank} -> stand-in model's speed-up
     checks: list = field(default_factory=list)  # the whole-model checks of the last rank choice
     chosen_check: float | None = None  # checked speed-up of the ranks chosen
 
