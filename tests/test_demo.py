@@ -120,7 +120,8 @@ def test_sigterm_removes_the_cache_and_writes_nothing(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", "compress", str(MODEL), "--calib", str(CALIB),
-                             "--speedup", "4", "-o", str(out), "-q"], env={**os.environ, "TMPDIR": str(tmp)},
+                             "--speedup", "4", "--objective", "flops", "-o", str(out), "-q"],
+                            env={**os.environ, "TMPDIR": str(tmp)},
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp.glob("onnx-lowrank-cache-*")) and time.time() < deadline and proc.poll() is None:
