@@ -487,9 +487,10 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
             chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
                                          unit="ms of predicted latency", indices=movable)
         except RankSelectionError as err:
-            if attempt > 0:
+            if any(t["fastest"] for t in tried):
                 break
-            # The table may understate what the layers save inside the model: check the fastest choice first.
+            # The table may understate what the layers save inside the model: check the fastest choice
+            # before giving up (also when a rescaled budget asks for more than the table allows).
             fastest = True
             chosen = select_ranks_costed(options, [spectra[i] for i in movable], err.min_flops, fixed_ms,
                                          unit="ms of predicted latency", indices=movable)
@@ -501,7 +502,7 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
                      .cost_at(r) for i, r in enumerate(ranks) if r is not None)
         checked = latency.checked_speedup({free[i].layer.name: r for i, r in enumerate(ranks) if r is not None})
         tried.append({"table_speedup": model_ms / (model_ms - saving) if saving < model_ms else math.inf,
-                      "checked_speedup": checked, "ranks": ranks})
+                      "checked_speedup": checked, "ranks": ranks, "fastest": fastest})
         if fastest and checked < target * (1 - CHECK_TOLERANCE):
             raise RankSelectionError(model_ms / target, model_ms / checked, model_ms, "ms of measured latency")
         measured_saving = model_ms * (1 - 1 / checked)
@@ -510,7 +511,7 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
         alpha = measured_saving / saving
     above = [t for t in tried if t["checked_speedup"] >= target * (1 - CHECK_TOLERANCE)]
     best = min(above, key=lambda t: t["checked_speedup"]) if above else max(tried, key=lambda t: t["checked_speedup"])
-    latency.checks = [{k: v for k, v in t.items() if k != "ranks"} for t in tried]
+    latency.checks = [{k: v for k, v in t.items() if k not in ("ranks", "fastest")} for t in tried]
     latency.chosen_check = best["checked_speedup"]
     return best["ranks"]
 
