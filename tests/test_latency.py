@@ -197,12 +197,11 @@ def test_cli_reports_measured_and_predicted_speedup(table, tmp_path):
     assert "predicted" in res.stdout and "measured" in res.stdout and "multiples of 16" in res.stdout
 
 
-def test_whole_model_check_corrects_the_layer_table(table, tmp_path, monkeypatch):
-    """If layers save only 70 % of their timed savings inside the model, the first choice falls short of the
-    target; the check must notice and choose again until the (stand-in) whole model reaches it."""
-    from onnx_lowrank.pipeline import Compressor
-
+def _fake_whole_model(table, tmp_path, factor):
+    """A copy of the table without checks, and a stand-in whole model in which every layer saves
+    ``factor`` times what it saves alone (computed by hand from the table)."""
     path, rep0 = table
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text())
     data["entries"] = {k: v for k, v in data["entries"].items() if not k.startswith("check_")}
     fresh = tmp_path / "no_checks.json"
@@ -218,13 +217,25 @@ def test_whole_model_check_corrects_the_layer_table(table, tmp_path, monkeypatch
             e = next(v for k, v in entries.items() if k.startswith(
                 f"c{lay['in_channels']}_d{lay['out_channels']}_k3x3_in{lay['output_size'][0]}x"))
             rs = sorted(int(x) for x in e["ranks_ms"])
-            saved += 0.7 * (e["original_ms"] - np.interp(r, rs, [e["ranks_ms"][str(x)] for x in rs]))
+            saved += factor * (e["original_ms"] - np.interp(r, rs, [e["ranks_ms"][str(x)] for x in rs]))
         return model_ms / (model_ms - saved)
 
+    return fresh, in_model_speedup
+
+
+def _compress_with(fresh, speedup):
+    return onnx_lowrank.compress(str(MODEL), str(CALIB), speedup=speedup, latency_table=str(fresh), threads=1,
+                                 max_images=40, samples_per_image=4, method="linear", asymmetric=False).report
+
+
+def test_whole_model_check_corrects_the_layer_table(table, tmp_path, monkeypatch):
+    """If layers save only 70 % of their timed savings inside the model, the first choice falls short of the
+    target; the check must notice and choose again until the (stand-in) whole model reaches it."""
+    from onnx_lowrank.pipeline import Compressor
+
+    fresh, in_model_speedup = _fake_whole_model(table, tmp_path, 0.7)
     monkeypatch.setattr(Compressor, "_stand_in_speedup", lambda self, ranks, cfg: in_model_speedup(ranks))
-    res = onnx_lowrank.compress(str(MODEL), str(CALIB), speedup=1.5, latency_table=str(fresh), threads=1,
-                                max_images=40, samples_per_image=4, method="linear", asymmetric=False)
-    rep = res.report
+    rep = _compress_with(fresh, 1.5)
     checks = [c["checked_speedup"] for c in rep["latency_checks"]]
     assert checks[0] < 1.5 * 0.97 and len(checks) >= 2
     assert rep["predicted_latency_speedup"] >= 1.5 * 0.97
@@ -244,3 +255,30 @@ def test_sweep_with_latency_objective_writes_predicted_and_measured(table, tmp_p
     assert [r["objective"] for r in rows] == ["latency"]
     assert all(float(r["speedup_predicted"]) > 1 and float(r["speedup_measured"]) > 0 for r in rows)
     assert (tmp_path / "sw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, monkeypatch):
+    """The table says the target is out of reach; the whole model decides: reachable when layers save more
+    inside it (factor 1.2), a one-line error with the measured maximum when they do not (factor 1)."""
+    from onnx_lowrank.errors import LowRankError
+    from onnx_lowrank.pipeline import Compressor
+
+    path, rep0 = table
+    table_max = json.loads(path.read_text())  # only to find a target the table cannot reach
+    model_ms = next(e["ms"] for k, e in table_max["entries"].items() if k.startswith("model_"))
+    saved_max = sum(lay["latency_before_ms"] - min([lay["latency_before_ms"]] + [
+        v for k, e in table_max["entries"].items() if k.startswith(f"c{lay['in_channels']}_d{lay['out_channels']}_")
+        and k.endswith("_m16") and f"_in{lay['output_size'][0]}x" in k for v in e["ranks_ms"].values()])
+        for lay in rep0["layers"] if lay["latency_before_ms"] is not None)
+    target = 1.05 * model_ms / (model_ms - saved_max)
+    for factor in (1.2, 1.0):
+        fresh, in_model_speedup = _fake_whole_model(table, tmp_path / str(factor), factor)
+        monkeypatch.setattr(Compressor, "_stand_in_speedup", lambda self, ranks, cfg: in_model_speedup(ranks))
+        if factor > 1:
+            rep = _compress_with(fresh, target)
+            assert rep["predicted_latency_speedup"] >= target * 0.97
+            assert rep["latency_checks"][0]["table_speedup"] < target  # the table alone could not
+        else:
+            with pytest.raises(LowRankError) as info:
+                _compress_with(fresh, target)
+            assert "impossible" in str(info.value) and info.value.max_speedup < target
