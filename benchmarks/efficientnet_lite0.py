@@ -115,7 +115,8 @@ def main() -> None:
     bench_feeds = batches(evalx[:20], 1)
 
     sched = ((args.iterations, 0.01), (args.iterations, 1.0))
-    cfg = CompressConfig(samples_per_image=args.samples_per_image, seed=0, schedule=sched)
+    cfg = CompressConfig(samples_per_image=args.samples_per_image, seed=0, schedule=sched,
+                         objective="flops", rank_multiple=1)
     t0 = time.perf_counter()
     comp = Compressor(model, {"input": calib}, cfg)
     calib_s = time.perf_counter() - t0

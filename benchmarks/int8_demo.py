@@ -83,7 +83,7 @@ def main():
     models.append(("1 (original)", "fp32", orig))
     quantise(orig, tmp / "orig.int8.onnx", calib)
     models.append(("1 (original)", "int8", tmp / "orig.int8.onnx"))
-    comp = pipeline.Compressor(str(orig), str(DEMO / "calib.npz"), pipeline.CompressConfig())
+    comp = pipeline.Compressor(str(orig), str(DEMO / "calib.npz"), pipeline.CompressConfig(objective="flops", rank_multiple=1))
     real_balance = pipeline.balance
     variants = [("balanced", real_balance), ("unbalanced", None),
                 ("skewed", lambda f, yh: Balanced(skew(f), np.zeros(f.rank))),

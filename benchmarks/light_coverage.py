@@ -82,6 +82,7 @@ def run_model(name: str, work: Path, images: int, samples: int, timeout: int, me
         target = targets.pop(0)
         p, secs = cli("compress", path, "--calib", calib, "--speedup", target, "-o", out, "--report", report,
                       "--samples-per-image", samples, "--method", method, "--threads", 2, "-q",
+                      "--objective", "flops", "--rank-multiple", 1, "--no-measure",
                       timeout=timeout)
         row.update(target=target, compress_s=secs, rc=p.returncode)
         if p.returncode == 0:

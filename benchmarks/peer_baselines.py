@@ -164,7 +164,7 @@ def main():
     args = ap.parse_args()
     speedups = [float(s) for s in (args.speedups or ("2,4" if args.model == "mnist" else "1.25,1.5")).split(",")]
     model, calib, evalx, labels = data_for(args.model)
-    comp = Compressor(model, calib, CompressConfig())
+    comp = Compressor(model, calib, CompressConfig(objective="flops", rank_multiple=1))
     batches = [{k: v[i:i + 250] for k, v in evalx.items()} for i in range(0, len(next(iter(evalx.values()))), 250)]
     rows = []
     total = sum(comp.flops.values())

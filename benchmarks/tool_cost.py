@@ -135,7 +135,8 @@ def run(images: int, samples: int, speedup: float, cprofile: bool, tag: str) -> 
     out, report, timings = work / "vgg19.3x.onnx", work / "report.json", work / "timings.json"
     prof = work / "child.prof" if cprofile else None
     cli_args = ["compress", str(model), "--calib", str(calib), "--speedup", str(speedup), "--samples-per-image",
-                str(samples), "--max-images", str(images), "-o", str(out), "--report", str(report)]
+                str(samples), "--max-images", str(images), "-o", str(out), "--report", str(report),
+                "--objective", "flops", "--rank-multiple", "1", "--no-measure"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(timings), str(prof or ""), "--", *cli_args]
     gnu_time = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
     if gnu_time:

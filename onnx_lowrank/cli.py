@@ -113,6 +113,22 @@ def _parse_samples(spec: str) -> int | str:
         raise LowRankError(f"--samples-per-image takes a positive integer or 'auto', not {spec!r}") from None
 
 
+def _objective_options(f):
+    opts = [
+        click.option("--objective", type=click.Choice(["latency", "flops"]), default="latency", show_default=True,
+                     help="latency: --speedup is measured latency on this CPU (layers are timed on onnxruntime, "
+                          "cached); flops: --speedup is the FLOP reduction."),
+        click.option("--rank-multiple", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
+                     help="Ranks are multiples of N (onnxruntime's NCHWc block; 1 = any rank)."),
+        click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+                     help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
+                          "output), else write the timings used to it."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _parse_ranks(spec: str | None) -> dict[str, int]:
     if not spec:
         return {}
@@ -150,8 +166,9 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
 @click.option("--speedup", default=None, metavar="S|auto",
-              help="Target whole-model FLOP reduction, e.g. 3 = a third of the FLOPs; 'auto' (with a budget) finds the "
-                   "largest within the budget [default: 2, or none with --ranks].")
+              help="Target whole-model speed-up: measured latency (--objective latency) or FLOPs, e.g. 3 = three "
+                   "times faster; 'auto' (with a budget) finds the largest within the budget [default: 2, or none "
+                   "with --ranks].")
 @click.option("--ranks", metavar="NAME=R,...|FILE.json", help="Set ranks by hand (layer names as in `onnx-lowrank layers`).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers alone (glob on the name; repeatable).")
 @click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True,
@@ -176,11 +193,15 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Budget: fail if accuracy drops by more (e.g. 0.5).")
 @click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
 @click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
+@_objective_options
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Time the original and compressed models (interleaved, a few seconds) and report the measured "
+                   "speed-up.")
 @_shapes_option
 @_image_options
 def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -245,7 +266,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
-                         preprocess=_preprocess(**image))
+                         preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
+                         latency_table=str(latency_table) if latency_table else None)
     compressor = Compressor(source_model, data, cfg)
     broken = None
     if auto:
@@ -256,6 +278,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         ev = evaluate_against(compressor.source_model, result.model, input_specs(compressor.model), budget) \
             if budget else None
         broken = violation(ev, budget) if budget else None
+    if measure:
+        _measure_speedup(compressor, result, threads)
     if ev is not None:
         result.report["evaluation"] = ev
         if budget.has_limits:
@@ -272,6 +296,29 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
     if broken:
         raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)")
+
+
+def _measure_speedup(compressor, result, threads) -> None:
+    """Bench original vs compressed (interleaved, about 3 s) into the report; predicted beside it."""
+    import time
+
+    from .measure import bench
+
+    feed = compressor.timing_feed()
+    t0 = time.perf_counter()
+    b = bench([compressor.model, result.model], feed, threads=threads, runs=3, warmup=1)
+    per_round = max(time.perf_counter() - t0, 1e-6) / 4
+    runs = int(min(200, max(5, 3.0 / per_round)))
+    b = bench([compressor.model, result.model], feed, threads=threads, runs=runs, warmup=1)
+    rep = result.report
+    rep["latency_measured"] = {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
+                               "runs": runs, "threads": threads}
+    rep["measured_latency_speedup"] = b["speedup"][1]
+    if rep.get("predicted_latency_speedup"):
+        # Predicted speed-ups applied to this run's original time, against this run's compressed time.
+        for key, speedup in (("latency_prediction_error", "predicted_latency_speedup"),
+                             ("latency_table_error", "table_latency_speedup")):
+            rep[key] = b["models"][0]["median_ms"] / rep[speedup] / b["models"][1]["median_ms"] - 1
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -411,9 +458,10 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--out", "out_prefix", default="sweep", show_default=True, metavar="PREFIX",
               help="Writes PREFIX.csv and PREFIX.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_objective_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -439,11 +487,13 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     check_writable(csv_path, "--out")
     check_writable(png_path, "--out")
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
-                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes))
+                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
+                         threads=threads, objective=objective, rank_multiple=rank_multiple,
+                         latency_table=str(latency_table) if latency_table else None)
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
-    title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}"
+    title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
-    cols = ["speedup_target", "speedup_theoretical", "speedup_measured", "top1_agreement", "nmse",
+    cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",
             "accuracy_candidate", "status"]
     click.echo("  ".join(f"{c:>19}" for c in cols))
     for r in rows:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,13 +32,17 @@ from .graph.loading import (infer_value_types, load_model, normalise, real_input
                             with_input_shapes)
 from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from .graph.subgraph import producers
+from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
+                      measure_model, model_key, save_cache, time_layer, timed_ranks)
 from .solver.activations import Activation
 from .solver.balance import Balanced, balance
-from .solver.ranks import ConvShape, select_ranks, speedup_to_budget
+from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
+                           select_ranks_costed, speedup_to_budget)
 from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
                                     response_spectrum)
 
 METHODS = ("linear", "nonlinear")
+OBJECTIVES = ("latency", "flops")
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
 MIN_ROWS_PER_CHANNEL = 2
@@ -70,6 +77,16 @@ class CompressConfig:
     cache_dir: str | None = None
     preprocess: ImagePreprocess | None = None
     balance: bool = True
+    #: "latency": --speedup is measured on onnxruntime (layers timed, see latency.py); "flops": FLOP count.
+    objective: str = "latency"
+    #: Chosen ranks are multiples of this (onnxruntime's NCHWc block); 1 = any rank.
+    rank_multiple: int = 16
+    #: A latency table file: used if it exists (every timing must be in it), else written.
+    latency_table: str | None = None
+    #: Where measured layer timings are cached (default: $ONNX_LOWRANK_CACHE or ~/.cache/onnx-lowrank).
+    latency_cache: str | None = None
+    #: Seconds of timing per layer (all its candidate ranks together).
+    latency_seconds: float = 1.0
 
 
 @dataclass
@@ -114,7 +131,8 @@ class Compressor:
     """
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
-    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance")
+    RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
+                  "threads")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -142,10 +160,42 @@ class Compressor:
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
+        self._latency: dict = {}
+        if cfg.objective == "latency":  # a latency table that does not fit is an error before calibrating
+            self._latency_costs(plan, cfg)
         self.positions = positions_per_image(plan, self.source.total(self.limit), cfg)
         self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
                                          self.limit, self.positions, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
+
+    def timing_feed(self) -> dict:
+        """One calibration input at batch 1 (the model's own batch if it is fixed): what latency is timed on."""
+        n = self.batch if _fixed_batch(input_specs(self.model)) else 1
+        return next(self.source.batches(n, n))
+
+    def _latency_costs(self, plan: list[LayerPlan], cfg: CompressConfig) -> LatencyCosts:
+        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table)
+        if key not in self._latency:
+            lat = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
+            lat.measure = lambda ranks: self._stand_in_speedup(ranks, cfg)
+            self._latency[key] = lat
+        return self._latency[key]
+
+    def _stand_in_speedup(self, ranks: dict[str, int], cfg: CompressConfig) -> float:
+        """Measured speed-up of the model factorised at ``ranks`` with constant weights (nothing solved):
+        latency does not depend on the weights' values, so this checks the per-layer prediction."""
+        stages = {}
+        for lay in self.layers:
+            if lay.name in ranks:
+                r, d, (kh, kw) = ranks[lay.name], lay.out_channels, lay.kernel
+                w1 = np.full((r, lay.in_channels, kh, kw), 0.01, np.float32)
+                stages[lay.name] = [ConvStage(w1, np.zeros(r, np.float32) if lay.bias is not None else None,
+                                              first_stage_attrs(lay.attrs, lay.kernel)),
+                                    ConvStage(np.full((d, r, 1, 1), 0.01, np.float32), np.zeros(d, np.float32),
+                                              pointwise_attrs())]
+        stand_in = rewrite_convs(self.model, stages) if stages else self.model
+        progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
+        return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
     def run(self, **overrides) -> CompressionResult:
         bad = set(overrides) - set(self.RUN_FIELDS)
@@ -161,8 +211,9 @@ class Compressor:
                                "Compressor is created")
         # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
         # single-threaded reductions make the output file reproducible bit for bit.
+        latency = self._latency_costs(plan, cfg) if cfg.objective == "latency" else None
         with threadpool_limits(limits=1, user_api="blas"):
-            _choose_ranks(plan, self.samples, self.flops, cfg)
+            _choose_ranks(plan, self.samples, self.flops, cfg, latency)
             chosen = [p for p in plan if p.rank is not None]
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
                        self.positions, cfg)
@@ -170,7 +221,7 @@ class Compressor:
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
-        return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds))
+        return CompressionResult(new_model, _report(plan, self.flops, cfg, self.samples.images, seconds, latency))
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
@@ -213,10 +264,16 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError(f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
         raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
-                           "2 means half the FLOPs")
+                           "2 means twice as fast, or half the FLOPs with --objective flops")
     k = cfg.samples_per_image
     if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
+        raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
+    if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):
+        raise LowRankError(f"latency_seconds must be positive, not {cfg.latency_seconds!r}")
     if cfg.max_images is not None and cfg.max_images < 1:
         raise LowRankError("--max-images must be at least 1")
     if cfg.batch_size < 1:
@@ -236,6 +293,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, np.dtype(dtype), shape))
     return specs
+
+
+def _fixed_batch(inputs: list[InputSpec]) -> bool:
+    return any(i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 for i in inputs)
 
 
 def _batching(inputs: list[InputSpec], source: FeedSource, cfg: CompressConfig) -> tuple[int, int | None]:
@@ -273,6 +334,8 @@ class LayerPlan:
     asymmetric: bool | None = None
     note: str = ""
     rows: int | None = None
+    latency_before: float | None = None
+    latency_after: float | None = None
 
     @property
     def shape(self) -> ConvShape:
@@ -374,7 +437,168 @@ def _held_back(images: int, holdout_every: int) -> int:
     return images // holdout_every if holdout_every >= 2 else 0
 
 
-def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig) -> None:
+@dataclass
+class LatencyCosts:
+    """Measured times (ms): the whole original model and, per candidate layer name, its table entry."""
+
+    model_ms: float
+    layers: dict[str, dict]
+    environment: str
+    source: str  # "measured" or the table file it came from
+    table: LatencyTable | None = None  # every entry used, written to the table file / cache as it grows
+    table_path: Path | None = None
+    frozen: bool = False  # the table came from a file: its layer timings are final
+    cache: Path | None = None
+    model_key: str = ""
+    measure: Callable[[dict[str, int]], float] | None = None  # {layer name: rank} -> stand-in model's speed-up
+    checks: list = field(default_factory=list)  # the whole-model checks of the last rank choice
+    chosen_check: float | None = None  # checked speed-up of the ranks chosen
+
+    def checked_speedup(self, ranks: dict[str, int]) -> float:
+        """Measured speed-up of the model with these ranks (stand-in weights), from the table if there."""
+        key = "check_" + hashlib.sha256(json.dumps([self.model_key, sorted(ranks.items())]).encode()).hexdigest()[:20]
+        if key not in self.table.entries:
+            # A table file fixes the layer timings; a check it lacks (another --speedup) is measured and added.
+            cached = None if self.frozen else load_cache(self.cache, self.table.env).entries.get(key)
+            self.table.entries[key] = cached or {"speedup": float(self.measure(ranks))}
+            if cached is None and not self.frozen:
+                save_cache(self.cache, LatencyTable(self.table.env, {key: self.table.entries[key]}))
+            if self.table_path is not None:
+                self.table.save(self.table_path)
+        return float(self.table.entries[key]["speedup"])
+
+
+def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
+    shape = value_types.get(lay.input, (None, None))[1]
+    if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
+        hw = shape[2:]
+    else:  # input size from the output size: exact up to the stride's remainder, enough for timing
+        s = lay.attrs.get("strides", [1, 1])
+        dil = lay.attrs.get("dilations", [1, 1])
+        pads = lay.attrs.get("pads", [0, 0, 0, 0])
+        hw = [(lay.out_shape[2 + a] - 1) * s[a] + dil[a] * (lay.kernel[a] - 1) + 1 - pads[a] - pads[a + 2]
+              for a in range(2)]
+    return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, lay.attrs)
+
+
+def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg: CompressConfig) -> LatencyCosts:
+    """Time the whole model and each candidate layer (cache or table first); see latency.py."""
+    env = environment(cfg.threads)
+    free = [p for p in plan if p.candidate]
+    wanted = {}  # table key -> (layer spec, ranks to time)
+    names = {}
+    for p in free:
+        spec = _layer_spec(p.layer, value_types)
+        key = LatencyTable.layer_key(spec, cfg.rank_multiple)
+        names[p.layer.name] = key
+        wanted[key] = (spec, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
+    mkey = model_key(model, feed)
+    table_path = Path(cfg.latency_table) if cfg.latency_table else None
+    if table_path is not None and table_path.exists():
+        table = LatencyTable.load(table_path)
+        missing = [k for k in [mkey, *wanted] if k not in table.entries]
+        if missing:
+            raise LowRankError(f"latency table {table_path} lacks {len(missing)} timing(s) this compression needs "
+                               f"(e.g. {missing[0]}): it was made for another model, --rank-multiple or input size; "
+                               "give a new file name to measure and write one")
+        if table.env != env:
+            progress.log(f"note: latency table {table_path} was measured with {table.env}; here: {env}")
+        return LatencyCosts(float(table.entries[mkey]["ms"]), {n: table.entries[k] for n, k in names.items()},
+                            table.env, str(table_path), table, table_path, True, None, mkey)
+    where = cache_dir(cfg.latency_cache)
+    cache = load_cache(where, env)
+    todo = [k for k in wanted if k not in cache.entries]
+    if mkey not in cache.entries or todo:
+        progress.status(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
+                     f"about {cfg.latency_seconds:g} s each, cached in {where}")
+    if mkey not in cache.entries:
+        cache.entries[mkey] = {"ms": measure_model(model, feed, cfg.threads, seconds=2 * cfg.latency_seconds)}
+        progress.status(f"latency: whole model {cache.entries[mkey]['ms']:.3f} ms")
+    for n, k in enumerate(todo, 1):
+        spec, ranks = wanted[k]
+        cache.entries[k] = time_layer(spec, ranks, cfg.threads, cfg.latency_seconds)
+        progress.status(f"latency: [{n}/{len(todo)}] {k}: original {cache.entries[k]['original_ms']:.3f} ms, "
+                     f"{len(ranks)} rank(s) timed")
+    save_cache(where, LatencyTable(env, {k: cache.entries[k] for k in [mkey, *todo]}))
+    used = LatencyTable(env, {k: cache.entries[k] for k in [mkey, *wanted]})
+    if table_path is not None:
+        used.save(table_path)
+    return LatencyCosts(float(used.entries[mkey]["ms"]), {n: used.entries[k] for n, k in names.items()}, env,
+                        str(table_path) if table_path else "measured", used, table_path, False, where, mkey)
+
+
+def _layer_costs(p: LayerPlan, entry: dict, multiple: int) -> LayerCosts:
+    ranks = candidate_ranks(p.shape.break_even_rank(), multiple)
+    return LayerCosts.from_table(p.layer.out_channels, float(entry["original_ms"]), interpolate(entry, ranks))
+
+
+def _fixed_latency(entry: dict, r: int | None) -> float:
+    """Time of a hand-set rank: interpolated when timed ranks surround it, else the original's."""
+    return interpolate(entry, [r]).get(r, float(entry["original_ms"])) if r is not None else float(entry["original_ms"])
+
+
+#: Checked whole-model speed-ups within this fraction of the target are accepted.
+CHECK_TOLERANCE = 0.03
+MAX_CHECKS = 4
+
+
+def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latency: LatencyCosts,
+                   cfg: CompressConfig) -> list[int | None]:
+    """Ranks for a measured speed-up of ``cfg.speedup``: the per-layer table chooses, the whole model checks.
+
+    The table's savings are measured on layers alone; inside the whole model a layer saves a
+    somewhat different amount (caches, fused neighbours, threads). So each choice is checked
+    by timing the whole model factorised at those ranks (constant weights, nothing solved) and
+    the savings are rescaled by ``alpha = measured saving / table saving`` before choosing again,
+    until the checked speed-up is within ``CHECK_TOLERANCE`` of the target (at most MAX_CHECKS
+    times). The choice kept is the checked one closest to the target from above, else the fastest.
+    """
+    base = [fixed[i] if i in fixed and p.shape.saves(fixed[i]) else None for i, p in enumerate(free)]
+    movable = [i for i in range(len(free)) if i not in fixed]
+    entries = [latency.layers[p.layer.name] for p in free]
+    options = [_layer_costs(free[i], entries[i], cfg.rank_multiple) for i in movable]
+    model_ms, target = latency.model_ms, float(cfg.speedup)
+    fixed_ms = model_ms - sum(float(e["original_ms"]) for e in entries) + \
+        sum(_fixed_latency(entries[i], base[i]) for i in fixed)
+    alpha, tried = 1.0, []
+    for attempt in range(MAX_CHECKS):
+        budget = model_ms - model_ms * (1 - 1 / target) / alpha
+        fastest = False
+        try:
+            chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
+                                         unit="ms of predicted latency", indices=movable)
+        except RankSelectionError as err:
+            if any(t["fastest"] for t in tried):
+                break
+            # The table may understate what the layers save inside the model: check the fastest choice
+            # before giving up (also when a rescaled budget asks for more than the table allows).
+            fastest = True
+            chosen = select_ranks_costed(options, [spectra[i] for i in movable], err.min_flops, fixed_ms,
+                                         unit="ms of predicted latency", indices=movable)
+        ranks = list(base)
+        for i, r in zip(movable, chosen):
+            ranks[i] = r
+        saving = sum(float(entries[i]["original_ms"]) - _fixed_latency(entries[i], r) if i in fixed
+                     else float(entries[i]["original_ms"]) - _layer_costs(free[i], entries[i], cfg.rank_multiple)
+                     .cost_at(r) for i, r in enumerate(ranks) if r is not None)
+        checked = latency.checked_speedup({free[i].layer.name: r for i, r in enumerate(ranks) if r is not None})
+        tried.append({"table_speedup": model_ms / (model_ms - saving) if saving < model_ms else math.inf,
+                      "checked_speedup": checked, "ranks": ranks, "fastest": fastest})
+        if fastest and checked < target * (1 - CHECK_TOLERANCE):
+            raise RankSelectionError(model_ms / target, model_ms / checked, model_ms, "ms of measured latency")
+        measured_saving = model_ms * (1 - 1 / checked)
+        if abs(checked / target - 1) <= CHECK_TOLERANCE or saving <= 0 or measured_saving <= 0:
+            break
+        alpha = measured_saving / saving
+    above = [t for t in tried if t["checked_speedup"] >= target * (1 - CHECK_TOLERANCE)]
+    best = min(above, key=lambda t: t["checked_speedup"]) if above else max(tried, key=lambda t: t["checked_speedup"])
+    latency.checks = [{k: v for k, v in t.items() if k not in ("ranks", "fastest")} for t in tried]
+    latency.chosen_check = best["checked_speedup"]
+    return best["ranks"]
+
+
+def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig,
+                  latency: LatencyCosts | None = None) -> None:
     free = [p for p in plan if p.candidate]
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
@@ -384,22 +608,41 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
         p.rows = int(fit.sum())
         spectra.append(response_spectrum(samples.rows[key][fit]))
         if p.layer.name in cfg.ranks:
-            fixed[i] = cfg.ranks[p.layer.name]
+            r = cfg.ranks[p.layer.name]
+            if r % cfg.rank_multiple:
+                progress.log(f"warning: rank {r} for {p.layer.name!r} is not a multiple of --rank-multiple "
+                             f"{cfg.rank_multiple}: onnxruntime may run it slower than the next multiple")
+            fixed[i] = r
     total = sum(flops.values())
     if cfg.speedup is None:
         ranks = [fixed.get(i) for i in range(len(free))]
         ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
-    else:
+    elif latency is None:
         budget = speedup_to_budget(total, cfg.speedup)
-        ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed)
+        ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed, multiple=cfg.rank_multiple)
+    else:
+        ranks = _latency_ranks(free, spectra, fixed, latency, cfg)
+    if latency is not None:
+        for i, (p, r) in enumerate(zip(free, ranks)):
+            e = latency.layers[p.layer.name]
+            p.latency_before = float(e["original_ms"])
+            p.latency_after = _fixed_latency(e, r) if i in fixed or r is None else \
+                _layer_costs(p, e, cfg.rank_multiple).cost_at(r)
     for p, r, spec in zip(free, ranks, spectra):
         if r is None:
             p.status = "skipped"
             if p.layer.name in cfg.ranks:
                 p.reason = (f"rank {cfg.ranks[p.layer.name]} is at or above break-even "
                             f"({p.shape.break_even_rank()}): no FLOP saving")
+            elif not cfg.speedup:
+                p.reason = "no rank given"
+            elif p.shape.break_even_rank() < cfg.rank_multiple:
+                p.reason = (f"break-even rank {p.shape.break_even_rank()} is below the rank multiple "
+                            f"{cfg.rank_multiple}")
+            elif latency is not None and not _layer_costs(p, latency.layers[p.layer.name], cfg.rank_multiple).ranks:
+                p.reason = "no candidate rank is faster than the original on onnxruntime (measured)"
             else:
-                p.reason = "kept at full rank by rank selection" if cfg.speedup else "no rank given"
+                p.reason = "kept at full rank by rank selection"
             continue
         p.rank, p.status, p.reason = int(r), "factorised", ""
         p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
@@ -520,7 +763,8 @@ def _validate(model: onnx.ModelProto) -> None:
         raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc
 
 
-def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float) -> dict:
+def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float,
+            latency: LatencyCosts | None = None) -> dict:
     total_before = sum(flops.values())
     conv_before = sum(p.flops_before for p in plan)
     saved = sum(p.flops_before - p.flops_after for p in plan)
@@ -543,6 +787,8 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "break_even_rank": p.shape.break_even_rank() if p.candidate else None,
             "flops_before": p.flops_before,
             "flops_after": p.flops_after,
+            "latency_before_ms": p.latency_before,
+            "latency_after_ms": p.latency_after,
             "energy_kept": p.energy_kept,
             "method": p.method,
             "asymmetric": p.asymmetric,
@@ -553,6 +799,12 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         })
     after = total_before - saved
     conv_after = conv_before - saved
+    table_ms = speedup = None
+    if latency is not None:
+        table_ms = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
+                                          if p.latency_before is not None and p.rank is not None)
+        # With a target the ranks were checked on the whole model: that measurement is the prediction.
+        speedup = latency.chosen_check if cfg.speedup else latency.model_ms / table_ms
     return {
         "flops_before": total_before,
         "flops_after": after,
@@ -561,6 +813,16 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "conv_flops_after": conv_after,
         "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
         "target_speedup": cfg.speedup,
+        "objective": cfg.objective,
+        "rank_multiple": cfg.rank_multiple,
+        "latency_original_ms": latency.model_ms if latency else None,
+        "latency_table_ms": table_ms,
+        "table_latency_speedup": latency.model_ms / table_ms if latency else None,
+        "latency_predicted_ms": latency.model_ms / speedup if latency else None,
+        "predicted_latency_speedup": speedup,
+        "latency_checks": latency.checks if latency and cfg.speedup else None,
+        "latency_table": latency.source if latency else None,
+        "latency_environment": latency.environment if latency else None,
         "method": cfg.method,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,

@@ -45,3 +45,9 @@ def log(message: str) -> None:
     """One status line on stderr, unless quiet."""
     if _enabled:
         print(message, file=sys.stderr, flush=True)
+
+
+def status(message: str) -> None:
+    """A status line for a person watching a terminal: silent in logs, pipes and with --quiet."""
+    if _enabled and sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)

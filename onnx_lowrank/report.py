@@ -40,6 +40,20 @@ def format_report(report: dict) -> str:
                  f"per image, {report['speedup_theoretical']:.2f}x theoretical speed-up")
     lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                  f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
+    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, multiples of {report.get('rank_multiple', 1)}"
+                 + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
+    if report.get("predicted_latency_speedup"):
+        lines.append(f"latency    : {report['latency_original_ms']:.3f} -> {report['latency_predicted_ms']:.3f} ms "
+                     f"predicted, {report['predicted_latency_speedup']:.2f}x (sum of timed layers: "
+                     f"{report['table_latency_speedup']:.2f}x"
+                     + (f"; {len(report['latency_checks'])} whole-model check(s)" if report.get("latency_checks")
+                        else "") + ")")
+    if report.get("measured_latency_speedup"):
+        m = report["latency_measured"]
+        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms (median of {m['runs']} "
+                     f"interleaved runs), {report['measured_latency_speedup']:.2f}x"
+                     + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
+                        if report.get("latency_prediction_error") is not None else ""))
     lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
                  "squared error of the layer's target on held-back calibration images"
                  + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))

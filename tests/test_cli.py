@@ -149,7 +149,7 @@ def _success_cases(root: Path) -> dict[str, tuple[list[str], Path]]:
     _write_pngs(folder / "images")
     return {
         "ok": (["compress", "model.onnx", "--calib", "calib.npz", "--speedup", "1.6", "-o", "out/small.onnx",
-                "--report", "r.json", "--threads", "1"], ok),
+                "--report", "r.json", "--threads", "1", "--objective", "flops", "--rank-multiple", "1"], ok),
         "folder": (["compress", "model.onnx", "--calib", "images", "--ranks", "conv1=3,conv2=4", "--report",
                     "r.json", "--threads", "1", "-q"], folder),
         "help": (["--help"], root),

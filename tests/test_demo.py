@@ -44,7 +44,7 @@ def _accuracy(model, x, labels) -> float:
 
 def test_demo_2x_loses_at_most_half_a_point(heldout):
     x, y = heldout
-    result = onnx_lowrank.compress(str(MODEL), str(CALIB), speedup=2)
+    result = onnx_lowrank.compress(str(MODEL), str(CALIB), speedup=2, objective="flops")
     assert result.report["speedup_theoretical"] >= 2.0
     before, after = _accuracy(MODEL, x, y), _accuracy(result.model, x, y)
     assert before > 0.95
@@ -53,8 +53,8 @@ def test_demo_2x_loses_at_most_half_a_point(heldout):
 
 def test_broken_budget_exits_3_and_writes_nothing(tmp_path):
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
-    res = _cli("compress", MODEL, "--calib", CALIB, "--speedup", "25", "--max-images", "60", "--samples-per-image", "4",
-               "--method", "linear", "--no-asymmetric", "-o", out, "--report", rep,
+    res = _cli("compress", MODEL, "--calib", CALIB, "--speedup", "5", "--max-images", "60", "--samples-per-image", "4",
+               "--method", "linear", "--no-asymmetric", "--objective", "flops", "-o", out, "--report", rep,
                "--eval-data", HELDOUT, "--labels", "label", "--max-accuracy-drop", "0.01", "-q")
     assert res.returncode == 3, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -94,7 +94,7 @@ def test_eval_and_bench_json(tmp_path):
 
 def test_sweep_writes_csv_and_png(tmp_path):
     res = _cli("sweep", MODEL, "--calib", CALIB, "--eval-data", HELDOUT, "--labels", "label", "--speedups", "2,3",
-               "--max-images", "60", "--runs", "3", "--method", "linear", "--no-asymmetric",
+               "--max-images", "60", "--runs", "3", "--method", "linear", "--no-asymmetric", "--objective", "flops",
                "--out", tmp_path / "sw", "-q")
     assert res.returncode == 0, res.stderr
     import csv
@@ -120,7 +120,8 @@ def test_sigterm_removes_the_cache_and_writes_nothing(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "onnx_lowrank", "compress", str(MODEL), "--calib", str(CALIB),
-                             "--speedup", "4", "-o", str(out), "-q"], env={**os.environ, "TMPDIR": str(tmp)},
+                             "--speedup", "4", "--objective", "flops", "-o", str(out), "-q"],
+                            env={**os.environ, "TMPDIR": str(tmp)},
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp.glob("onnx-lowrank-cache-*")) and time.time() < deadline and proc.poll() is None:

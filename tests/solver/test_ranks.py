@@ -6,9 +6,12 @@ import pytest
 
 from onnx_lowrank.solver.ranks import (
     ConvShape,
+    LayerCosts,
     RankSelectionError,
+    candidate_ranks,
     log_energy,
     select_ranks,
+    select_ranks_costed,
     speedup_to_budget,
     summarise,
 )
@@ -306,3 +309,104 @@ def test_error_is_user_facing_and_spectra_optional_for_fixed():
     assert ranks[1] == 2 and ranks[0] is None
     with pytest.raises(ValueError, match="no spectrum"):
         select_ranks(layers, [None, None, None], before * 0.5)
+
+
+# ---------------------------------------------------------------- rank multiples and cost tables
+
+
+def test_candidate_ranks_by_hand():
+    assert candidate_ranks(50, 16) == [16, 32, 48]
+    assert candidate_ranks(48, 16) == [16, 32, 48]
+    assert candidate_ranks(15, 16) == []
+    assert candidate_ranks(4, 1) == [1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        candidate_ranks(10, 0)
+
+
+def test_cost_table_keeps_only_ranks_that_pay():
+    # rank 3 costs more than rank 4 (a block-size effect): never worth it; rank 5 is no cheaper than the original.
+    c = LayerCosts.from_table(6, 10.0, {1: 2.0, 2: 4.0, 3: 7.0, 4: 6.0, 5: 10.0})
+    assert c.ranks == (1, 2, 4)
+    assert c.costs == (2.0, 4.0, 6.0)
+    assert LayerCosts.from_table(6, 1.0, {1: 1.0, 2: 3.0}).ranks == ()
+
+
+def _exhaustive_costed(tables, originals, spectra, budget, fixed=0.0):
+    best = None
+    for choice in itertools.product(*[[None] + sorted(t) for t in tables]):
+        cost = fixed + sum(o if r is None else t[r] for r, t, o in zip(choice, tables, originals))
+        if cost <= budget:
+            o = objective(spectra, choice)
+            if best is None or o > best[0]:
+                best = (o, choice)
+    return best
+
+
+def _random_tables(rng, n):
+    """Noisy, non-monotone cost tables (measured latencies look like this), some ranks not paying at all."""
+    tables, originals, spectra = [], [], []
+    for _ in range(n):
+        d = int(rng.integers(2, 8))
+        original = float(rng.uniform(1, 3))
+        ranks = range(1, d)
+        tables.append({r: float(original * (r / d + rng.uniform(-0.3, 0.4))) for r in ranks})
+        originals.append(original)
+        spectra.append(np.sort(rng.exponential(size=d) ** 2)[::-1])
+    return tables, originals, spectra
+
+
+def test_costed_greedy_bounded_by_brute_force():
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(150):
+        tables, originals, spectra = _random_tables(rng, int(rng.integers(2, 4)))
+        options = [LayerCosts.from_table(len(s), o, t) for t, o, s in zip(tables, originals, spectra)]
+        fixed = float(rng.uniform(0, 2))
+        least = fixed + sum(min([o] + list(t.values())) for t, o in zip(tables, originals))
+        before = fixed + sum(originals)
+        budget = float(rng.uniform(least, before))
+        ranks = select_ranks_costed(options, spectra, budget, fixed, unit="ms")
+        cost = fixed + sum(o if r is None else t[r] for r, t, o in zip(ranks, tables, originals))
+        assert cost <= budget + 1e-12
+        for r, t, o in zip(ranks, tables, originals):
+            assert r is None or t[r] < o  # never a rank that does not pay
+        best, _ = _exhaustive_costed(tables, originals, spectra, budget, fixed)
+        gap = best - objective(spectra, ranks)
+        assert gap >= -1e-9
+        gaps.append(gap)
+    gaps = np.array(gaps)
+    assert (gaps < 1e-9).mean() >= 0.8
+    assert gaps.max() < 1.0
+
+
+def test_layer_kept_whole_when_no_rank_pays():
+    spectra = [np.array([4.0, 2.0, 1.0, 0.5]), np.array([4.0, 2.0, 1.0, 0.5])]
+    slow = LayerCosts.from_table(4, 1.0, {1: 1.2, 2: 1.5, 3: 2.0})
+    fast = LayerCosts.from_table(4, 1.0, {1: 0.2, 2: 0.5, 3: 0.8})
+    ranks = select_ranks_costed([slow, fast], spectra, 1.5, unit="ms")
+    assert ranks[0] is None and ranks[1] in (1, 2)
+    with pytest.raises(RankSelectionError) as info:
+        select_ranks_costed([slow, fast], spectra, 1.1, unit="ms")
+    assert info.value.max_speedup == pytest.approx(2.0 / 1.2)
+    assert "ms" in str(info.value)
+
+
+def test_rank_multiple_respected_and_bounded_by_brute_force():
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        layers = [ConvShape(int(rng.integers(4, 13)), int(rng.integers(4, 13)), 3, 3, int(rng.integers(1, 10)))
+                  for _ in range(int(rng.integers(2, 4)))]
+        spectra = [np.sort(rng.exponential(size=layer.d) ** 2)[::-1] for layer in layers]
+        m = int(rng.integers(2, 5))
+        options = [[None] + candidate_ranks(layer.break_even_rank(), m) for layer in layers]
+        before = sum(layer.original_flops() for layer in layers)
+        least = sum(layer.flops_at(o[1] if len(o) > 1 else None) for layer, o in zip(layers, options))
+        budget = float(rng.uniform(least, before))
+        ranks = select_ranks(layers, spectra, budget, multiple=m)
+        assert total_flops(layers, ranks) <= budget
+        for layer, r in zip(layers, ranks):
+            assert r is None or (r % m == 0 and m <= r <= layer.break_even_rank())
+        best = max(objective(spectra, c) for c in itertools.product(*options)
+                   if total_flops(layers, c) <= budget)
+        assert objective(spectra, ranks) <= best + 1e-9
+        assert best - objective(spectra, ranks) < 1.0
