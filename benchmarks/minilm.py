@@ -36,6 +36,7 @@ import random
 import re
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,8 @@ def check() -> str:
     n_calib = len(np.load(calib)["input_ids"])
     md = header("MiniLM harness check (all-MiniLM-L6-v2, benchmarks/minilm.py)")
     md += (f"Model: all-MiniLM-L6-v2 exported with pooling + normalisation in the graph ({MODEL_PATH.name}). "
-           f"Sentences: first sentences of {', '.join(PACKAGES)} docstrings, {n_calib} for calibration, "
+           f"Sentences: first sentences of the docstrings of "
+           f"{', '.join(f'{p} {metadata.version(p)}' for p in PACKAGES)}, {n_calib} for calibration, "
            f"{self_check['sentences']} for evaluation (disjoint), {SEQ_LEN} tokens. Latency: batch 1, "
            f"{self_check['runs']} interleaved runs, {self_check['threads']} thread; ratio = original / candidate "
            f"median.\n\n")

@@ -116,9 +116,9 @@ def _check_outputs(model, output, report) -> None:
     if report is not None and Path(report).resolve() in (Path(output).resolve(),) + \
             ((Path(model).resolve(),) if isinstance(model, (str, Path)) else ()):
         raise LowRankError("the report path would overwrite a model file: give it its own path, e.g. report.json")
-    check_writable(output, "--output")
+    check_writable(output, "output")
     if report is not None:
-        check_writable(report, "--report")
+        check_writable(report, "report")
 
 
 def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:
