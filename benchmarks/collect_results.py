@@ -31,8 +31,7 @@ ORDER = [
     ("samples_per_layer", "Issue 9: samples per layer (rows per output channel)"),
     ("int8_demo", "Issue 9: INT8 after factorisation on the demo model"),
     ("latency_objective", "Issue 7: latency objective vs FLOP objective"),
-    ("latency_objective_quick", "Issue 7: latency objective, smoke test only (--quick, shared busy machine)"),
-    ("latency_objective_quick_resnet50", "Issue 7: latency objective on ResNet-50, smoke test only (--quick)"),
+    ("latency_objective_t2", "Issue 7: latency objective at 2 threads, rerun on a quiet machine"),
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
 ]
 

@@ -126,7 +126,8 @@ def _fmt(v, spec):
 def _write(rows, args, runs):
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "latency_objective" + ("_quick" if args.quick else "") + \
-        ("_" + "_".join(args.models.split(",")) if args.models else "")
+        ("_" + "_".join(args.models.split(",")) if args.models else "") + \
+        ("_t" + "_".join(args.threads.split(",")) if args.threads else "")
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
