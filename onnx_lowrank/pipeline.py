@@ -30,16 +30,15 @@ from .files import check_writable
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
-from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
+from .graph.rewrite import ConvStage, rewrite_convs
 from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
-from .solver.activations import Activation
+from .schemes import SCHEMES, ChannelScheme, Scheme
 from .solver.balance import Balanced, balance
 from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
                            select_ranks_costed, speedup_to_budget)
-from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
-                                    response_spectrum)
+from .solver.reconstruction import Factorisation, response_spectrum
 
 METHODS = ("linear", "nonlinear")
 OBJECTIVES = ("latency", "flops")
@@ -87,6 +86,8 @@ class CompressConfig:
     latency_cache: str | None = None
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
+    #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) for every layer.
+    scheme: str = "channel"
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Compressor:
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
-                  "threads")
+                  "threads", "scheme")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -184,15 +185,8 @@ class Compressor:
     def _stand_in_speedup(self, ranks: dict[str, int], cfg: CompressConfig) -> float:
         """Measured speed-up of the model factorised at ``ranks`` with constant weights (nothing solved):
         latency does not depend on the weights' values, so this checks the per-layer prediction."""
-        stages = {}
-        for lay in self.layers:
-            if lay.name in ranks:
-                r, d, (kh, kw) = ranks[lay.name], lay.out_channels, lay.kernel
-                w1 = np.full((r, lay.in_channels, kh, kw), 0.01, np.float32)
-                stages[lay.name] = [ConvStage(w1, np.zeros(r, np.float32) if lay.bias is not None else None,
-                                              first_stage_attrs(lay.attrs, lay.kernel)),
-                                    ConvStage(np.full((d, r, 1, 1), 0.01, np.float32), np.zeros(d, np.float32),
-                                              pointwise_attrs())]
+        stages = {lay.name: SCHEMES["channel"].stand_in(lay, ranks[lay.name]) for lay in self.layers
+                  if lay.name in ranks}
         stand_in = rewrite_convs(self.model, stages) if stages else self.model
         progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
@@ -268,6 +262,8 @@ def _check_config(cfg: CompressConfig) -> None:
     k = cfg.samples_per_image
     if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
+    if cfg.scheme not in SCHEMES:
+        raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, not {cfg.scheme!r}")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
@@ -328,6 +324,7 @@ class LayerPlan:
     rel_error: float | None = None
     rel_error_linear: float | None = None
     method: str | None = None
+    scheme: Scheme = field(default_factory=ChannelScheme)
     factorisation: Factorisation | None = None
     balanced: Balanced | None = None
     candidate: bool = False
@@ -339,8 +336,7 @@ class LayerPlan:
 
     @property
     def shape(self) -> ConvShape:
-        lay = self.layer
-        return ConvShape(lay.in_channels, lay.out_channels, lay.kernel[0], lay.kernel[1], lay.positions)
+        return self.scheme.shape(self.layer)
 
     @property
     def flops_after(self) -> int:
@@ -355,7 +351,7 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
                                f"(run `onnx-lowrank layers MODEL` to see the names)")
     plan = []
     for i, lay in enumerate(layers):
-        p = LayerPlan(lay, i, flops.get(lay.name, 0))
+        p = LayerPlan(lay, i, flops.get(lay.name, 0), scheme=_scheme(lay, cfg))
         if lay.skip_reason:
             p.reason = lay.skip_reason
         elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
@@ -368,6 +364,14 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
             p.candidate = True
         plan.append(p)
     return plan
+
+
+def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
+    """The configured scheme, or the channel pair for a layer it cannot take."""
+    scheme = SCHEMES[cfg.scheme]
+    if lay.skip_reason or scheme.skip_reason(lay) is None:
+        return scheme
+    return SCHEMES["channel"]
 
 
 def _no_candidate_message(plan: list[LayerPlan]) -> str:
@@ -661,10 +665,6 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
             update(1)
 
 
-def _activation(layer: ConvLayer) -> Activation:
-    return Activation(layer.activation, dict(layer.activation_params))
-
-
 def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
     """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs."""
     lay = p.layer
@@ -679,37 +679,14 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
                   "(more images or --samples-per-image allow asymmetric)")
         progress.log(f"warning: {lay.name}: {p.note}")
         approximated = None
-    src = approximated or original
-    yh = src.rows[y_key].astype(np.float64)
-    sh = src.rows[s_key].astype(np.float64) if s_key else None
-    act = _activation(lay)
-    asym = p.asymmetric = approximated is not None
-    # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
-    lin_target = y if s is None else y + s - sh
-    lin = linear_reconstruction(lin_target[fit], p.rank, yh[fit] if asym else None)
-    f = lin
-    if cfg.method == "nonlinear" and not act.is_identity:
-        f, _ = nonlinear_reconstruction(
-            y[fit], p.rank, act, Yhat=yh[fit] if asym else None,
-            offset=None if s is None else s[fit], offset_hat=None if sh is None else sh[fit],
-            schedule=cfg.schedule, init=lin)
-        p.method = "nonlinear"
-    else:
-        p.method = "linear"
-    target = act.apply(y[held] + (0 if s is None else s[held]))
-
-    def err(fz: Factorisation) -> float | None:
-        if not held.any():
-            return None
-        pred = act.apply(fz.predict(yh[held]) + (0 if sh is None else sh[held]))
-        den = float(np.sum(target ** 2))
-        return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
-
-    p.rel_error = err(f)
-    p.rel_error_linear = err(lin) if p.method == "nonlinear" else p.rel_error
-    p.factorisation = f
+    yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
+    sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
+    p.asymmetric = approximated is not None
+    sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
+    p.method, p.rel_error, p.rel_error_linear = sol.method, sol.rel_error, sol.rel_error_linear
+    p.factorisation = sol.factorisation
     # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
-    p.balanced = balance(f, yh) if cfg.balance else None
+    p.balanced = balance(p.factorisation, y if yh is None else yh) if cfg.balance else None
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
@@ -730,7 +707,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
             for i, p in enumerate(by_stop[stop]):
                 _solve(p, samples, approx, cfg)
                 f = p.factorisation
-                prop.transform(p.layer.output, f.P, f.Q, f.b)
+                prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps))
                 # Two Convs feeding one Add are each other's shortcut: the second one must see the
                 # first one's approximation, as the rewritten model will.
                 for q in by_stop[stop][i + 1:]:
@@ -740,17 +717,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    lay = p.layer
-    f = p.balanced.factorisation if p.balanced else p.factorisation
-    w = lay.weight.astype(np.float64)
-    w1 = np.einsum("dr,dckl->rckl", f.Q, w)
-    if p.balanced:
-        b1, b2 = p.balanced.first_bias(lay.bias), p.balanced.second_bias()
-    else:
-        b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
-        b2 = f.b
-    return [ConvStage(w1, b1, first_stage_attrs(lay.attrs, lay.kernel)),
-            ConvStage(f.P[:, :, None, None], b2, pointwise_attrs())]
+    return p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced)
 
 
 def _validate(model: onnx.ModelProto) -> None:
@@ -791,6 +758,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "latency_after_ms": p.latency_after,
             "energy_kept": p.energy_kept,
             "method": p.method,
+            "scheme": p.scheme.name if p.rank is not None else None,
             "asymmetric": p.asymmetric,
             "note": p.note,
             "rows": p.rows,
@@ -824,6 +792,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "latency_table": latency.source if latency else None,
         "latency_environment": latency.environment if latency else None,
         "method": cfg.method,
+        "scheme": cfg.scheme,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,
