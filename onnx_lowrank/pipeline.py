@@ -86,7 +86,8 @@ class CompressConfig:
     latency_cache: str | None = None
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
-    #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) for every layer.
+    #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) or "3d" (k x 1, 1 x k,
+    #: 1 x 1; layers it cannot split keep the channel pair).
     scheme: str = "channel"
 
 
@@ -266,6 +267,8 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, not {cfg.scheme!r}")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    if cfg.scheme != "channel" and cfg.objective == "latency":
+        raise LowRankError(f"--scheme {cfg.scheme} needs --objective flops (only the channel pair is timed so far)")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
         raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
     if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):
@@ -656,17 +659,40 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
                positions: dict[int, int], cfg: CompressConfig) -> None:
     if not chosen:
         return
+    # Schemes with stages before their channel step (3-D) are sampled at their core's output: in a model
+    # where those layers are replaced by pre + core (same output names, hence the same positions).
+    split = {p.layer.name: p for p in chosen if p.scheme.split(p.layer, p.rank)[0]}
+    sampling = rewrite_convs(model, {n: _pre_and_core(p) for n, p in split.items()}) if split else model
+    plain = None  # the cores' responses on the original inputs: the symmetric fit of a split layer
+    if split and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p in split.values())):
+        with progress.bar("sampling split layers", source.total(limit), "img") as update:
+            plain = collect(sampling, value_types, source, [SampledTensor(p.layer.output, p.layer_id)
+                                                            for p in split.values()],
+                            batch, cfg.seed, positions, limit, update, cfg.threads)
     if cfg.asymmetric:
-        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, positions, cfg)
+        _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain)
         return
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
-            _solve(p, samples, None, cfg)
+            _solve(p, samples, None, cfg, plain)
             update(1)
 
 
-def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
-    """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs."""
+def _pre_and_core(p: LayerPlan) -> list[ConvStage]:
+    pre, core = p.scheme.split(p.layer, p.rank)
+    return [*pre, core]
+
+
+def _too_few_rows(p: LayerPlan, samples, cfg: CompressConfig) -> bool:
+    fit, _ = _split(samples, sample_key(p.layer.output, p.layer_id), cfg.holdout_every)
+    return int(fit.sum()) < MIN_ROWS_PER_CHANNEL * p.layer.out_channels
+
+
+def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig, plain=None) -> None:
+    """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs.
+
+    ``plain``: samples of split layers' cores on the original inputs (their symmetric inputs).
+    """
     lay = p.layer
     y_key = sample_key(lay.output, p.layer_id)
     s_key = sample_key(lay.shortcut, p.layer_id) if lay.shortcut else None
@@ -681,6 +707,8 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
         approximated = None
     yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
     sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
+    if approximated is None and plain is not None and y_key in plain.rows:
+        yh, sh = plain.rows[y_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
     p.asymmetric = approximated is not None
     sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
     p.method, p.rel_error, p.rel_error_linear = sol.method, sol.rel_error, sol.rel_error_linear
@@ -690,14 +718,14 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      limit: int | None, positions: dict[int, int], cfg: CompressConfig) -> None:
+                      limit: int | None, positions: dict[int, int], cfg: CompressConfig, plain=None) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
     by_stop: dict[int, list[LayerPlan]] = {}
     for p in chosen:
         lay = p.layer
-        stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
+        stop = max(producer[lay.output], producer.get(lay.shortcut, -1) if lay.shortcut else -1)
         stops.setdefault(stop, []).extend(_tensors(p))
         by_stop.setdefault(stop, []).append(p)
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
@@ -705,7 +733,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, update):
             for i, p in enumerate(by_stop[stop]):
-                _solve(p, samples, approx, cfg)
+                _solve(p, samples, approx, cfg, plain)
                 f = p.factorisation
                 prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps))
                 # Two Convs feeding one Add are each other's shortcut: the second one must see the
