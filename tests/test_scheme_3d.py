@@ -174,3 +174,27 @@ def test_3d_needs_the_flop_objective():
         onnx_lowrank.compress(_exact_model(), _feed(10, 0), scheme="3d")
     with pytest.raises(LowRankError, match="--scheme"):
         onnx_lowrank.compress(_exact_model(), _feed(10, 0), scheme="spatial", objective="flops")
+
+
+def test_cli_scheme_option(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_lowrank.cli import main
+
+    onnx.save(_exact_model(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", **_feed(20, 0))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bad = CliRunner().invoke(main, ["compress", "m.onnx", "--calib", "calib.npz", "--scheme", "3d", "-o", "o.onnx"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+    assert "--objective flops" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    ok = CliRunner().invoke(main, ["compress", "m.onnx", "--calib", "calib.npz", "--scheme", "3d", "--objective",
+                                   "flops", "--rank-multiple", "1", "--speedup", "2", "-o", "o.onnx", "--report",
+                                   "r.json", "--no-measure"])
+    assert ok.exit_code == 0, ok.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["scheme"] == "3d" and {lay["scheme"] for lay in rep["layers"]} <= {"3d", None}
+    assert "3-D, " in ok.stdout
