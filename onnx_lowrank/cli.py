@@ -124,7 +124,7 @@ def _objective_options(f):
                      help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
                           "output), else write the timings used to it."),
         click.option("--scheme", type=click.Choice(["channel", "3d"]), default="channel", show_default=True,
-                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; needs --objective flops)."),
+                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -35,6 +35,7 @@ from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
 from .schemes import SCHEMES, ChannelScheme, Scheme
+from .schemes.spatial3d import explicit_pads
 from .solver.balance import Balanced, balance
 from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
                            select_ranks_costed, speedup_to_budget)
@@ -176,7 +177,7 @@ class Compressor:
         return next(self.source.batches(n, n))
 
     def _latency_costs(self, plan: list[LayerPlan], cfg: CompressConfig) -> LatencyCosts:
-        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table)
+        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table, cfg.scheme)
         if key not in self._latency:
             lat = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
             lat.measure = lambda ranks: self._stand_in_speedup(ranks, cfg)
@@ -186,7 +187,7 @@ class Compressor:
     def _stand_in_speedup(self, ranks: dict[str, int], cfg: CompressConfig) -> float:
         """Measured speed-up of the model factorised at ``ranks`` with constant weights (nothing solved):
         latency does not depend on the weights' values, so this checks the per-layer prediction."""
-        stages = {lay.name: SCHEMES["channel"].stand_in(lay, ranks[lay.name]) for lay in self.layers
+        stages = {lay.name: _scheme(lay, cfg).stand_in(lay, ranks[lay.name]) for lay in self.layers
                   if lay.name in ranks}
         stand_in = rewrite_convs(self.model, stages) if stages else self.model
         progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
@@ -267,8 +268,6 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, not {cfg.scheme!r}")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
-    if cfg.scheme != "channel" and cfg.objective == "latency":
-        raise LowRankError(f"--scheme {cfg.scheme} needs --objective flops (only the channel pair is timed so far)")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
         raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
     if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):
@@ -328,6 +327,7 @@ class LayerPlan:
     rel_error_linear: float | None = None
     method: str | None = None
     scheme: Scheme = field(default_factory=ChannelScheme)
+    split: tuple | None = None  # the scheme's (pre, core) at the chosen rank, once computed
     factorisation: Factorisation | None = None
     balanced: Balanced | None = None
     candidate: bool = False
@@ -475,7 +475,7 @@ class LatencyCosts:
         return float(self.table.entries[key]["speedup"])
 
 
-def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
+def _layer_spec(lay: ConvLayer, value_types, scheme: Scheme | None = None) -> LayerSpec:
     shape = value_types.get(lay.input, (None, None))[1]
     if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
         hw = shape[2:]
@@ -485,6 +485,10 @@ def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
         pads = lay.attrs.get("pads", [0, 0, 0, 0])
         hw = [(lay.out_shape[2 + a] - 1) * s[a] + dil[a] * (lay.kernel[a] - 1) + 1 - pads[a] - pads[a + 2]
               for a in range(2)]
+    if scheme is not None and scheme.name == "3d":  # its chain is written with explicit pads
+        attrs = {k: v for k, v in lay.attrs.items() if k != "auto_pad"}
+        attrs["pads"] = explicit_pads(lay)
+        return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, attrs, "3d")
     return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, lay.attrs)
 
 
@@ -495,7 +499,7 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     wanted = {}  # table key -> (layer spec, ranks to time)
     names = {}
     for p in free:
-        spec = _layer_spec(p.layer, value_types)
+        spec = _layer_spec(p.layer, value_types, p.scheme)
         key = LatencyTable.layer_key(spec, cfg.rank_multiple)
         names[p.layer.name] = key
         wanted[key] = (spec, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
@@ -661,8 +665,10 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
         return
     # Schemes with stages before their channel step (3-D) are sampled at their core's output: in a model
     # where those layers are replaced by pre + core (same output names, hence the same positions).
-    split = {p.layer.name: p for p in chosen if p.scheme.split(p.layer, p.rank)[0]}
-    sampling = rewrite_convs(model, {n: _pre_and_core(p) for n, p in split.items()}) if split else model
+    for p in chosen:
+        p.split = p.scheme.split(p.layer, p.rank)
+    split = {p.layer.name: p for p in chosen if p.split[0]}
+    sampling = rewrite_convs(model, {n: [*p.split[0], p.split[1]] for n, p in split.items()}) if split else model
     plain = None  # the cores' responses on the original inputs: the symmetric fit of a split layer
     if split and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p in split.values())):
         with progress.bar("sampling split layers", source.total(limit), "img") as update:
@@ -676,11 +682,6 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
         for p in chosen:
             _solve(p, samples, None, cfg, plain)
             update(1)
-
-
-def _pre_and_core(p: LayerPlan) -> list[ConvStage]:
-    pre, core = p.scheme.split(p.layer, p.rank)
-    return [*pre, core]
 
 
 def _too_few_rows(p: LayerPlan, samples, cfg: CompressConfig) -> bool:
@@ -745,7 +746,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    return p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced)
+    return p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced, p.split)
 
 
 def _validate(model: onnx.ModelProto) -> None:

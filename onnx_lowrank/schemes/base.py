@@ -56,9 +56,12 @@ class Scheme:
         """What the written chain computes from the core's output maps (n, d, positions)."""
         return f.apply_channels(maps)
 
-    def stages(self, layer: ConvLayer, rank: int, f: Factorisation, balanced: Balanced | None = None) -> list[ConvStage]:
-        """The Conv nodes that replace the layer: ``pre``, the core projected by ``Q``, then ``P`` (1 x 1)."""
-        pre, core = self.split(layer, rank)
+    def stages(self, layer: ConvLayer, rank: int, f: Factorisation, balanced: Balanced | None = None,
+               split: tuple[list[ConvStage], ConvStage] | None = None) -> list[ConvStage]:
+        """The Conv nodes that replace the layer: ``pre``, the core projected by ``Q``, then ``P`` (1 x 1).
+
+        ``split``: :meth:`split` at this rank if already computed (it may cost an SVD)."""
+        pre, core = split or self.split(layer, rank)
         if balanced is not None:
             f = balanced.factorisation
         w1 = np.einsum("dr,dckl->rckl", f.Q, core.weight.astype(np.float64))

@@ -10,6 +10,8 @@ what the spatial truncation lost. ``d'' = d' = rank``.
 from __future__ import annotations
 
 from ..graph.layers import ConvLayer
+import numpy as np
+
 from ..graph.rewrite import ConvStage
 from ..solver.spatial import ThreeDShape, spatial_svd, split_conv_attributes
 from .base import Scheme
@@ -66,3 +68,16 @@ class ThreeDScheme(Scheme):
         V, H = spatial_svd(layer.weight, rank)
         return ([ConvStage(V, None, {"kernel_shape": [kh, 1], "group": 1, **vertical})],
                 ConvStage(H, layer.bias, {"kernel_shape": [1, kw], "group": 1, **horizontal}))
+
+    def stand_in(self, layer: ConvLayer, rank: int) -> list[ConvStage]:
+        kh, kw = layer.kernel
+        c, d = layer.in_channels, layer.out_channels
+        r2 = min(rank, c * kh, d * kw)
+        vertical, horizontal = split_conv_attributes(layer.attrs.get("strides", [1, 1]), explicit_pads(layer),
+                                                     layer.attrs.get("dilations", [1, 1]))
+        full = lambda *shape: np.full(shape, 0.01, np.float32)  # noqa: E731
+        return [ConvStage(full(r2, c, kh, 1), None, {"kernel_shape": [kh, 1], "group": 1, **vertical}),
+                ConvStage(full(rank, r2, 1, kw), full(rank) if layer.bias is not None else None,
+                          {"kernel_shape": [1, kw], "group": 1, **horizontal}),
+                ConvStage(full(d, rank, 1, 1), full(d), {"kernel_shape": [1, 1], "group": 1, "strides": [1, 1],
+                                                         "pads": [0, 0, 0, 0], "dilations": [1, 1]})]
