@@ -123,8 +123,9 @@ def _objective_options(f):
         click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                      help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
                           "output), else write the timings used to it."),
-        click.option("--scheme", type=click.Choice(["channel", "3d"]), default="channel", show_default=True,
-                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair)."),
+        click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
+                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
+                          "auto (--objective flops): per layer, whichever fits better at equal FLOPs."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -30,7 +30,7 @@ from .files import check_writable
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
-from .graph.rewrite import ConvStage, rewrite_convs
+from .graph.rewrite import ConvStage, add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
@@ -88,7 +88,9 @@ class CompressConfig:
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
     #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) or "3d" (k x 1, 1 x k,
-    #: 1 x 1; layers it cannot split keep the channel pair).
+    #: 1 x 1; layers it cannot split keep the channel pair); "auto" (flops objective): ranks are chosen for the
+    #: channel pair, then each layer is also fitted as 3-D at the highest rank costing no more, and keeps the
+    #: one with the smaller error on the held-back images.
     scheme: str = "channel"
 
 
@@ -211,6 +213,8 @@ class Compressor:
         with threadpool_limits(limits=1, user_api="blas"):
             _choose_ranks(plan, self.samples, self.flops, cfg, latency)
             chosen = [p for p in plan if p.rank is not None]
+            if cfg.scheme == "auto":
+                _offer_3d(chosen, cfg)
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
                        self.positions, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
@@ -264,8 +268,10 @@ def _check_config(cfg: CompressConfig) -> None:
     k = cfg.samples_per_image
     if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
-    if cfg.scheme not in SCHEMES:
-        raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, not {cfg.scheme!r}")
+    if cfg.scheme not in (*SCHEMES, "auto"):
+        raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, auto, not {cfg.scheme!r}")
+    if cfg.scheme == "auto" and cfg.objective != "flops":
+        raise LowRankError("--scheme auto needs --objective flops (it compares the schemes at equal FLOPs)")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
@@ -328,6 +334,8 @@ class LayerPlan:
     method: str | None = None
     scheme: Scheme = field(default_factory=ChannelScheme)
     split: tuple | None = None  # the scheme's (pre, core) at the chosen rank, once computed
+    alt: tuple | None = None  # --scheme auto: (scheme, rank, (pre, core), core output tensor) also fitted
+    spectrum: np.ndarray | None = None
     factorisation: Factorisation | None = None
     balanced: Balanced | None = None
     candidate: bool = False
@@ -371,7 +379,7 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
 
 def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
     """The configured scheme, or the channel pair for a layer it cannot take."""
-    scheme = SCHEMES[cfg.scheme]
+    scheme = SCHEMES["channel" if cfg.scheme == "auto" else cfg.scheme]
     if lay.skip_reason or scheme.skip_reason(lay) is None:
         return scheme
     return SCHEMES["channel"]
@@ -656,7 +664,32 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
                 p.reason = "kept at full rank by rank selection"
             continue
         p.rank, p.status, p.reason = int(r), "factorised", ""
-        p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
+        p.spectrum = spec
+        p.energy_kept = _energy(spec, r)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.3g}%"
+
+
+def _energy(spec: np.ndarray, r: int) -> float:
+    return float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
+
+
+def _offer_3d(chosen: list[LayerPlan], cfg: CompressConfig) -> None:
+    """--scheme auto: give each layer the 3-D alternative at the highest rank that costs no more FLOPs."""
+    three_d = SCHEMES["3d"]
+    shortcuts = {p.layer.shortcut for p in chosen if p.layer.shortcut}
+    for p in chosen:
+        # A layer that is another's shortcut would need its core rows at that layer's positions too: kept simple.
+        if three_d.skip_reason(p.layer) is not None or p.layer.output in shortcuts:
+            continue
+        shape, budget = three_d.shape(p.layer), p.flops_after
+        fits = [r for r in candidate_ranks(min(shape.break_even_rank(), p.layer.out_channels), cfg.rank_multiple)
+                if shape.factorised_flops(r) <= budget]
+        if fits:
+            r3 = fits[-1]
+            p.alt = (three_d, r3, three_d.split(p.layer, r3), f"{p.layer.output}__lowrank_3d")
 
 
 def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
@@ -669,12 +702,17 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
         p.split = p.scheme.split(p.layer, p.rank)
     split = {p.layer.name: p for p in chosen if p.split[0]}
     sampling = rewrite_convs(model, {n: [*p.split[0], p.split[1]] for n, p in split.items()}) if split else model
+    # --scheme auto: the 3-D alternative's core runs beside the Conv, to an extra tensor sampled with it.
+    alts = {p.layer.name: p for p in chosen if p.alt}
+    if alts:
+        sampling = add_branches(sampling, {n: ([*p.alt[2][0], p.alt[2][1]], p.alt[3]) for n, p in alts.items()})
+    cores = [SampledTensor(p.layer.output, p.layer_id) for p in split.values()] + \
+        [SampledTensor(p.alt[3], p.layer_id) for p in alts.values()]
     plain = None  # the cores' responses on the original inputs: the symmetric fit of a split layer
-    if split and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p in split.values())):
+    if cores and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p in [*split.values(), *alts.values()])):
         with progress.bar("sampling split layers", source.total(limit), "img") as update:
-            plain = collect(sampling, value_types, source, [SampledTensor(p.layer.output, p.layer_id)
-                                                            for p in split.values()],
-                            batch, cfg.seed, positions, limit, update, cfg.threads)
+            plain = collect(sampling, value_types, source, cores, batch, cfg.seed, positions, limit, update,
+                            cfg.threads)
     if cfg.asymmetric:
         _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain)
         return
@@ -712,6 +750,18 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig, plain=None
         yh, sh = plain.rows[y_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
     p.asymmetric = approximated is not None
     sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
+    if p.alt:
+        scheme, r3, split, core = p.alt
+        rows = (approximated or plain).rows[sample_key(core, p.layer_id)].astype(np.float64)
+        alt = scheme.solve(y, rows, r3, lay, fit, held, s=s, sh=sh if approximated is not None else s,
+                           method=cfg.method, schedule=cfg.schedule)
+        note = f"auto: channel rank {p.rank} err {_pct(sol.rel_error)}, 3-D rank {r3} err {_pct(alt.rel_error)}"
+        if alt.rel_error is not None and sol.rel_error is not None and alt.rel_error < sol.rel_error:
+            p.scheme, p.rank, p.split, sol, yh = scheme, r3, split, alt, rows
+            p.energy_kept = _energy(p.spectrum, r3)
+        else:
+            p.alt = None
+        p.note = "; ".join(filter(None, [p.note, note]))
     p.method, p.rel_error, p.rel_error_linear = sol.method, sol.rel_error, sol.rel_error_linear
     p.factorisation = sol.factorisation
     # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
@@ -726,8 +776,9 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
     by_stop: dict[int, list[LayerPlan]] = {}
     for p in chosen:
         lay = p.layer
-        stop = max(producer[lay.output], producer.get(lay.shortcut, -1) if lay.shortcut else -1)
-        stops.setdefault(stop, []).extend(_tensors(p))
+        stop = max(producer[lay.output], producer[p.alt[3]] if p.alt else -1,
+                   producer.get(lay.shortcut, -1) if lay.shortcut else -1)
+        stops.setdefault(stop, []).extend(_tensors(p) + ([SampledTensor(p.alt[3], p.layer_id)] if p.alt else []))
         by_stop.setdefault(stop, []).append(p)
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
@@ -736,7 +787,8 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
             for i, p in enumerate(by_stop[stop]):
                 _solve(p, samples, approx, cfg, plain)
                 f = p.factorisation
-                prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps))
+                prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps),
+                               source=p.alt[3] if p.alt else None)
                 # Two Convs feeding one Add are each other's shortcut: the second one must see the
                 # first one's approximation, as the rewritten model will.
                 for q in by_stop[stop][i + 1:]:

@@ -230,3 +230,52 @@ def test_3d_with_the_latency_objective(tmp_path):
     assert done and all(lay["scheme"] == "3d" and lay["rank"] % 16 == 0 for lay in done)
     table = json.loads(next(tmp_path.glob("latency-*.json")).read_text())
     assert any(k.endswith("_3d_m16") for k in table["entries"])
+
+
+def _auto_model():
+    """conv0: channel rank 1 but spatial rank 3 (the pair is exact at rank 1, 3-D is not at equal FLOPs);
+    conv1: spatial rank 1, channel rank 2 (3-D is exact at the rank 2 that costs what the pair's rank 1 does)."""
+    rng = np.random.default_rng(6)
+    w0 = np.einsum("o,cpq->ocpq", rng.standard_normal(32), rng.standard_normal((8, 3, 3))) / 5
+    C = rng.standard_normal((16, 2)) @ rng.standard_normal((2, 3))
+    w1 = np.einsum("cp,oq->ocpq", rng.standard_normal((32, 3)), C) / 10
+    inits = {"w0": w0.astype(np.float32), "b0": rng.standard_normal(32).astype(np.float32),
+             "w1": w1.astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv0", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a0"]),
+             helper.make_node("Conv", ["a0", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("GlobalAveragePool", ["a1"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["output"])]
+    graph = helper.make_graph(nodes, "auto", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", 8, 10, 10])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_auto_picks_the_scheme_that_is_exact_per_layer(asymmetric):
+    model = _auto_model()
+    feed = {"input": np.random.default_rng(0).standard_normal((40, 8, 10, 10)).astype(np.float32)}
+    x = {"input": np.random.default_rng(1).standard_normal((3, 8, 10, 10)).astype(np.float32)}
+    ref = run(model, x)[0]
+    common = dict(ranks={"conv0": 1, "conv1": 1}, speedup=None, objective="flops", rank_multiple=1, method="linear",
+                  asymmetric=asymmetric, samples_per_image=20)
+    errs = {}
+    for scheme in ("channel", "3d", "auto"):
+        res = onnx_lowrank.compress(model, feed, scheme=scheme, **common)
+        errs[scheme] = _rel_err(run(res.model, x)[0], ref)
+        if scheme == "auto":
+            by = {lay["name"]: lay for lay in res.report["layers"]}
+            assert (by["conv0"]["scheme"], by["conv0"]["rank"]) == ("channel", 1)
+            # Per position, 3-D costs 2 (2 32 3 + 2 2 3 + 16 2) = 472 at rank 2 and 2 (3 32 3 + 3 3 3 + 16 3)
+            # = 726 at rank 3, over the pair's 2 (32 9 + 16) = 608 at rank 1.
+            assert (by["conv1"]["scheme"], by["conv1"]["rank"]) == ("3d", 2)
+            assert by["conv1"]["flops_after"] == 2 * (2 * 32 * 3 + 2 * 2 * 3 + 16 * 2) * 100
+            assert res.report["scheme"] == "auto"
+    assert errs["auto"] < 1e-4 < min(errs["channel"], errs["3d"]), errs

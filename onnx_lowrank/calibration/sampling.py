@@ -255,11 +255,12 @@ class Propagator:
             sampler.add(n, lambda name, b=b: self._load(b, name))
         return sampler.result()
 
-    def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray]) -> None:
-        """Replace the cached tensor ``name`` (N, d, ...) by ``apply`` of it, reshaped (N, d, positions)
-        in float64: a scheme's channel step (e.g. ``Factorisation.apply_channels``)."""
+    def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray], source: str | None = None) -> None:
+        """Replace the cached tensor ``name`` (N, d, ...) by ``apply`` of it (or of the cached ``source``,
+        shaped like it), reshaped (N, d, positions) in float64: a scheme's channel step (e.g.
+        ``Factorisation.apply_channels``)."""
         for b in range(len(self._batches)):
-            y = self._load(b, name)
+            y = self._load(b, source or name)
             shape = y.shape
             out = apply(y.reshape(shape[0], shape[1], -1).astype(np.float64))
             self._save(b, name, out.reshape(shape).astype(y.dtype))

@@ -75,6 +75,39 @@ def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage
     return new
 
 
+def add_branches(model: onnx.ModelProto, branches: dict[str, tuple[list[ConvStage], str]]) -> onnx.ModelProto:
+    """Copy of the model where each named Conv also feeds its input through a chain of stages to a new,
+    unread tensor (name given): both decompositions can then be sampled in one pass. The chain is
+    inserted right after the Conv, so graph order stays topological."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    g = new.graph
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in list(n.output) + list(n.input)} | \
+        {n.name for n in g.node}
+    nodes = []
+    for node in g.node:
+        nodes.append(node)
+        key = node.name or node.output[0]
+        if node.op_type != "Conv" or key not in branches:
+            continue
+        stages, out = branches[key]
+        current = node.input[0]
+        for i, st in enumerate(stages):
+            base = _unique(f"{key}_branch{i}", taken)
+            inputs = [current, _unique(base + "_W", taken)]
+            g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(st.weight, dtype=np.float32),
+                                                              inputs[1]))
+            if st.bias is not None:
+                inputs.append(_unique(base + "_B", taken))
+                g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(st.bias, dtype=np.float32),
+                                                                  inputs[2]))
+            current = out if i == len(stages) - 1 else _unique(base + "_out", taken)
+            nodes.append(onnx.helper.make_node("Conv", inputs, [current], name=base, **st.attrs))
+    del g.node[:]
+    g.node.extend(nodes)
+    return new
+
+
 def _unique(name: str, taken: set) -> str:
     cand, i = name, 1
     while cand in taken:
