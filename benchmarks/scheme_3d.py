@@ -1,6 +1,6 @@
 """3-D decomposition vs the channel pair at equal FLOPs, on the demo MNIST model (issue 8).
 
-Both schemes are compressed from one calibration (``Compressor``, objective flops) to the same FLOP
+Both schemes (and ``--scheme auto``, the better of the two per layer at equal FLOPs) are compressed from one calibration (``Compressor``, objective flops) to the same FLOP
 target, with ranks of any size (rank multiple 1) and multiples of 16 (onnxruntime's NCHWc block).
 Accuracy on the 1500 held-out digits, top-1 agreement and logit NMSE against the original; latency:
 every model (original first) interleaved in one run, medians, batch 1 and batch 16, ratios against
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +55,7 @@ def main():
     rows, paths = [], [orig]
     for s in [float(v) for v in args.speedups.split(",")]:
         for m in [int(v) for v in args.multiples.split(",")]:
-            for scheme in ("channel", "3d"):
+            for scheme in ("channel", "3d", "auto"):
                 row = {"speedup": s, "multiple": m, "scheme": scheme}
                 try:
                     res = comp.run(speedup=s, rank_multiple=m, scheme=scheme)
@@ -67,7 +68,7 @@ def main():
                 rep = res.report
                 row.update(status="ok", path=path, flops=rep["flops_after"], theoretical=rep["speedup_theoretical"],
                            ranks={lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
-                           schemes=sorted({lay["scheme"] for lay in rep["layers"] if lay["scheme"]}))
+                           schemes=[lay["scheme"] for lay in rep["layers"] if lay["scheme"]])
                 rows.append(row)
                 paths.append(path)
     ref = logits(orig, x)
@@ -87,13 +88,14 @@ def main():
     table = []
     for row in rows:
         if row["status"] != "ok":
-            table.append([f"{row['speedup']:g}", row["multiple"], row["scheme"], row["status"]] + ["-"] * 7)
+            table.append([f"{row['speedup']:g}", row["multiple"], row["scheme"], row["status"]] + ["-"] * 8)
             continue
         i = index[row["path"]]
         row["latency_speedup_b1"], row["latency_speedup_b16"] = lat[1]["speedup"][i], lat[16]["speedup"][i]
         table.append([f"{row['speedup']:g}", row["multiple"], row["scheme"], "ok", f"{row['flops'] / 1e6:.2f}M",
                       f"{row['theoretical']:.2f}x", f"{row['accuracy']:.2f}", f"{row['agreement']:.4f}",
-                      f"{row['nmse']:.2e}", f"{row['latency_speedup_b1']:.2f}x", f"{row['latency_speedup_b16']:.2f}x"])
+                      f"{row['nmse']:.2e}", f"{row['latency_speedup_b1']:.2f}x", f"{row['latency_speedup_b16']:.2f}x",
+                      ", ".join(f"{k} {v}" for k, v in sorted(Counter(row["schemes"]).items()))])
     md = header("3-D decomposition vs channel pair at equal FLOPs (demo model)") + (
         f"One calibration (500 digits, defaults: nonlinear, asymmetric), objective flops; each row is the same "
         f"FLOP target for both schemes. Original: accuracy {base_acc:.2f}% on the 1500 held-out digits. "
@@ -101,12 +103,13 @@ def main():
         f"the original / median of the model, all {len(paths)} models interleaved in one run ({args.runs} rounds, "
         f"onnxruntime CPU, {args.threads} thread(s), real digits), batch 1 and batch 16; original "
         f"{lat[1]['models'][0]['median_ms']:.3f} ms (b1), {lat[16]['models'][0]['median_ms']:.3f} ms (b16). "
-        "3-D: k x 1, 1 x k, 1 x 1 with d'' = d'; its 1 x 1 Convs (none in this model's candidates) would keep "
-        "the channel pair.\n\n")
+        "3-D: k x 1, 1 x k, 1 x 1 with d'' = d'. auto: ranks chosen for the pair, then each layer fitted both "
+        "ways at equal FLOPs and the smaller held-back error kept (schemes column: those kept).\n\n")
     md += markdown_table(["target (FLOPs)", "rank multiple", "scheme", "status", "FLOPs after", "theoretical",
-                          "accuracy %", "agreement", "logit NMSE", "speed b1", "speed b16"], table)
+                          "accuracy %", "agreement", "logit NMSE", "speed b1", "speed b16", "schemes"], table)
     md += "\n\nRanks chosen (d' per layer; 3-D: d'' = d'):\n\n" + "\n".join(
         f"- {r['speedup']:g}x, multiple {r['multiple']}, {r['scheme']}: {list(r['ranks'].values())}"
+        + (f" ({', '.join(r['schemes'])})" if r["scheme"] == "auto" else "")
         for r in rows if r["status"] == "ok")
     write_result("scheme_3d", md)
     (RESULTS / "scheme_3d.json").write_text(json.dumps(
