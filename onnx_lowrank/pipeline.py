@@ -380,7 +380,7 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
 def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
     """The configured scheme, or the channel pair for a layer it cannot take."""
     scheme = SCHEMES["channel" if cfg.scheme == "auto" else cfg.scheme]
-    if lay.skip_reason or scheme.skip_reason(lay) is None:
+    if not lay.skip_reason and scheme.skip_reason(lay) is None:
         return scheme
     return SCHEMES["channel"]
 
