@@ -88,8 +88,8 @@ class CompressConfig:
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
     #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) or "3d" (k x 1, 1 x k,
-    #: 1 x 1; layers it cannot split keep the channel pair); "auto" (flops objective): ranks are chosen for the
-    #: channel pair, then each layer is also fitted as 3-D at the highest rank costing no more, and keeps the
+    #: 1 x 1; layers it cannot split keep the channel pair); "auto" (flops objective): ranks are chosen as for
+    #: "3d", then each 3-D layer is also fitted as a pair at the highest rank costing no more, and keeps the
     #: one with the smaller error on the held-back images.
     scheme: str = "channel"
 
@@ -214,7 +214,7 @@ class Compressor:
             _choose_ranks(plan, self.samples, self.flops, cfg, latency)
             chosen = [p for p in plan if p.rank is not None]
             if cfg.scheme == "auto":
-                _offer_3d(chosen, cfg)
+                _offer_pair(chosen, cfg)
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
                        self.positions, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
@@ -379,7 +379,7 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
 
 def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
     """The configured scheme, or the channel pair for a layer it cannot take."""
-    scheme = SCHEMES["channel" if cfg.scheme == "auto" else cfg.scheme]
+    scheme = SCHEMES["3d" if cfg.scheme == "auto" else cfg.scheme]
     if not lay.skip_reason and scheme.skip_reason(lay) is None:
         return scheme
     return SCHEMES["channel"]
@@ -676,20 +676,19 @@ def _energy(spec: np.ndarray, r: int) -> float:
     return float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
 
 
-def _offer_3d(chosen: list[LayerPlan], cfg: CompressConfig) -> None:
-    """--scheme auto: give each layer the 3-D alternative at the highest rank that costs no more FLOPs."""
-    three_d = SCHEMES["3d"]
+def _offer_pair(chosen: list[LayerPlan], cfg: CompressConfig) -> None:
+    """--scheme auto: give each 3-D layer the channel pair at the highest rank that costs no more FLOPs."""
+    pair = SCHEMES["channel"]
     shortcuts = {p.layer.shortcut for p in chosen if p.layer.shortcut}
     for p in chosen:
-        # A layer that is another's shortcut would need its core rows at that layer's positions too: kept simple.
-        if three_d.skip_reason(p.layer) is not None or p.layer.output in shortcuts:
+        # A layer that is another's shortcut would need its other rows at that layer's positions too: kept simple.
+        if p.scheme is pair or p.layer.output in shortcuts:
             continue
-        shape, budget = three_d.shape(p.layer), p.flops_after
-        fits = [r for r in candidate_ranks(min(shape.break_even_rank(), p.layer.out_channels), cfg.rank_multiple)
+        shape, budget = pair.shape(p.layer), p.flops_after
+        fits = [r for r in candidate_ranks(shape.break_even_rank(), cfg.rank_multiple)
                 if shape.factorised_flops(r) <= budget]
         if fits:
-            r3 = fits[-1]
-            p.alt = (three_d, r3, three_d.split(p.layer, r3), f"{p.layer.output}__lowrank_3d")
+            p.alt = (pair, fits[-1], pair.split(p.layer, fits[-1]), f"{p.layer.output}__lowrank_channel")
 
 
 def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
@@ -702,17 +701,22 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
         p.split = p.scheme.split(p.layer, p.rank)
     split = {p.layer.name: p for p in chosen if p.split[0]}
     sampling = rewrite_convs(model, {n: [*p.split[0], p.split[1]] for n, p in split.items()}) if split else model
-    # --scheme auto: the 3-D alternative's core runs beside the Conv, to an extra tensor sampled with it.
+    # --scheme auto: the alternative's pre + core run beside the layer, to an extra tensor sampled with it.
     alts = {p.layer.name: p for p in chosen if p.alt}
     if alts:
-        sampling = add_branches(sampling, {n: ([*p.alt[2][0], p.alt[2][1]], p.alt[3]) for n, p in alts.items()})
-    cores = [SampledTensor(p.layer.output, p.layer_id) for p in split.values()] + \
-        [SampledTensor(p.alt[3], p.layer_id) for p in alts.values()]
-    plain = None  # the cores' responses on the original inputs: the symmetric fit of a split layer
-    if cores and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p in [*split.values(), *alts.values()])):
+        sampling = add_branches(sampling, [(p.layer.output, p.layer.input, [*p.alt[2][0], p.alt[2][1]], p.alt[3])
+                                           for p in alts.values()])
+    # The symmetric fit of a split layer (or of an alternative) regresses on its core's response to the
+    # original inputs: sampled from the original model with each core beside its layer.
+    cores = [(p, p.layer.output, p.split) for p in split.values()] + [(p, p.alt[3], p.alt[2]) for p in alts.values()]
+    plain = None
+    if cores and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p, _, _ in cores)):
+        beside = add_branches(model, [(p.layer.output, p.layer.input, [*pre, core], _plain(name))
+                                      for p, name, (pre, core) in cores])
         with progress.bar("sampling split layers", source.total(limit), "img") as update:
-            plain = collect(sampling, value_types, source, cores, batch, cfg.seed, positions, limit, update,
-                            cfg.threads)
+            plain = collect(beside, value_types, source, [SampledTensor(_plain(name), p.layer_id)
+                                                          for p, name, _ in cores],
+                            batch, cfg.seed, positions, limit, update, cfg.threads)
     if cfg.asymmetric:
         _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain)
         return
@@ -720,6 +724,10 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
         for p in chosen:
             _solve(p, samples, None, cfg, plain)
             update(1)
+
+
+def _plain(name: str) -> str:
+    return f"{name}__lowrank_plain"
 
 
 def _too_few_rows(p: LayerPlan, samples, cfg: CompressConfig) -> bool:
@@ -746,19 +754,22 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig, plain=None
         approximated = None
     yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
     sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
-    if approximated is None and plain is not None and y_key in plain.rows:
-        yh, sh = plain.rows[y_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
+    plain_key = sample_key(_plain(lay.output), p.layer_id)
+    if approximated is None and plain is not None and plain_key in plain.rows:
+        yh, sh = plain.rows[plain_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
     p.asymmetric = approximated is not None
     sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
     if p.alt:
-        scheme, r3, split, core = p.alt
-        rows = (approximated or plain).rows[sample_key(core, p.layer_id)].astype(np.float64)
-        alt = scheme.solve(y, rows, r3, lay, fit, held, s=s, sh=sh if approximated is not None else s,
+        scheme, r_alt, split, core = p.alt
+        rows = (approximated.rows[sample_key(core, p.layer_id)] if approximated is not None
+                else plain.rows[sample_key(_plain(core), p.layer_id)]).astype(np.float64)
+        alt = scheme.solve(y, rows, r_alt, lay, fit, held, s=s, sh=sh if approximated is not None else s,
                            method=cfg.method, schedule=cfg.schedule)
-        note = f"auto: channel rank {p.rank} err {_pct(sol.rel_error)}, 3-D rank {r3} err {_pct(alt.rel_error)}"
+        note = (f"auto: {p.scheme.name} rank {p.rank} err {_pct(sol.rel_error)}, {scheme.name} rank {r_alt} "
+                f"err {_pct(alt.rel_error)}")
         if alt.rel_error is not None and sol.rel_error is not None and alt.rel_error < sol.rel_error:
-            p.scheme, p.rank, p.split, sol, yh = scheme, r3, split, alt, rows
-            p.energy_kept = _energy(p.spectrum, r3)
+            p.scheme, p.rank, p.split, sol, yh = scheme, r_alt, split, alt, rows
+            p.energy_kept = _energy(p.spectrum, r_alt)
         else:
             p.alt = None
         p.note = "; ".join(filter(None, [p.note, note]))
