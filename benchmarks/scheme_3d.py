@@ -103,8 +103,8 @@ def main():
         f"the original / median of the model, all {len(paths)} models interleaved in one run ({args.runs} rounds, "
         f"onnxruntime CPU, {args.threads} thread(s), real digits), batch 1 and batch 16; original "
         f"{lat[1]['models'][0]['median_ms']:.3f} ms (b1), {lat[16]['models'][0]['median_ms']:.3f} ms (b16). "
-        "3-D: k x 1, 1 x k, 1 x 1 with d'' = d'. auto: ranks chosen for the pair, then each layer fitted both "
-        "ways at equal FLOPs and the smaller held-back error kept (schemes column: those kept).\n\n")
+        "3-D: k x 1, 1 x k, 1 x 1 with d'' = d'. auto: ranks chosen as for 3-D, then each layer also fitted as "
+        "a pair at no more FLOPs and the smaller held-back error kept (schemes column: those kept).\n\n")
     md += markdown_table(["target (FLOPs)", "rank multiple", "scheme", "status", "FLOPs after", "theoretical",
                           "accuracy %", "agreement", "logit NMSE", "speed b1", "speed b16", "schemes"], table)
     md += "\n\nRanks chosen (d' per layer; 3-D: d'' = d'):\n\n" + "\n".join(

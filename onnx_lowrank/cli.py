@@ -125,7 +125,7 @@ def _objective_options(f):
                           "output), else write the timings used to it."),
         click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
                      help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
-                          "auto (--objective flops): per layer, whichever fits better at equal FLOPs."),
+                          "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
     ]
     for o in reversed(opts):
         f = o(f)
