@@ -123,6 +123,9 @@ def _objective_options(f):
         click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                      help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
                           "output), else write the timings used to it."),
+        click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
+                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
+                          "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -201,7 +204,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @_image_options
 def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, measure, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -254,7 +257,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
     show = None if quiet else (lambda result: click.echo(format_report(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
@@ -394,7 +397,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_objective_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -422,7 +425,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])

@@ -42,6 +42,7 @@ from onnx import TensorProto, helper
 from . import progress
 from .errors import LowRankError
 from .files import atomic_path
+from .solver.spatial import split_conv_attributes
 
 __all__ = ["LayerSpec", "LatencyTable", "environment", "cache_dir", "time_layer", "interpolate",
            "measure_model", "TABLE_FORMAT"]
@@ -65,19 +66,22 @@ class LayerSpec:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     dilations: tuple[int, int] = (1, 1)
     auto_pad: str = "NOTSET"
+    #: The factorised chain timed: "channel" (k x k, 1 x 1) or "3d" (k x 1, 1 x k, 1 x 1; explicit pads only).
+    scheme: str = "channel"
 
     def key(self) -> str:
         j = lambda v: "x".join(map(str, v))  # noqa: E731
         return (f"c{self.c}_d{self.d}_k{self.kh}x{self.kw}_in{self.h}x{self.w}_s{j(self.strides)}"
-                f"_p{j(self.pads)}_dil{j(self.dilations)}" + ("" if self.auto_pad == "NOTSET" else f"_{self.auto_pad}"))
+                f"_p{j(self.pads)}_dil{j(self.dilations)}" + ("" if self.auto_pad == "NOTSET" else f"_{self.auto_pad}")
+                + ("" if self.scheme == "channel" else f"_{self.scheme}"))
 
     @classmethod
-    def from_attrs(cls, c: int, d: int, kernel, input_hw, attrs: dict) -> "LayerSpec":
+    def from_attrs(cls, c: int, d: int, kernel, input_hw, attrs: dict, scheme: str = "channel") -> "LayerSpec":
         return cls(int(c), int(d), int(kernel[0]), int(kernel[1]), int(input_hw[0]), int(input_hw[1]),
                    tuple(int(v) for v in attrs.get("strides", (1, 1))),
                    tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0))),
                    tuple(int(v) for v in attrs.get("dilations", (1, 1))),
-                   str(attrs.get("auto_pad", "NOTSET") or "NOTSET"))
+                   str(attrs.get("auto_pad", "NOTSET") or "NOTSET"), scheme)
 
 
 def _cpu_model() -> str:
@@ -111,7 +115,7 @@ def _conv(name, x, y, w_name, attrs):
 
 
 def layer_model(spec: LayerSpec, rank: int | None, seed: int = 0) -> onnx.ModelProto:
-    """``MaxPool 1x1 -> Conv (or its factorised pair at rank) -> ReLU -> MaxPool 1x1``, random weights."""
+    """``MaxPool 1x1 -> Conv (or its factorised chain at rank) -> ReLU -> MaxPool 1x1``, random weights."""
     rng = np.random.default_rng(seed)
     attrs = {"kernel_shape": [spec.kh, spec.kw], "strides": list(spec.strides), "dilations": list(spec.dilations)}
     if spec.auto_pad != "NOTSET":
@@ -130,6 +134,14 @@ def layer_model(spec: LayerSpec, rank: int | None, seed: int = 0) -> onnx.ModelP
 
     if rank is None:
         nodes.append(_conv("conv", "a", "b", weight("w", (spec.d, spec.c, spec.kh, spec.kw)), attrs))
+    elif spec.scheme == "3d":
+        vertical, horizontal = split_conv_attributes(spec.strides, spec.pads, spec.dilations)
+        r2 = min(rank, spec.c * spec.kh, spec.d * spec.kw)
+        nodes.append(_conv("conv0", "a", "v", weight("w0", (r2, spec.c, spec.kh, 1)),
+                           {"kernel_shape": [spec.kh, 1], **vertical}))
+        nodes.append(_conv("conv1", "v", "m", weight("w1", (rank, r2, 1, spec.kw)),
+                           {"kernel_shape": [1, spec.kw], **horizontal}))
+        nodes.append(_conv("conv2", "m", "b", weight("w2", (spec.d, rank, 1, 1)), {"kernel_shape": [1, 1]}))
     else:
         nodes.append(_conv("conv0", "a", "m", weight("w0", (rank, spec.c, spec.kh, spec.kw)), attrs))
         nodes.append(_conv("conv1", "m", "b", weight("w1", (spec.d, rank, 1, 1)), {"kernel_shape": [1, 1]}))

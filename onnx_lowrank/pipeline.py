@@ -30,16 +30,16 @@ from .files import check_writable
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
-from .graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
+from .graph.rewrite import ConvStage, add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
-from .solver.activations import Activation
+from .schemes import SCHEMES, ChannelScheme, Scheme
+from .schemes.spatial3d import explicit_pads
 from .solver.balance import Balanced, balance
 from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
                            select_ranks_costed, speedup_to_budget)
-from .solver.reconstruction import (Factorisation, linear_reconstruction, nonlinear_reconstruction,
-                                    response_spectrum)
+from .solver.reconstruction import Factorisation, response_spectrum
 
 METHODS = ("linear", "nonlinear")
 OBJECTIVES = ("latency", "flops")
@@ -87,6 +87,11 @@ class CompressConfig:
     latency_cache: str | None = None
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
+    #: Decomposition scheme (onnx_lowrank/schemes): "channel" (k x k then 1 x 1) or "3d" (k x 1, 1 x k,
+    #: 1 x 1; layers it cannot split keep the channel pair); "auto" (flops objective): ranks are chosen as for
+    #: "3d", then each 3-D layer is also fitted as a pair at the highest rank costing no more, and keeps the
+    #: one with the smaller error on the held-back images.
+    scheme: str = "channel"
 
 
 @dataclass
@@ -132,7 +137,7 @@ class Compressor:
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
-                  "threads")
+                  "threads", "scheme")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -174,7 +179,7 @@ class Compressor:
         return next(self.source.batches(n, n))
 
     def _latency_costs(self, plan: list[LayerPlan], cfg: CompressConfig) -> LatencyCosts:
-        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table)
+        key = (cfg.rank_multiple, cfg.threads, cfg.latency_table, cfg.scheme)
         if key not in self._latency:
             lat = _measure_latency(self.model, self.value_types, plan, self.timing_feed(), cfg)
             lat.measure = lambda ranks: self._stand_in_speedup(ranks, cfg)
@@ -184,15 +189,8 @@ class Compressor:
     def _stand_in_speedup(self, ranks: dict[str, int], cfg: CompressConfig) -> float:
         """Measured speed-up of the model factorised at ``ranks`` with constant weights (nothing solved):
         latency does not depend on the weights' values, so this checks the per-layer prediction."""
-        stages = {}
-        for lay in self.layers:
-            if lay.name in ranks:
-                r, d, (kh, kw) = ranks[lay.name], lay.out_channels, lay.kernel
-                w1 = np.full((r, lay.in_channels, kh, kw), 0.01, np.float32)
-                stages[lay.name] = [ConvStage(w1, np.zeros(r, np.float32) if lay.bias is not None else None,
-                                              first_stage_attrs(lay.attrs, lay.kernel)),
-                                    ConvStage(np.full((d, r, 1, 1), 0.01, np.float32), np.zeros(d, np.float32),
-                                              pointwise_attrs())]
+        stages = {lay.name: _scheme(lay, cfg).stand_in(lay, ranks[lay.name]) for lay in self.layers
+                  if lay.name in ranks}
         stand_in = rewrite_convs(self.model, stages) if stages else self.model
         progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
@@ -215,6 +213,8 @@ class Compressor:
         with threadpool_limits(limits=1, user_api="blas"):
             _choose_ranks(plan, self.samples, self.flops, cfg, latency)
             chosen = [p for p in plan if p.rank is not None]
+            if cfg.scheme == "auto":
+                _offer_pair(chosen, cfg)
             _solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch, self.limit,
                        self.positions, cfg)
         new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in chosen}) if chosen \
@@ -268,6 +268,10 @@ def _check_config(cfg: CompressConfig) -> None:
     k = cfg.samples_per_image
     if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
+    if cfg.scheme not in (*SCHEMES, "auto"):
+        raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, auto, not {cfg.scheme!r}")
+    if cfg.scheme == "auto" and cfg.objective != "flops":
+        raise LowRankError("--scheme auto needs --objective flops (it compares the schemes at equal FLOPs)")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
@@ -328,6 +332,10 @@ class LayerPlan:
     rel_error: float | None = None
     rel_error_linear: float | None = None
     method: str | None = None
+    scheme: Scheme = field(default_factory=ChannelScheme)
+    split: tuple | None = None  # the scheme's (pre, core) at the chosen rank, once computed
+    alt: tuple | None = None  # --scheme auto: (scheme, rank, (pre, core), core output tensor) also fitted
+    spectrum: np.ndarray | None = None
     factorisation: Factorisation | None = None
     balanced: Balanced | None = None
     candidate: bool = False
@@ -339,8 +347,7 @@ class LayerPlan:
 
     @property
     def shape(self) -> ConvShape:
-        lay = self.layer
-        return ConvShape(lay.in_channels, lay.out_channels, lay.kernel[0], lay.kernel[1], lay.positions)
+        return self.scheme.shape(self.layer)
 
     @property
     def flops_after(self) -> int:
@@ -355,7 +362,7 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
                                f"(run `onnx-lowrank layers MODEL` to see the names)")
     plan = []
     for i, lay in enumerate(layers):
-        p = LayerPlan(lay, i, flops.get(lay.name, 0))
+        p = LayerPlan(lay, i, flops.get(lay.name, 0), scheme=_scheme(lay, cfg))
         if lay.skip_reason:
             p.reason = lay.skip_reason
         elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
@@ -368,6 +375,14 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
             p.candidate = True
         plan.append(p)
     return plan
+
+
+def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
+    """The configured scheme, or the channel pair for a layer it cannot take."""
+    scheme = SCHEMES["3d" if cfg.scheme == "auto" else cfg.scheme]
+    if not lay.skip_reason and scheme.skip_reason(lay) is None:
+        return scheme
+    return SCHEMES["channel"]
 
 
 def _no_candidate_message(plan: list[LayerPlan]) -> str:
@@ -468,7 +483,7 @@ class LatencyCosts:
         return float(self.table.entries[key]["speedup"])
 
 
-def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
+def _layer_spec(lay: ConvLayer, value_types, scheme: Scheme | None = None) -> LayerSpec:
     shape = value_types.get(lay.input, (None, None))[1]
     if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
         hw = shape[2:]
@@ -478,6 +493,10 @@ def _layer_spec(lay: ConvLayer, value_types) -> LayerSpec:
         pads = lay.attrs.get("pads", [0, 0, 0, 0])
         hw = [(lay.out_shape[2 + a] - 1) * s[a] + dil[a] * (lay.kernel[a] - 1) + 1 - pads[a] - pads[a + 2]
               for a in range(2)]
+    if scheme is not None and scheme.name == "3d":  # its chain is written with explicit pads
+        attrs = {k: v for k, v in lay.attrs.items() if k != "auto_pad"}
+        attrs["pads"] = explicit_pads(lay)
+        return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, attrs, "3d")
     return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, lay.attrs)
 
 
@@ -488,7 +507,7 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     wanted = {}  # table key -> (layer spec, ranks to time)
     names = {}
     for p in free:
-        spec = _layer_spec(p.layer, value_types)
+        spec = _layer_spec(p.layer, value_types, p.scheme)
         key = LatencyTable.layer_key(spec, cfg.rank_multiple)
         names[p.layer.name] = key
         wanted[key] = (spec, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
@@ -645,28 +664,82 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
                 p.reason = "kept at full rank by rank selection"
             continue
         p.rank, p.status, p.reason = int(r), "factorised", ""
-        p.energy_kept = float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
+        p.spectrum = spec
+        p.energy_kept = _energy(spec, r)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.3g}%"
+
+
+def _energy(spec: np.ndarray, r: int) -> float:
+    return float(spec[:r].sum() / spec.sum()) if spec.sum() > 0 else 1.0
+
+
+def _offer_pair(chosen: list[LayerPlan], cfg: CompressConfig) -> None:
+    """--scheme auto: give each 3-D layer the channel pair at the highest rank that costs no more FLOPs."""
+    pair = SCHEMES["channel"]
+    shortcuts = {p.layer.shortcut for p in chosen if p.layer.shortcut}
+    for p in chosen:
+        # A layer that is another's shortcut would need its other rows at that layer's positions too: kept simple.
+        if p.scheme is pair or p.layer.output in shortcuts:
+            continue
+        shape, budget = pair.shape(p.layer), p.flops_after
+        fits = [r for r in candidate_ranks(shape.break_even_rank(), cfg.rank_multiple)
+                if shape.factorised_flops(r) <= budget]
+        if fits:
+            p.alt = (pair, fits[-1], pair.split(p.layer, fits[-1]), f"{p.layer.output}__lowrank_channel")
 
 
 def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
                positions: dict[int, int], cfg: CompressConfig) -> None:
     if not chosen:
         return
+    # Schemes with stages before their channel step (3-D) are sampled at their core's output: in a model
+    # where those layers are replaced by pre + core (same output names, hence the same positions).
+    for p in chosen:
+        p.split = p.scheme.split(p.layer, p.rank)
+    split = {p.layer.name: p for p in chosen if p.split[0]}
+    sampling = rewrite_convs(model, {n: [*p.split[0], p.split[1]] for n, p in split.items()}) if split else model
+    # --scheme auto: the alternative's pre + core run beside the layer, to an extra tensor sampled with it.
+    alts = {p.layer.name: p for p in chosen if p.alt}
+    if alts:
+        sampling = add_branches(sampling, [(p.layer.output, p.layer.input, [*p.alt[2][0], p.alt[2][1]], p.alt[3])
+                                           for p in alts.values()])
+    # The symmetric fit of a split layer (or of an alternative) regresses on its core's response to the
+    # original inputs: sampled from the original model with each core beside its layer.
+    cores = [(p, p.layer.output, p.split) for p in split.values()] + [(p, p.alt[3], p.alt[2]) for p in alts.values()]
+    plain = None
+    if cores and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p, _, _ in cores)):
+        beside = add_branches(model, [(p.layer.output, p.layer.input, [*pre, core], _plain(name))
+                                      for p, name, (pre, core) in cores])
+        with progress.bar("sampling split layers", source.total(limit), "img") as update:
+            plain = collect(beside, value_types, source, [SampledTensor(_plain(name), p.layer_id)
+                                                          for p, name, _ in cores],
+                            batch, cfg.seed, positions, limit, update, cfg.threads)
     if cfg.asymmetric:
-        _solve_asymmetric(model, value_types, source, chosen, samples, batch, limit, positions, cfg)
+        _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain)
         return
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
-            _solve(p, samples, None, cfg)
+            _solve(p, samples, None, cfg, plain)
             update(1)
 
 
-def _activation(layer: ConvLayer) -> Activation:
-    return Activation(layer.activation, dict(layer.activation_params))
+def _plain(name: str) -> str:
+    return f"{name}__lowrank_plain"
 
 
-def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
-    """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs."""
+def _too_few_rows(p: LayerPlan, samples, cfg: CompressConfig) -> bool:
+    fit, _ = _split(samples, sample_key(p.layer.output, p.layer_id), cfg.holdout_every)
+    return int(fit.sum()) < MIN_ROWS_PER_CHANNEL * p.layer.out_channels
+
+
+def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig, plain=None) -> None:
+    """Solve one layer: ``original`` samples give targets, ``approximated`` (or None) the inputs.
+
+    ``plain``: samples of split layers' cores on the original inputs (their symmetric inputs).
+    """
     lay = p.layer
     y_key = sample_key(lay.output, p.layer_id)
     s_key = sample_key(lay.shortcut, p.layer_id) if lay.shortcut else None
@@ -679,58 +752,54 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig) -> None:
                   "(more images or --samples-per-image allow asymmetric)")
         progress.log(f"warning: {lay.name}: {p.note}")
         approximated = None
-    src = approximated or original
-    yh = src.rows[y_key].astype(np.float64)
-    sh = src.rows[s_key].astype(np.float64) if s_key else None
-    act = _activation(lay)
-    asym = p.asymmetric = approximated is not None
-    # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
-    lin_target = y if s is None else y + s - sh
-    lin = linear_reconstruction(lin_target[fit], p.rank, yh[fit] if asym else None)
-    f = lin
-    if cfg.method == "nonlinear" and not act.is_identity:
-        f, _ = nonlinear_reconstruction(
-            y[fit], p.rank, act, Yhat=yh[fit] if asym else None,
-            offset=None if s is None else s[fit], offset_hat=None if sh is None else sh[fit],
-            schedule=cfg.schedule, init=lin)
-        p.method = "nonlinear"
-    else:
-        p.method = "linear"
-    target = act.apply(y[held] + (0 if s is None else s[held]))
-
-    def err(fz: Factorisation) -> float | None:
-        if not held.any():
-            return None
-        pred = act.apply(fz.predict(yh[held]) + (0 if sh is None else sh[held]))
-        den = float(np.sum(target ** 2))
-        return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
-
-    p.rel_error = err(f)
-    p.rel_error_linear = err(lin) if p.method == "nonlinear" else p.rel_error
-    p.factorisation = f
+    yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
+    sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
+    plain_key = sample_key(_plain(lay.output), p.layer_id)
+    if approximated is None and plain is not None and plain_key in plain.rows:
+        yh, sh = plain.rows[plain_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
+    p.asymmetric = approximated is not None
+    sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
+    if p.alt:
+        scheme, r_alt, split, core = p.alt
+        rows = (approximated.rows[sample_key(core, p.layer_id)] if approximated is not None
+                else plain.rows[sample_key(_plain(core), p.layer_id)]).astype(np.float64)
+        alt = scheme.solve(y, rows, r_alt, lay, fit, held, s=s, sh=sh if approximated is not None else s,
+                           method=cfg.method, schedule=cfg.schedule)
+        note = (f"auto: {p.scheme.name} rank {p.rank} err {_pct(sol.rel_error)}, {scheme.name} rank {r_alt} "
+                f"err {_pct(alt.rel_error)}")
+        if alt.rel_error is not None and sol.rel_error is not None and alt.rel_error < sol.rel_error:
+            p.scheme, p.rank, p.split, sol, yh = scheme, r_alt, split, alt, rows
+            p.energy_kept = _energy(p.spectrum, r_alt)
+        else:
+            p.alt = None
+        p.note = "; ".join(filter(None, [p.note, note]))
+    p.method, p.rel_error, p.rel_error_linear = sol.method, sol.rel_error, sol.rel_error_linear
+    p.factorisation = sol.factorisation
     # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
-    p.balanced = balance(f, yh) if cfg.balance else None
+    p.balanced = balance(p.factorisation, y if yh is None else yh) if cfg.balance else None
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      limit: int | None, positions: dict[int, int], cfg: CompressConfig) -> None:
+                      limit: int | None, positions: dict[int, int], cfg: CompressConfig, plain=None) -> None:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
     by_stop: dict[int, list[LayerPlan]] = {}
     for p in chosen:
         lay = p.layer
-        stop = max(lay.node_index, producer.get(lay.shortcut, -1) if lay.shortcut else -1)
-        stops.setdefault(stop, []).extend(_tensors(p))
+        stop = max(producer[lay.output], producer[p.alt[3]] if p.alt else -1,
+                   producer.get(lay.shortcut, -1) if lay.shortcut else -1)
+        stops.setdefault(stop, []).extend(_tensors(p) + ([SampledTensor(p.alt[3], p.layer_id)] if p.alt else []))
         by_stop.setdefault(stop, []).append(p)
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
             progress.bar("asymmetric solve", len(stops), "segment") as update:
         for stop, approx in prop.run(stops, update):
             for i, p in enumerate(by_stop[stop]):
-                _solve(p, samples, approx, cfg)
+                _solve(p, samples, approx, cfg, plain)
                 f = p.factorisation
-                prop.transform(p.layer.output, f.P, f.Q, f.b)
+                prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps),
+                               source=p.alt[3] if p.alt else None)
                 # Two Convs feeding one Add are each other's shortcut: the second one must see the
                 # first one's approximation, as the rewritten model will.
                 for q in by_stop[stop][i + 1:]:
@@ -740,17 +809,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    lay = p.layer
-    f = p.balanced.factorisation if p.balanced else p.factorisation
-    w = lay.weight.astype(np.float64)
-    w1 = np.einsum("dr,dckl->rckl", f.Q, w)
-    if p.balanced:
-        b1, b2 = p.balanced.first_bias(lay.bias), p.balanced.second_bias()
-    else:
-        b1 = f.Q.T @ lay.bias.astype(np.float64) if lay.bias is not None else None
-        b2 = f.b
-    return [ConvStage(w1, b1, first_stage_attrs(lay.attrs, lay.kernel)),
-            ConvStage(f.P[:, :, None, None], b2, pointwise_attrs())]
+    return p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced, p.split)
 
 
 def _validate(model: onnx.ModelProto) -> None:
@@ -791,6 +850,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "latency_after_ms": p.latency_after,
             "energy_kept": p.energy_kept,
             "method": p.method,
+            "scheme": p.scheme.name if p.rank is not None else None,
             "asymmetric": p.asymmetric,
             "note": p.note,
             "rows": p.rows,
@@ -824,6 +884,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "latency_table": latency.source if latency else None,
         "latency_environment": latency.environment if latency else None,
         "method": cfg.method,
+        "scheme": cfg.scheme,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,

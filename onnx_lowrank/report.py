@@ -21,6 +21,7 @@ def format_report(report: dict) -> str:
         out = "x".join(map(str, lay["output_size"])) if lay["output_size"] else "?"
         rank = str(lay["rank"]) if lay["rank"] is not None else "-"
         note = lay["reason"] if lay["status"] == "skipped" else \
+            ("3-D, " if lay.get("scheme") == "3d" else "") + \
             f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
             (f"; {lay['note']}" if lay.get("note") else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",

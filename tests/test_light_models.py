@@ -85,7 +85,7 @@ def _check_common(path: Path, inp: str, result, speedup: float):
     factorised = [lay for lay in layers if lay["status"] == "factorised"]
     assert factorised
     n_conv = sum(n.op_type == "Conv" for n in result.model.graph.node)
-    assert n_conv == len(layers) + len(factorised)
+    assert n_conv == len(layers) + sum(2 if lay.get("scheme") == "3d" else 1 for lay in factorised)
     for lay in factorised:
         assert 1 <= lay["rank"] < lay["break_even_rank"] + 1
         assert lay["flops_after"] < lay["flops_before"]
@@ -130,3 +130,18 @@ def test_resnet50_residual_sum_asymmetric(cache):
     assert any("residual" in (lay["target"] or "") for lay in factorised)
     for lay in factorised:
         assert lay["rel_error"] is not None and np.isfinite(lay["rel_error"])
+
+
+def test_resnet50_3d_and_auto_schemes(cache):
+    """Bottlenecks: 1 x 1 Convs keep the pair, 3 x 3 ones are split; residual shortcuts as offsets."""
+    path = light_models.materialise("resnet50", cache)
+    wide = _wide_convs(path, 128)
+    inp, data = _feeds(path)
+    for scheme in ("3d", "auto"):
+        result = compress(str(path), data, speedup=1.15, exclude=wide, scheme=scheme, **FAST)
+        factorised = _check_common(path, inp, result, 1.15)
+        kinds = {lay["scheme"] for lay in factorised}
+        assert kinds <= {"3d", "channel"}
+        assert all(lay["scheme"] == "channel" for lay in factorised if lay["kernel"] == [1, 1])
+        if scheme == "3d":
+            assert "3d" in kinds

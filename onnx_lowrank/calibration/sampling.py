@@ -149,7 +149,7 @@ class Propagator:
     ``stops`` maps a node index to the tensors that must be sampled once every node up to it has
     run. :meth:`run` yields ``(node_index, samples)`` at each stop; before resuming, the caller may
     call :meth:`transform` to replace a cached Conv output by its low-rank approximation
-    ``M y + b``, which is exactly what the factorised Conv pair computes.
+    ``M y + b``, which is exactly what the factorised chain computes.
     """
 
     def __init__(self, model: onnx.ModelProto, value_types: dict, source: FeedSource, batch_size: int,
@@ -255,16 +255,12 @@ class Propagator:
             sampler.add(n, lambda name, b=b: self._load(b, name))
         return sampler.result()
 
-    def transform(self, name: str, P: np.ndarray, Q: np.ndarray, bias: np.ndarray) -> None:
-        """Replace the cached tensor ``name`` (N, d, ...) by ``P Q^T y + bias`` over its channels.
-
-        Applied as two thin products (2 d r per position rather than d^2), through BLAS matmul.
-        """
-        p64, qt64, b64 = (np.asarray(P, dtype=np.float64), np.asarray(Q, dtype=np.float64).T,
-                          np.asarray(bias, dtype=np.float64)[:, None])
+    def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray], source: str | None = None) -> None:
+        """Replace the cached tensor ``name`` (N, d, ...) by ``apply`` of it (or of the cached ``source``,
+        shaped like it), reshaped (N, d, positions) in float64: a scheme's channel step (e.g.
+        ``Factorisation.apply_channels``)."""
         for b in range(len(self._batches)):
-            y = self._load(b, name)
+            y = self._load(b, source or name)
             shape = y.shape
-            flat = y.reshape(shape[0], shape[1], -1).astype(np.float64)
-            out = np.matmul(p64, np.matmul(qt64, flat)) + b64
+            out = apply(y.reshape(shape[0], shape[1], -1).astype(np.float64))
             self._save(b, name, out.reshape(shape).astype(y.dtype))

@@ -43,6 +43,7 @@ class ConvLayer:
     attrs: dict
     group: int = 1
     out_shape: list[int] | None = None     # [N, d, H', W'] for batch 1
+    in_shape: list[int] | None = None      # [N, c, H, W] for batch 1, when shape inference knows it
     activation: str = "identity"
     activation_params: dict = field(default_factory=dict)
     target: str | None = None              # tensor the reconstruction aims at (after the activation)
@@ -114,6 +115,9 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
         shape = value_types.get(node.output[0], (None, None))[1]
         if shape and all(isinstance(v, int) and v > 0 for v in shape[1:]):  # the batch may stay symbolic
             layer.out_shape = [1] + list(shape[1:])
+        shape = value_types.get(node.input[0], (None, None))[1]
+        if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[1:]):
+            layer.in_shape = [1] + list(shape[1:])
         layer.skip_reason = _skip_reason(layer, node, inits)
         if layer.skip_reason is None and layer.out_shape is None:
             layer.skip_reason = "output shape unknown (give --input-shape NAME:DIMS for symbolic inputs)"

@@ -75,6 +75,48 @@ def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage
     return new
 
 
+def add_branches(model: onnx.ModelProto, branches: list[tuple[str, str, list[ConvStage], str]]) -> onnx.ModelProto:
+    """Copy of the model with extra chains of Convs, each ``(anchor, input, stages, output)``: from the
+    tensor ``input`` through the stages to a new, unread tensor ``output``, inserted right after the node
+    that produces ``anchor`` (so graph order stays topological when ``input`` is produced before it).
+    A layer's two decompositions can then be sampled in one pass."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    g = new.graph
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in list(n.output) + list(n.input)} | \
+        {n.name for n in g.node}
+    nodes = []
+    found = set()
+    by_anchor: dict[str, list] = {}
+    for anchor, *rest in branches:
+        by_anchor.setdefault(anchor, []).append(rest)
+    for node in g.node:
+        nodes.append(node)
+        anchors = [o for o in node.output if o in by_anchor]
+        found.update(anchors)
+        for current, stages, out in (b for a in anchors for b in by_anchor[a]):
+            _chain(g, nodes, current, stages, out, taken)
+    if set(by_anchor) - found:
+        raise KeyError(f"no node produces {sorted(set(by_anchor) - found)}")
+    del g.node[:]
+    g.node.extend(nodes)
+    return new
+
+
+def _chain(g, nodes: list, current: str, stages: list[ConvStage], out: str, taken: set) -> None:
+    for i, st in enumerate(stages):
+        base = _unique(f"{out}_branch{i}", taken)
+        inputs = [current, _unique(base + "_W", taken)]
+        g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(st.weight, dtype=np.float32),
+                                                          inputs[1]))
+        if st.bias is not None:
+            inputs.append(_unique(base + "_B", taken))
+            g.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(st.bias, dtype=np.float32),
+                                                              inputs[2]))
+        current = out if i == len(stages) - 1 else _unique(base + "_out", taken)
+        nodes.append(onnx.helper.make_node("Conv", inputs, [current], name=base, **st.attrs))
+
+
 def _unique(name: str, taken: set) -> str:
     cand, i = name, 1
     while cand in taken:

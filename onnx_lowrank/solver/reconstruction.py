@@ -47,6 +47,13 @@ class Factorisation:
         out += self.b
         return out
 
+    def apply_channels(self, Y: np.ndarray) -> np.ndarray:
+        """(n, d, positions) -> same: :meth:`predict` over the channel axis of whole feature maps
+        (two thin products, 2 d r per position rather than d^2), in float64."""
+        p64, qt64 = np.asarray(self.P, dtype=np.float64), np.asarray(self.Q, dtype=np.float64).T
+        return np.matmul(p64, np.matmul(qt64, np.asarray(Y, dtype=np.float64))) + \
+            np.asarray(self.b, dtype=np.float64)[:, None]
+
 
 def _as_2d(name: str, X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)

@@ -29,9 +29,12 @@ composition is exactly ``conv(x; W)`` at full rank. Hence ``positions_v = H' * W
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from .ranks import ConvShape
 
 __all__ = [
     "spatial_svd",
@@ -40,6 +43,7 @@ __all__ = [
     "spatial_max_rank",
     "split_conv_attributes",
     "spatial_positions",
+    "ThreeDShape",
 ]
 
 
@@ -137,3 +141,40 @@ def spatial_positions(
     if h_out < 1 or w_out < 1:
         raise ValueError(f"empty output map {h_out} x {w_out}")
     return h_out * int(w_in), h_out * w_out
+
+
+@dataclass(frozen=True)
+class ThreeDShape(ConvShape):
+    """Cost of the 3-D decomposition (method.md section 6) at rank ``r`` (``d'' = d' = r``, the
+    reference implementations' choice): ``kh x 1`` Conv ``c -> d''`` on ``positions_v = H' W_in``
+    positions, ``1 x kw`` Conv ``d'' -> d'`` and ``1 x 1`` Conv ``d' -> d`` on ``positions = H' W'``.
+
+    ``d''`` is capped at :func:`spatial_max_rank`, where the spatial split is already exact.
+    """
+
+    positions_v: int = 0
+
+    def spatial_rank(self, rank: int) -> int:
+        return min(int(rank), int(self.c) * int(self.kh), int(self.d) * int(self.kw))
+
+    def factorised_flops(self, rank: int) -> int:
+        rank = int(rank)
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        r2 = self.spatial_rank(rank)
+        return 2 * (r2 * int(self.c) * int(self.kh) * int(self.positions_v)
+                    + rank * r2 * int(self.kw) * int(self.positions) + int(self.d) * rank * int(self.positions))
+
+    def break_even_rank(self) -> int:
+        """Largest ``r <= d`` whose factorised cost is strictly below the original (costs grow with r)."""
+        if self.positions == 0:
+            return 0
+        original = self.original_flops()
+        lo, hi = 0, int(self.d)  # invariant: cost(lo) < original (cost(0) = 0), answer in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.factorised_flops(mid) < original:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
