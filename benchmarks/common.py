@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,73 @@ def versus(results: list[dict], key: str, label: str, lower_is_better: bool,
         lines.append(f"- {s:g}x: {a} {ra[key]:.4g}, {b} {rb[key]:.4g}: "
                      f"{a + ' better' if better else a + ' NOT better'}")
     return "\n".join(lines) + "\n"
+
+
+def max_reachable(comp) -> float:
+    """Largest reachable theoretical speed-up of a Compressor (every candidate at its smallest rank)."""
+    from onnx_lowrank.solver.ranks import RankSelectionError
+
+    try:
+        comp.run(speedup=1e6, method="linear", asymmetric=False)
+        return float("inf")
+    except RankSelectionError as err:
+        return err.max_speedup
+
+
+def compress_grid(comp, speedups, methods: list[str], specs: dict, cache: Path, prefix: str, evaluate,
+                  describe, max_speedup: float) -> tuple[list[dict], dict[str, str]]:
+    """Compress at every (speed-up, method) under the reachable maximum, save each model in ``cache``
+    and evaluate each distinct model once (``evaluate(model) -> dict`` of metrics).
+
+    Returns the rows (metrics plus what the report says) and ``{"<s>x <method>": path}`` of the distinct
+    models, for one interleaved latency run (:func:`bench_grid`). ``describe(row)`` prints a row.
+    """
+    import hashlib
+
+    from onnx_lowrank.graph.loading import save_model_atomic
+
+    results, paths, seen = [], {}, {}
+    for s in speedups:
+        if s >= max_speedup:
+            print(f"skip {s}x: above the reachable {max_speedup:.3f}x")
+            continue
+        for m in methods:
+            method, asym = specs[m]
+            t0 = time.perf_counter()
+            res = comp.run(speedup=s, method=method, asymmetric=asym)
+            t_comp = time.perf_counter() - t0
+            path = cache / f"{prefix}.{s:g}x.{m.replace(' ', '').replace('-', '_')}.onnx"
+            save_model_atomic(res.model, path)
+            digest = hashlib.sha256(res.model.SerializeToString()).hexdigest()
+            if digest in seen:  # e.g. nonlinear == linear when no factorised layer has a known activation
+                metrics, same_as = seen[digest]
+            else:
+                metrics, same_as = evaluate(res.model), m
+                seen[digest] = (metrics, m)
+            rep = res.report
+            row = {"speedup": s, "method": m, "identical_to": same_as if same_as != m else None, **metrics,
+                   "theoretical": rep["speedup_theoretical"], "conv_theoretical": rep["conv_speedup_theoretical"],
+                   "factorised": sum(1 for lay in rep["layers"] if lay["status"] == "factorised"),
+                   "nonlinear_layers": sum(1 for lay in rep["layers"] if lay["method"] == "nonlinear"),
+                   "ranks": {lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
+                   "compress_s": t_comp, "path": str(path)}
+            results.append(row)
+            if same_as == m:
+                paths[f"{s:g}x {m}"] = str(path)
+            describe(row)
+    return results, paths
+
+
+def bench_grid(results: list[dict], paths: dict[str, str], feed: dict, runs: int, warmup: int) -> dict:
+    """Time every distinct model and the original (``paths["original"]``) in the same interleaved rounds
+    (batch of ``feed``, one thread); add ``latency_ms`` and ``latency_ratio`` to each row."""
+    from onnx_lowrank import measure
+
+    names = list(paths)
+    b = measure.bench([paths[n] for n in names], feed, threads=1, runs=runs, warmup=warmup)
+    lat = dict(zip(names, b["models"]))
+    for row in results:
+        entry = lat[f"{row['speedup']:g}x {row['identical_to'] or row['method']}"]
+        row["latency_ms"] = entry["median_ms"]
+        row["latency_ratio"] = lat["original"]["median_ms"] / entry["median_ms"]
+    return lat

@@ -22,9 +22,7 @@ Writes ``benchmarks/results/ppocr_det.md`` and ``ppocr_det.json``; compressed mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -141,10 +139,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")]
     specs = {m: common.method_spec(m) for m in methods}
 
-    from onnx_lowrank import measure
-    from onnx_lowrank.graph.loading import save_model_atomic
     from onnx_lowrank.pipeline import CompressConfig, Compressor
-    from onnx_lowrank.solver.ranks import RankSelectionError
 
     t_start = time.perf_counter()
     model_path = package_dir() / MODEL_FILE
@@ -168,56 +163,24 @@ def main() -> None:
     t_calib = time.perf_counter() - t0
     print(f"calibration: {t_calib:.1f}s; {common.activation_summary(comp.layers)}")
 
-    try:
-        comp.run(speedup=1e6, method="linear", asymmetric=False)
-        max_speedup = math.inf
-    except RankSelectionError as err:
-        max_speedup = err.max_speedup
+    max_speedup = common.max_reachable(comp)
     print(f"max reachable theoretical speed-up: {max_speedup:.3f}x")
 
-    results, paths, seen = [], {"original": str(model_path)}, {}
-    for s in speedups:
-        if s >= max_speedup:
-            print(f"skip {s}x: above the reachable {max_speedup:.3f}x")
-            continue
-        for m in methods:
-            method, asym = specs[m]
-            t0 = time.perf_counter()
-            res = comp.run(speedup=s, method=method, asymmetric=asym)
-            t_comp = time.perf_counter() - t0
-            path = cache / f"det.{s:g}x.{m.replace(' ', '').replace('-', '_')}.onnx"
-            save_model_atomic(res.model, path)
-            digest = hashlib.sha256(res.model.SerializeToString()).hexdigest()
-            if digest in seen:
-                maps, same_as = seen[digest]
-            else:
-                maps, same_as = prob_maps(res.model, eval_x), m
-                seen[digest] = (maps, m)
-            rep = res.report
-            row = {"speedup": s, "method": m, "identical_to": same_as if same_as != m else None,
-                   **map_agreement(ref, maps), "word_recall": word_recall(maps, eval_boxes),
-                   "word_recall_orig": recall_orig,
-                   "theoretical": rep["speedup_theoretical"], "conv_theoretical": rep["conv_speedup_theoretical"],
-                   "factorised": sum(1 for lay in rep["layers"] if lay["status"] == "factorised"),
-                   "nonlinear_layers": sum(1 for lay in rep["layers"] if lay["method"] == "nonlinear"),
-                   "ranks": {lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
-                   "compress_s": t_comp, "path": str(path)}
-            results.append(row)
-            if same_as == m:
-                paths[f"{s:g}x {m}"] = str(path)
-            print(f"{s}x {m}: F1 {row['f1']:.4f} IoU {row['iou']:.4f} MAE {row['mae']:.4g} "
-                  f"word recall {row['word_recall']:.4f} theoretical {row['theoretical']:.3f}x "
-                  f"({row['factorised']} factorised, {row['nonlinear_layers']} nonlinear) {t_comp:.1f}s", flush=True)
+    def evaluate(model):
+        maps = prob_maps(model, eval_x)
+        return {**map_agreement(ref, maps), "word_recall": word_recall(maps, eval_boxes), "word_recall_orig": recall_orig}
 
+    def describe(row):
+        print(f"{row['speedup']}x {row['method']}: F1 {row['f1']:.4f} IoU {row['iou']:.4f} MAE {row['mae']:.4g} "
+              f"word recall {row['word_recall']:.4f} theoretical {row['theoretical']:.3f}x "
+              f"({row['factorised']} factorised, {row['nonlinear_layers']} nonlinear) {row['compress_s']:.1f}s",
+              flush=True)
+
+    results, paths = common.compress_grid(comp, speedups, methods, specs, cache, "det", evaluate, describe,
+                                          max_speedup)
     t0 = time.perf_counter()
-    names = list(paths)
-    b = measure.bench([paths[n] for n in names], {"x": eval_x[:1]}, threads=1, runs=args.runs, warmup=3)
+    lat = common.bench_grid(results, {"original": str(model_path), **paths}, {"x": eval_x[:1]}, args.runs, 3)
     t_bench = time.perf_counter() - t0
-    lat = dict(zip(names, b["models"]))
-    for row in results:
-        entry = lat[f"{row['speedup']:g}x {row['identical_to'] or row['method']}"]
-        row["latency_ms"] = entry["median_ms"]
-        row["latency_ratio"] = lat["original"]["median_ms"] / entry["median_ms"]
     print(f"bench: original {lat['original']['median_ms']:.2f} ms median, {t_bench:.1f}s")
 
     total = time.perf_counter() - t_start

@@ -19,7 +19,6 @@ Writes ``benchmarks/results/ppocr_rec.md`` and ``ppocr_rec.json``; compressed mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -174,10 +173,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")]
     specs = {m: common.method_spec(m) for m in methods}
 
-    from onnx_lowrank import measure
-    from onnx_lowrank.graph.loading import save_model_atomic
     from onnx_lowrank.pipeline import CompressConfig, Compressor
-    from onnx_lowrank.solver.ranks import RankSelectionError
 
     t_start = time.perf_counter()
     model_path = package_dir() / MODEL_FILE
@@ -210,64 +206,29 @@ def main() -> None:
     t_calib = time.perf_counter() - t0
     print(f"calibration: {t_calib:.1f}s")
 
-    # The largest reachable speed-up (every candidate at rank 1).
-    try:
-        comp.run(speedup=1e6, method="linear", asymmetric=False)
-        max_speedup = math.inf
-    except RankSelectionError as err:
-        max_speedup = err.max_speedup
+    max_speedup = common.max_reachable(comp)
     print(f"max reachable theoretical speed-up: {max_speedup:.3f}x")
 
-    results, paths, seen = [], {"original": str(model_path)}, {}
-    for s in speedups:
-        if s >= max_speedup:
-            print(f"skip {s}x: above the reachable {max_speedup:.3f}x")
-            continue
-        for m in methods:
-            method, asym = specs[m]
-            t0 = time.perf_counter()
-            res = comp.run(speedup=s, method=method, asymmetric=asym)
-            t_comp = time.perf_counter() - t0
-            path = cache / f"rec.{s:g}x.{m.replace(' ', '').replace('-', '_')}.onnx"
-            save_model_atomic(res.model, path)
-            digest = hashlib.sha256(res.model.SerializeToString()).hexdigest()
-            if digest in seen:  # e.g. nonlinear == linear when no factorised layer has a known activation
-                p, same_as = seen[digest]
-            else:
-                p, same_as = argmax_paths(res.model, eval_x), m
-                seen[digest] = (p, m)
-            hyps = [ctc_decode(q, chars) for q in p]
-            rep = res.report
-            row = {
-                "speedup": s, "method": m, "cer_orig": cer_orig, "cer": cer(eval_texts, hyps),
+    def evaluate(model):
+        p = argmax_paths(model, eval_x)
+        hyps = [ctc_decode(q, chars) for q in p]
+        return {"cer_orig": cer_orig, "cer": cer(eval_texts, hyps),
                 "cer_orig_nospace": cer_orig_ns, "cer_nospace": cer(eval_texts, hyps, spaces=False),
-                "identical_to": same_as if same_as != m else None,
                 "exact": float(np.mean([r == h for r, h in zip(eval_texts, hyps)])),
                 "path_agreement": float((p == ref_paths).mean()),
-                "text_agreement": float(np.mean([a == b for a, b in zip(ref_hyps, hyps)])),
-                "theoretical": rep["speedup_theoretical"], "conv_theoretical": rep["conv_speedup_theoretical"],
-                "factorised": sum(1 for lay in rep["layers"] if lay["status"] == "factorised"),
-                "nonlinear_layers": sum(1 for lay in rep["layers"] if lay["method"] == "nonlinear"),
-                "ranks": {lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
-                "compress_s": t_comp, "path": str(path),
-            }
-            results.append(row)
-            if same_as == m:
-                paths[f"{s:g}x {m}"] = str(path)
-            print(f"{s}x {m}: CER {row['cer']:.4f} path agreement {row['path_agreement']:.4f} "
-                  f"theoretical {row['theoretical']:.3f}x ({row['factorised']} factorised, "
-                  f"{row['nonlinear_layers']} nonlinear) {t_comp:.1f}s", flush=True)
+                "text_agreement": float(np.mean([a == b for a, b in zip(ref_hyps, hyps)]))}
 
+    def describe(row):
+        print(f"{row['speedup']}x {row['method']}: CER {row['cer']:.4f} path agreement {row['path_agreement']:.4f} "
+              f"theoretical {row['theoretical']:.3f}x ({row['factorised']} factorised, "
+              f"{row['nonlinear_layers']} nonlinear) {row['compress_s']:.1f}s", flush=True)
+
+    results, paths = common.compress_grid(comp, speedups, methods, specs, cache, "rec", evaluate, describe,
+                                          max_speedup)
     # Latency: batch 1, one thread, every model interleaved in the same rounds.
     t0 = time.perf_counter()
-    names = list(paths)
-    b = measure.bench([paths[n] for n in names], {"x": eval_x[:1]}, threads=1, runs=args.runs, warmup=5)
+    lat = common.bench_grid(results, {"original": str(model_path), **paths}, {"x": eval_x[:1]}, args.runs, 5)
     t_bench = time.perf_counter() - t0
-    lat = dict(zip(names, b["models"]))
-    for row in results:
-        entry = lat[f"{row['speedup']:g}x {row['identical_to'] or row['method']}"]
-        row["latency_ms"] = entry["median_ms"]
-        row["latency_ratio"] = lat["original"]["median_ms"] / entry["median_ms"]
     print(f"bench: original {lat['original']['median_ms']:.2f} ms median, {t_bench:.1f}s")
 
     # Symbolic dims: the compressed models must still take another width (and batch).

@@ -558,7 +558,7 @@ def _fixed_latency(entry: dict, r: int | None) -> float:
 
 #: Checked whole-model speed-ups within this fraction of the target are accepted.
 CHECK_TOLERANCE = 0.03
-MAX_CHECKS = 4
+MAX_CHECKS = 5
 
 
 def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latency: LatencyCosts,
@@ -568,9 +568,11 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
     The table's savings are measured on layers alone; inside the whole model a layer saves a
     somewhat different amount (caches, fused neighbours, threads). So each choice is checked
     by timing the whole model factorised at those ranks (constant weights, nothing solved) and
-    the savings are rescaled by ``alpha = measured saving / table saving`` before choosing again,
-    until the checked speed-up is within ``CHECK_TOLERANCE`` of the target (at most MAX_CHECKS
-    times). The choice kept is the checked one closest to the target from above, else the fastest.
+    the requested table saving is corrected before choosing again: scaled by ``target saving /
+    measured saving`` until one check lies on each side of the target, then interpolated between
+    the closest two on either side (measured saving grows with the requested one), until the checked
+    speed-up is within ``CHECK_TOLERANCE`` of the target (at most MAX_CHECKS times). The choice kept is
+    the checked one closest to the target from above, else the fastest.
     """
     base = [fixed[i] if i in fixed and p.shape.saves(fixed[i]) else None for i, p in enumerate(free)]
     movable = [i for i in range(len(free)) if i not in fixed]
@@ -579,9 +581,10 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
     model_ms, target = latency.model_ms, float(cfg.speedup)
     fixed_ms = model_ms - sum(float(e["original_ms"]) for e in entries) + \
         sum(_fixed_latency(entries[i], base[i]) for i in fixed)
-    alpha, tried = 1.0, []
+    want = model_ms * (1 - 1 / target)  # the measured saving that meets the target
+    request, tried = want, []
     for attempt in range(MAX_CHECKS):
-        budget = model_ms - model_ms * (1 - 1 / target) / alpha
+        budget = model_ms - request
         fastest = False
         try:
             chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
@@ -601,19 +604,34 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
                      else float(entries[i]["original_ms"]) - _layer_costs(free[i], entries[i], cfg.rank_multiple)
                      .cost_at(r) for i, r in enumerate(ranks) if r is not None)
         checked = latency.checked_speedup({free[i].layer.name: r for i, r in enumerate(ranks) if r is not None})
+        measured_saving = model_ms * (1 - 1 / checked)
         tried.append({"table_speedup": model_ms / (model_ms - saving) if saving < model_ms else math.inf,
-                      "checked_speedup": checked, "ranks": ranks, "fastest": fastest})
+                      "checked_speedup": checked, "ranks": ranks, "fastest": fastest,
+                      "request": model_ms - budget if not fastest else saving, "measured": measured_saving})
         if fastest and checked < target * (1 - CHECK_TOLERANCE):
             raise RankSelectionError(model_ms / target, model_ms / checked, model_ms, "ms of measured latency")
-        measured_saving = model_ms * (1 - 1 / checked)
         if abs(checked / target - 1) <= CHECK_TOLERANCE or saving <= 0 or measured_saving <= 0:
             break
-        alpha = measured_saving / saving
+        request = _next_request(tried, want, saving, measured_saving)
     above = [t for t in tried if t["checked_speedup"] >= target * (1 - CHECK_TOLERANCE)]
     best = min(above, key=lambda t: t["checked_speedup"]) if above else max(tried, key=lambda t: t["checked_speedup"])
-    latency.checks = [{k: v for k, v in t.items() if k not in ("ranks", "fastest")} for t in tried]
+    latency.checks = [{k: v for k, v in t.items() if k in ("table_speedup", "checked_speedup")} for t in tried]
     latency.chosen_check = best["checked_speedup"]
     return best["ranks"]
+
+
+def _next_request(tried: list[dict], want: float, saving: float, measured_saving: float) -> float:
+    """The table saving to ask for next: interpolated between the closest checks below and above the
+    wanted measured saving once both exist, else the last request scaled by how far its check fell."""
+    below = [t for t in tried if t["measured"] < want]
+    above = [t for t in tried if t["measured"] >= want]
+    if below and above:
+        lo = max(below, key=lambda t: t["measured"])
+        hi = min(above, key=lambda t: t["measured"])
+        if hi["measured"] > lo["measured"] and hi["request"] != lo["request"]:
+            f = (want - lo["measured"]) / (hi["measured"] - lo["measured"])
+            return lo["request"] + f * (hi["request"] - lo["request"])
+    return saving * want / measured_saving
 
 
 def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig,

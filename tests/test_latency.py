@@ -282,3 +282,17 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
             with pytest.raises(LowRankError) as info:
                 _compress_with(fresh, target)
             assert "impossible" in str(info.value) and info.value.max_speedup < target
+
+
+def test_next_request_scales_then_interpolates_between_checks():
+    """Hand-derived: before a bracket the request is scaled by wanted / measured saving; with one check
+    on each side of the target it is interpolated linearly between the closest two."""
+    from onnx_lowrank.pipeline import _next_request
+
+    one = [{"request": 10.0, "measured": 5.0}]
+    assert _next_request(one, want=8.0, saving=10.0, measured_saving=5.0) == pytest.approx(16.0)
+    two = one + [{"request": 16.0, "measured": 11.0}]
+    assert _next_request(two, want=8.0, saving=16.0, measured_saving=11.0) == pytest.approx(13.0)
+    three = two + [{"request": 13.0, "measured": 7.0}, {"request": 20.0, "measured": 14.0}]
+    # closest below: (13, 7); closest above: (16, 11) -> 13 + (1 / 4) * 3
+    assert _next_request(three, want=8.0, saving=13.0, measured_saving=7.0) == pytest.approx(13.75)
