@@ -15,7 +15,7 @@ ImageNet mean and std, CHW. Metrics against the original model, on held-out page
     python benchmarks/ppocr_det.py                       # default vs linear --no-asymmetric at 1.5x and 2x
     python benchmarks/ppocr_det.py --quick               # smoke test (24 / 12 pages)
 
-Writes ``benchmarks/results/ppocr_det.md`` and ``ppocr_det.json``; compressed models go to
+Writes ``benchmarks/results/ppocr_det.md`` and ``ppocr_det.json`` (``--quick``: ``ppocr_det_quick.*``); compressed models go to
 ``.cache/ppocr_det/``.
 """
 
@@ -220,8 +220,9 @@ def write(args, results, recall_orig, text_share, n_words, max_speedup, lat, t_d
     md += common.versus(results, "f1", "map F1", lower_is_better=False) + "\n"
     md += common.versus(results, "mae", "map MAE", lower_is_better=True) + "\n"
     md += NOTES
-    common.write_result("ppocr_det", md)
-    (common.RESULTS / "ppocr_det.json").write_text(json.dumps(
+    name = "ppocr_det" + ("_quick" if args.quick else "")  # a smoke test never replaces the real results
+    common.write_result(name, md)
+    (common.RESULTS / f"{name}.json").write_text(json.dumps(
         {"word_recall_orig": recall_orig, "max_speedup": max_speedup,
          "latency_original_ms": lat["original"]["median_ms"], "rows": results}, indent=1, default=str))
 

@@ -12,7 +12,7 @@ metadata with the blank prepended and a space appended, as RapidOCR's ``CTCLabel
     python benchmarks/ppocr_rec.py                       # default vs linear --no-asymmetric at 1.5x and 2x
     python benchmarks/ppocr_rec.py --quick               # smoke test (60 lines)
 
-Writes ``benchmarks/results/ppocr_rec.md`` and ``ppocr_rec.json``; compressed models go to
+Writes ``benchmarks/results/ppocr_rec.md`` and ``ppocr_rec.json`` (``--quick``: ``ppocr_rec_quick.*``); compressed models go to
 ``.cache/ppocr_rec/``.
 """
 
@@ -288,8 +288,9 @@ def write(args, results, cer_orig, exact_orig, max_speedup, lat, t_calib, t_data
            "CER @ 48x480: the compressed model run on lines padded to width 480 (symbolic width kept).\n\n")
     md += common.versus(results, "cer_nospace", "CER without spaces", lower_is_better=True) + "\n"
     md += INTERPRETATION
-    common.write_result("ppocr_rec", md)
-    (common.RESULTS / "ppocr_rec.json").write_text(json.dumps(
+    name = "ppocr_rec" + ("_quick" if args.quick else "")  # a smoke test never replaces the real results
+    common.write_result(name, md)
+    (common.RESULTS / f"{name}.json").write_text(json.dumps(
         {"cer_orig": cer_orig, "max_speedup": max_speedup, "latency_original_ms": lat["original"]["median_ms"],
          "rows": results}, indent=1, default=str))
 
