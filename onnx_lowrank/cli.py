@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import progress
 from .errors import LowRankError
+from .files import json_default as _json_default
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -220,11 +220,11 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     listed in the report with the reason. With a budget (--eval-data and --max-accuracy-drop or
     --min-agreement), a compression that breaks it exits with code 3 and writes nothing.
     """
-    from .budget import Budget, evaluate_against, search_speedup, violation
+    from .api import compress as run
     from .errors import BudgetExceeded
-    from .files import check_writable, write_together
-    from .graph.loading import load_model, model_writer, parse_input_shapes
-    from .pipeline import CompressConfig, Compressor, input_specs
+    from .files import check_writable
+    from .graph.loading import parse_input_shapes
+    from .pipeline import CompressConfig
     from .report import format_report
 
     progress.set_enabled(not quiet)
@@ -234,16 +234,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     if not model.exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
     ranks_d = _parse_ranks(ranks)
-    if labels and not eval_data:
-        raise LowRankError("--labels names the label array in --eval-data: give --eval-data too")
-    budget = None
-    if eval_data or max_accuracy_drop is not None or min_agreement is not None:
-        if not eval_data:
-            raise LowRankError("a budget needs --eval-data: held-out inputs to compare against the original model")
-        budget = Budget(eval_data, labels, max_accuracy_drop, min_agreement, preprocess=_preprocess(**image))
     auto = speedup == "auto"
-    if auto and (budget is None or not budget.has_limits):
-        raise LowRankError("--speedup auto needs a budget: --eval-data with --max-accuracy-drop or --min-agreement")
     if speedup is None and not ranks_d:
         speedup = "2"
     if speedup is not None and not auto:
@@ -260,68 +251,24 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     if report_path:
         check_writable(report_path, "--report")
     shapes = parse_input_shapes(input_shapes)
-    source_model = load_model(model)
-    if budget:   # the evaluation data and the output it is compared on, checked before any work
-        budget.check_model(source_model)
-        budget.inputs(input_specs(source_model))
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
-    cfg = CompressConfig(speedup=None if auto else speedup, ranks=ranks_d, exclude=list(exclude), method=method,
+    cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    compressor = Compressor(source_model, data, cfg)
-    broken = None
-    if auto:
-        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)
-        result.report["search"] = trials
-    else:
-        result = compressor.run()
-        ev = evaluate_against(compressor.source_model, result.model, input_specs(compressor.model), budget) \
-            if budget else None
-        broken = violation(ev, budget) if budget else None
-    if measure:
-        _measure_speedup(compressor, result, threads)
-    if ev is not None:
-        result.report["evaluation"] = ev
-        if budget.has_limits:
-            result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
-                                       "passed": broken is None}
+    show = None if quiet else (lambda result: click.echo(format_report(result.report)))
+    wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
+    try:
+        run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
+            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+    except BudgetExceeded as err:
+        if err.written and not quiet:
+            click.echo(wrote)
+        raise
     if not quiet:
-        click.echo(format_report(result.report))
-    if broken and not write_failed:
-        raise BudgetExceeded(f"budget broken: {broken}; nothing was written (--write-failed keeps the model)")
-    # Model and report appear together or not at all.
-    write_together([(output, model_writer(result.model))]
-                   + ([(report_path, lambda tmp: _write_json(tmp, result.report))] if report_path else []))
-    if not quiet:
-        click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
-    if broken:
-        raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)")
-
-
-def _measure_speedup(compressor, result, threads) -> None:
-    """Bench original vs compressed (interleaved, about 3 s) into the report; predicted beside it."""
-    import time
-
-    from .measure import bench
-
-    feed = compressor.timing_feed()
-    t0 = time.perf_counter()
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=3, warmup=1)
-    per_round = max(time.perf_counter() - t0, 1e-6) / 4
-    runs = int(min(200, max(5, 3.0 / per_round)))
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=runs, warmup=1)
-    rep = result.report
-    rep["latency_measured"] = {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-                               "runs": runs, "threads": threads}
-    rep["measured_latency_speedup"] = b["speedup"][1]
-    if rep.get("predicted_latency_speedup"):
-        # Predicted speed-ups applied to this run's original time, against this run's compressed time.
-        for key, speedup in (("latency_prediction_error", "predicted_latency_speedup"),
-                             ("latency_table_error", "table_latency_speedup")):
-            rep[key] = b["models"][0]["median_ms"] / rep[speedup] / b["models"][1]["median_ms"] - 1
+        click.echo(wrote)
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -329,20 +276,6 @@ def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
 
     progress.log("warning: --calib synthetic uses random inputs: fine for latency, meaningless for accuracy")
     return [synthetic_feeds(str(model), batch=1, seed=seed + i, shape_overrides=shapes or None) for i in range(count)]
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -116,3 +116,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def json_default(o):
+    """NumPy scalars and arrays in a report, as plain JSON numbers and lists."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -237,7 +237,7 @@ def test_report_that_fails_to_write_leaves_no_model(tmp_path, monkeypatch):
     """Model and report are committed together: a full disk while writing the report writes neither."""
     import errno
 
-    import onnx_lowrank.cli as cli
+    import onnx_lowrank.api as api
 
     _model_and_data(tmp_path)
 
@@ -245,7 +245,7 @@ def test_report_that_fails_to_write_leaves_no_model(tmp_path, monkeypatch):
         with open(path, "w") as f:
             f.write("{")
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(cli, "_write_json", full_disk)
+    monkeypatch.setattr(api, "_write_json", full_disk)
     _cli_error(["compress", "m.onnx", "--calib", "c.npz", "--ranks", "conv1=4", "--method", "linear", "-q",
                 "-o", "new/dir/m2.onnx", "--report", "r.json"], tmp_path, monkeypatch, "No space left")
 
