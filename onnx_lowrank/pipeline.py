@@ -825,8 +825,10 @@ def _validate(model: onnx.ModelProto) -> None:
 def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float,
             latency: LatencyCosts | None = None) -> dict:
     total_before = sum(flops.values())
-    conv_before = sum(p.flops_before for p in plan)
+    conv_before = sum(p.flops_before for p in plan if not is_dense(p.layer))
     saved = sum(p.flops_before - p.flops_after for p in plan)
+    dense_before = sum(p.flops_before for p in plan if is_dense(p.layer))
+    dense_after = sum(p.flops_after for p in plan if is_dense(p.layer))
     layers = []
     for p in plan:
         lay = p.layer
@@ -858,7 +860,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "rel_error": p.rel_error,
         })
     after = total_before - saved
-    conv_after = conv_before - saved
+    conv_after = conv_before - saved + dense_before - dense_after
     table_ms = speedup = None
     if latency is not None:
         table_ms = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
@@ -872,6 +874,9 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "conv_flops_before": conv_before,
         "conv_flops_after": conv_after,
         "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
+        # MatMul / Gemm layers with a constant weight (graph/dense.py)
+        "dense_flops_before": dense_before,
+        "dense_flops_after": dense_after,
         "target_speedup": cfg.speedup,
         "objective": cfg.objective,
         "rank_multiple": cfg.rank_multiple,
