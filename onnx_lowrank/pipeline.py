@@ -397,9 +397,9 @@ DENSE = DenseScheme()
 
 def _no_candidate_message(plan: list[LayerPlan]) -> str:
     if not plan:
-        return "the model has no Conv layer to compress"
+        return "the model has no Conv layer (nor MatMul / Gemm by a constant matrix) to compress"
     reasons = sorted({p.reason for p in plan})
-    return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
+    return f"none of the model's {len(plan)} Conv / MatMul / Gemm layers can be compressed ({'; '.join(reasons)})"
 
 
 def fit_images(total: int, holdout_every: int) -> int:
