@@ -198,3 +198,25 @@ def test_cli_compress_mlp_deterministic(tmp_path):
     x = _data(4, [5, 32], seed=8)
     ref, got = run(model, x)[0], run(new, x)[0]
     assert np.sum((got - ref) ** 2) / np.sum(ref ** 2) < 0.5
+
+
+def test_token_rows_are_sampled_on_the_last_axis():
+    """Sampled rows of a (N, T, d) tensor are d-vectors at token positions (checked against onnxruntime's
+    tensor and the positions sample_positions draws), for every image and layer id alike."""
+    from onnx_lowrank.calibration.inputs import open_source
+    from onnx_lowrank.calibration.sampling import SampledTensor, collect, sample_positions
+    from onnx_lowrank.pipeline import input_specs
+
+    model = mlp3d()
+    norm = normalise(model)
+    vt = infer_value_types(with_input_shapes(norm, {"input": [1, 5, 12]}))
+    data = _data(6, [5, 12])
+    got = collect(norm, vt, open_source(data, input_specs(norm)), [SampledTensor("y1", 3, channels_last=True)],
+                  batch_size=4, seed=7, samples_per_image=2)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info("y1", TensorProto.FLOAT, None))
+    y1 = run(m, data)[1]  # (6, 5, 16)
+    want = np.concatenate([y1[i, sample_positions(7, 3, i, 5, 2)] for i in range(6)])
+    np.testing.assert_allclose(got.rows["3:y1"], want, rtol=1e-6)
+    assert list(got.image["3:y1"]) == [i for i in range(6) for _ in range(2)]
