@@ -834,6 +834,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         lay = p.layer
         layers.append({
             "name": lay.name,
+            "op": lay.op if is_dense(lay) else "Conv",
             "in_channels": lay.in_channels,
             "out_channels": lay.out_channels,
             "kernel": list(lay.kernel),
