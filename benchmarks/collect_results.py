@@ -34,6 +34,7 @@ ORDER = [
     ("latency_objective_quick", "Issue 7: latency objective, smoke test only (--quick, shared busy machine)"),
     ("latency_objective_quick_resnet50", "Issue 7: latency objective on ResNet-50, smoke test only (--quick)"),
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
+    ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
 ]
 
 PREAMBLE = """# Benchmark results
