@@ -369,7 +369,11 @@ def _compress_md(rows, layers, dense, total, calib, comp, samples_per_image, sch
            "original / candidate median.\n\n")
     md += markdown_table(["MatMul FLOPs target", "candidate", "MatMul FLOPs ratio", "cosine mean", "cosine min",
                           "top-1 agreement", "top-5 overlap", "latency ratio", "solve s"], rows)
-    return md + "\n"
+    md += ("\n\nsolve s: wall time of the rank choice and solve (calibration shared, in the setup), on the shared "
+           "machine under other sessions' load: compare within a row group only loosely. The SVD rows keep "
+           "1/ratio of each weight's FLOPs (uniform); onnx-lowrank's rows choose ranks per layer by the "
+           "responses' spectra. The nonlinear rows use the shortened schedule above (the GELU z-step dominates).\n")
+    return md
 
 
 def _schedule_text(schedule) -> str:
