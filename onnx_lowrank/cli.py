@@ -282,14 +282,16 @@ def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
 @click.argument("model", type=click.Path(path_type=Path))
 @_shapes_option
 def layers(model, input_shapes):
-    """List the Conv layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why some are skipped."""
+    """List the Conv, MatMul and Gemm layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why
+    some are skipped."""
+    from .graph.dense import find_dense_layers
     from .graph.layers import find_conv_layers
     from .graph.loading import infer_value_types, load_model, normalise, parse_input_shapes, with_input_shapes
 
     norm = normalise(load_model(model))
     vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
     rows = [("name", "c -> d", "kernel", "group", "output", "activation", "status")]
-    for lay in find_conv_layers(norm, vt):
+    for lay in find_conv_layers(norm, vt) + find_dense_layers(norm, vt):
         out = "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?"
         rows.append((lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
                      out, lay.target_description, lay.skip_reason or "candidate"))

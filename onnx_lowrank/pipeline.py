@@ -27,6 +27,7 @@ from .calibration.runtime import make_session
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
 from .files import check_writable
+from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
                             with_input_shapes)
@@ -35,6 +36,7 @@ from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
 from .schemes import SCHEMES, ChannelScheme, Scheme
+from .schemes.dense import DenseScheme
 from .schemes.spatial3d import explicit_pads
 from .solver.balance import Balanced, balance
 from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
@@ -152,7 +154,7 @@ class Compressor:
         shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
         shapes.update(cfg.input_shapes)
         self.value_types = infer_value_types(with_input_shapes(norm, shapes))
-        self.layers = find_conv_layers(norm, self.value_types)
+        self.layers = find_conv_layers(norm, self.value_types) + find_dense_layers(norm, self.value_types)
         self.flops = node_flops(norm, self.value_types)
         _probe_unknown_shapes(norm, self.layers, self.flops, self.value_types,
                               lambda: next(self.source.batches(self.batch, self.batch)))
@@ -241,9 +243,10 @@ def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int],
     flops.update(node_flops(model, measured))
     for lay in layers:
         shape = shapes.get(lay.output)
-        if lay.out_shape is not None or lay.weight is None or shape is None or len(shape) != 4:
+        if lay.out_shape is not None or lay.weight is None or shape is None or \
+                (len(shape) != 4 and not is_dense(lay)):
             continue
-        lay.out_shape = [1] + list(shape[1:])
+        lay.out_shape = notional_shape(shape) if is_dense(lay) else [1] + list(shape[1:])
         if lay.skip_reason and lay.skip_reason.startswith("output shape unknown"):
             lay.skip_reason = None
 
@@ -367,6 +370,8 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
             p.reason = lay.skip_reason
         elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
             p.reason = "excluded by --exclude"
+        elif is_dense(lay) and cfg.objective == "latency":
+            p.reason = "MatMul / Gemm layers are compressed with --objective flops only (not timed yet)"
         elif lay.name in cfg.ranks and cfg.ranks[lay.name] > lay.out_channels:
             raise LowRankError(f"rank {cfg.ranks[lay.name]} for {lay.name!r} exceeds its {lay.out_channels} filters")
         elif lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
@@ -378,18 +383,23 @@ def _plan(layers: list[ConvLayer], flops: dict[str, int], cfg: CompressConfig) -
 
 
 def _scheme(lay: ConvLayer, cfg: CompressConfig) -> Scheme:
-    """The configured scheme, or the channel pair for a layer it cannot take."""
+    """The configured scheme, or the channel pair for a layer it cannot take; MatMul / Gemm: their own."""
+    if is_dense(lay):
+        return DENSE
     scheme = SCHEMES["3d" if cfg.scheme == "auto" else cfg.scheme]
     if not lay.skip_reason and scheme.skip_reason(lay) is None:
         return scheme
     return SCHEMES["channel"]
 
 
+DENSE = DenseScheme()
+
+
 def _no_candidate_message(plan: list[LayerPlan]) -> str:
     if not plan:
-        return "the model has no Conv layer to compress"
+        return "the model has no Conv layer (nor MatMul / Gemm by a constant matrix) to compress"
     reasons = sorted({p.reason for p in plan})
-    return f"none of the model's {len(plan)} Conv layers can be compressed ({'; '.join(reasons)})"
+    return f"none of the model's {len(plan)} Conv / MatMul / Gemm layers can be compressed ({'; '.join(reasons)})"
 
 
 def fit_images(total: int, holdout_every: int) -> int:
@@ -421,9 +431,10 @@ def positions_per_image(plan: list[LayerPlan], total_images: int | None, cfg: Co
 
 def _tensors(p: LayerPlan) -> list[SampledTensor]:
     """What a layer needs sampled: its Conv output, and the shortcut added to it (shaped like it)."""
-    tensors = [SampledTensor(p.layer.output, p.layer_id)]
+    last = is_dense(p.layer)
+    tensors = [SampledTensor(p.layer.output, p.layer_id, channels_last=last)]
     if p.layer.shortcut:
-        tensors.append(SampledTensor(p.layer.shortcut, p.layer_id, like=p.layer.output))
+        tensors.append(SampledTensor(p.layer.shortcut, p.layer_id, like=p.layer.output, channels_last=last))
     return tensors
 
 
@@ -700,7 +711,7 @@ def _offer_pair(chosen: list[LayerPlan], cfg: CompressConfig) -> None:
     shortcuts = {p.layer.shortcut for p in chosen if p.layer.shortcut}
     for p in chosen:
         # A layer that is another's shortcut would need its other rows at that layer's positions too: kept simple.
-        if p.scheme is pair or p.layer.output in shortcuts:
+        if p.scheme is pair or p.scheme is DENSE or p.layer.output in shortcuts:
             continue
         shape, budget = pair.shape(p.layer), p.flops_after
         fits = [r for r in candidate_ranks(shape.break_even_rank(), cfg.rank_multiple)
@@ -817,7 +828,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
                 _solve(p, samples, approx, cfg, plain)
                 f = p.factorisation
                 prop.transform(p.layer.output, lambda maps, p=p, f=f: p.scheme.propagate(f, maps),
-                               source=p.alt[3] if p.alt else None)
+                               source=p.alt[3] if p.alt else None, channels_last=is_dense(p.layer))
                 # Two Convs feeding one Add are each other's shortcut: the second one must see the
                 # first one's approximation, as the rewritten model will.
                 for q in by_stop[stop][i + 1:]:
@@ -843,13 +854,16 @@ def _validate(model: onnx.ModelProto) -> None:
 def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, images: int, seconds: float,
             latency: LatencyCosts | None = None) -> dict:
     total_before = sum(flops.values())
-    conv_before = sum(p.flops_before for p in plan)
+    conv_before = sum(p.flops_before for p in plan if not is_dense(p.layer))
     saved = sum(p.flops_before - p.flops_after for p in plan)
+    dense_before = sum(p.flops_before for p in plan if is_dense(p.layer))
+    dense_after = sum(p.flops_after for p in plan if is_dense(p.layer))
     layers = []
     for p in plan:
         lay = p.layer
         layers.append({
             "name": lay.name,
+            "op": lay.op if is_dense(lay) else "Conv",
             "in_channels": lay.in_channels,
             "out_channels": lay.out_channels,
             "kernel": list(lay.kernel),
@@ -876,7 +890,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "rel_error": p.rel_error,
         })
     after = total_before - saved
-    conv_after = conv_before - saved
+    conv_after = conv_before - saved + dense_before - dense_after
     table_ms = speedup = None
     if latency is not None:
         table_ms = latency.model_ms - sum(p.latency_before - p.latency_after for p in plan
@@ -890,6 +904,9 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "conv_flops_before": conv_before,
         "conv_flops_after": conv_after,
         "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
+        # MatMul / Gemm layers with a constant weight (graph/dense.py)
+        "dense_flops_before": dense_before,
+        "dense_flops_after": dense_after,
         "target_speedup": cfg.speedup,
         "objective": cfg.objective,
         "rank_multiple": cfg.rank_multiple,

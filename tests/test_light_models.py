@@ -76,16 +76,20 @@ def _check_common(path: Path, inp: str, result, speedup: float):
     layers = rep["layers"]
     saved = sum(lay["flops_before"] - lay["flops_after"] for lay in layers)
     assert rep["flops_before"] - rep["flops_after"] == saved
-    assert rep["conv_flops_before"] - rep["conv_flops_after"] == saved
-    assert rep["conv_flops_before"] == sum(lay["flops_before"] for lay in layers)
+    assert rep["conv_flops_before"] - rep["conv_flops_after"] + rep["dense_flops_before"] - rep["dense_flops_after"] \
+        == saved
+    assert rep["conv_flops_before"] == sum(lay["flops_before"] for lay in layers if lay["op"] == "Conv")
+    assert rep["dense_flops_before"] == sum(lay["flops_before"] for lay in layers if lay["op"] != "Conv")
     # The report's numbers are those of the actual graphs, counted independently.
     assert rep["flops_before"] == _model_flops(onnx.load(str(path)))
     assert rep["flops_after"] == _model_flops(result.model)
     assert rep["speedup_theoretical"] >= speedup * 0.99
     factorised = [lay for lay in layers if lay["status"] == "factorised"]
     assert factorised
-    n_conv = sum(n.op_type == "Conv" for n in result.model.graph.node)
-    assert n_conv == len(layers) + sum(2 if lay.get("scheme") == "3d" else 1 for lay in factorised)
+    for op in ("Conv", "Gemm"):  # each factorised layer adds one node of its op (3-D: two)
+        n_op = sum(n.op_type == op for n in result.model.graph.node)
+        assert n_op == sum(lay["op"] == op for lay in layers) + \
+            sum(2 if lay.get("scheme") == "3d" else 1 for lay in factorised if lay["op"] == op)
     for lay in factorised:
         assert 1 <= lay["rank"] < lay["break_even_rank"] + 1
         assert lay["flops_after"] < lay["flops_before"]
@@ -140,8 +144,9 @@ def test_resnet50_3d_and_auto_schemes(cache):
     for scheme in ("3d", "auto"):
         result = compress(str(path), data, speedup=1.15, exclude=wide, scheme=scheme, **FAST)
         factorised = _check_common(path, inp, result, 1.15)
-        kinds = {lay["scheme"] for lay in factorised}
+        kinds = {lay["scheme"] for lay in factorised if lay["op"] == "Conv"}
         assert kinds <= {"3d", "channel"}
-        assert all(lay["scheme"] == "channel" for lay in factorised if lay["kernel"] == [1, 1])
+        assert all(lay["scheme"] == "channel" for lay in factorised if lay["kernel"] == [1, 1] and lay["op"] == "Conv")
+        assert all(lay["scheme"] == "dense" for lay in factorised if lay["op"] != "Conv")  # the fc Gemm
         if scheme == "3d":
             assert "3d" in kinds

@@ -319,7 +319,7 @@ def test_light_vgg19_lists_16_convs_with_runtime_weights_skipped():
     assert layers[0].out_shape == [1, 64, 224, 224]
     # Nothing to compress: a one-line user error, raised before any calibration run.
     data = {"data_0": np.zeros((1, 3, 224, 224), np.float32)}
-    with pytest.raises(LowRankError, match="none of the model's 16 Conv layers can be compressed"):
+    with pytest.raises(LowRankError, match="none of the model's 16 Conv / MatMul / Gemm layers can be compressed"):
         onnx_lowrank.compress(m, data, speedup=2.0)
 
 

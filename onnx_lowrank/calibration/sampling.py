@@ -46,12 +46,14 @@ class SampledTensor:
 
     The same tensor can serve two layers (a block's output is the next block's shortcut), so
     samples are keyed by ``key``, never by the tensor name alone. ``like`` names a tensor whose
-    shape this one is broadcast to first (a shortcut broadcast in an Add).
+    shape this one is broadcast to first (a shortcut broadcast in an Add). ``channels_last``: the
+    channel axis is the last one (MatMul / Gemm layers), every axis between batch and it is a position.
     """
 
     name: str
     layer_id: int
     like: str | None = None
+    channels_last: bool = False
 
     @property
     def key(self) -> str:
@@ -87,6 +89,11 @@ def _broadcast(t: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(t, like.shape) if t.shape != like.shape else t
 
 
+def to_channels_first(a: np.ndarray) -> np.ndarray:
+    """``(N, ..., d)`` as ``(N, d, positions, 1)``."""
+    return np.moveaxis(a.reshape(a.shape[0], -1, a.shape[-1]), 2, 1)[..., None]
+
+
 def per_layer(k: int | Mapping[int, int], layer_id: int) -> int:
     """Positions per image for one layer: one number for all layers, or a number per layer id."""
     return k if isinstance(k, int) else k[layer_id]
@@ -106,6 +113,8 @@ class _Sampler:
             a = get(t.name)
             if t.like:
                 a = _broadcast(a, get(t.like))
+            if t.channels_last:
+                a = to_channels_first(a)
             if a.ndim != 4:
                 a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
             r = gather(a, self.seen, t.layer_id, self.seed, per_layer(self.k, t.layer_id))
@@ -255,12 +264,17 @@ class Propagator:
             sampler.add(n, lambda name, b=b: self._load(b, name))
         return sampler.result()
 
-    def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray], source: str | None = None) -> None:
+    def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray], source: str | None = None,
+                  channels_last: bool = False) -> None:
         """Replace the cached tensor ``name`` (N, d, ...) by ``apply`` of it (or of the cached ``source``,
         shaped like it), reshaped (N, d, positions) in float64: a scheme's channel step (e.g.
-        ``Factorisation.apply_channels``)."""
+        ``Factorisation.apply_channels``). ``channels_last``: the tensor is (N, ..., d)."""
         for b in range(len(self._batches)):
             y = self._load(b, source or name)
             shape = y.shape
+            if channels_last:
+                out = apply(to_channels_first(y)[..., 0].astype(np.float64))
+                self._save(b, name, np.moveaxis(out, 1, 2).reshape(shape).astype(y.dtype))
+                continue
             out = apply(y.reshape(shape[0], shape[1], -1).astype(np.float64))
             self._save(b, name, out.reshape(shape).astype(y.dtype))

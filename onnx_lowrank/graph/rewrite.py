@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .dense import write_dense
+
 
 @dataclass
 class ConvStage:
@@ -37,15 +39,21 @@ def first_stage_attrs(original: dict, kernel: tuple[int, int]) -> dict:
 
 
 def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage]]) -> onnx.ModelProto:
-    """Return a new model where each named Conv node is replaced by its chain of stages."""
+    """Return a new model where each named Conv node is replaced by its chain of stages (MatMul / Gemm
+    nodes: by their DenseStage chain, see graph/dense.py)."""
     graph = gs.import_onnx(model)
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     found = set()
     for node in list(graph.nodes):
+        if not node.outputs:  # a bias Add already folded into a dense chain
+            continue
         key = node.name or node.outputs[0].name  # unnamed nodes go by their output, as in find_conv_layers
-        if node.op != "Conv" or key not in replacements:
+        if node.op not in ("Conv", "MatMul", "Gemm") or key not in replacements:
             continue
         found.add(key)
+        if node.op != "Conv":  # a dense layer (graph/dense.py)
+            write_dense(graph, node, key, replacements[key], lambda name: _unique(name, taken))
+            continue
         stages = replacements[key]
         x, y = node.inputs[0], node.outputs[0]
         node.outputs.clear()
