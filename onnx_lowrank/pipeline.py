@@ -170,9 +170,11 @@ class Compressor:
         self._latency: dict = {}
         if cfg.objective == "latency":  # a latency table that does not fit is an error before calibrating
             self._latency_costs(plan, cfg)
-        self.positions = positions_per_image(plan, self.source.total(self.limit), cfg)
-        self.samples = _collect_original(norm, self.value_types, self.source, candidates, self.batch,
-                                         self.limit, self.positions, cfg)
+        # Sample every layer either objective may factorise, so that run() can switch objective.
+        sampled = _plan(self.layers, self.flops, replace(cfg, objective="flops"))
+        self.positions = positions_per_image(sampled, self.source.total(self.limit), cfg)
+        self.samples = _collect_original(norm, self.value_types, self.source, [p for p in sampled if p.candidate],
+                                         self.batch, self.limit, self.positions, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
 
     def timing_feed(self) -> dict:

@@ -298,3 +298,18 @@ def test_next_request_scales_then_interpolates_between_checks():
     three = two + [{"request": 13.0, "measured": 7.0}, {"request": 20.0, "measured": 14.0}]
     # closest below: (13, 7); closest above: (16, 11) -> 13 + (1 / 4) * 3
     assert _next_request(three, want=8.0, saving=13.0, measured_saving=7.0) == pytest.approx(13.75)
+
+
+def test_one_calibration_serves_both_objectives(table):
+    """The demo's classifier Gemm is a layer only under the FLOP objective: a Compressor made for the
+    latency objective samples it too, so run(objective="flops") can factorise it without recalibrating."""
+    from onnx_lowrank.pipeline import CompressConfig, Compressor
+
+    path, _ = table
+    comp = Compressor(str(MODEL), str(CALIB), CompressConfig(latency_table=str(path), threads=1, max_images=40,
+                                                             samples_per_image=4, method="linear", asymmetric=False))
+    lat = comp.run(speedup=2).report
+    flops = comp.run(speedup=2, objective="flops").report
+    gemm = [lay for lay in lat["layers"] if lay["op"] == "Gemm"]
+    assert gemm and all(lay["status"] != "factorised" for lay in gemm)
+    assert flops["objective"] == "flops" and flops["speedup_theoretical"] >= 2.0
