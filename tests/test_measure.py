@@ -330,3 +330,17 @@ def test_bench_user_errors(tmp_path):
         bench([path], [])
     with pytest.raises(LowRankError, match="no models"):
         bench([], {})
+
+
+def test_timed_sessions_do_not_spin_between_runs():
+    """Interleaved timing needs intra-op pools that sleep between runs (see measure._session): the
+    bench sessions and the latency objective's (which use the same constructor) must have it off."""
+    from pathlib import Path
+
+    from onnx_lowrank import latency, measure
+
+    model = str(Path(__file__).resolve().parent.parent / "models" / "mnist_vgg" / "mnist_vgg.onnx")
+    sess = measure._session(model, threads=2)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    lat = latency._session(onnx.load(model), 2)
+    assert lat.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
