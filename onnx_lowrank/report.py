@@ -34,7 +34,7 @@ def format_report(report: dict) -> str:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
     n_fact = sum(1 for lay in report["layers"] if lay["status"] == "factorised")
     lines.append("")
-    lines.append(f"factorised {n_fact} of {len(report['layers'])} Conv layers "
+    lines.append(f"factorised {n_fact} of {len(report['layers'])} layers "
                  f"({report['method']}{', asymmetric' if report['asymmetric'] else ''}, "
                  f"{report['calibration_images']} calibration images, {report['seconds']:.1f} s)")
     lines.append(f"whole model: {_flops(report['flops_before'])} -> {_flops(report['flops_after'])} FLOPs "
