@@ -1,8 +1,8 @@
 """The compression pipeline: graph -> calibration -> solver -> graph, and the report.
 
-This is the only module that knows all three parts. The CLI and the Python API call
-:func:`compress`; everything here works on in-memory models, and the output file is written
-atomically only once the new model has passed ``onnx.checker`` and loaded in onnxruntime.
+This is the only module that knows all three parts. The Python API (``api.compress``, which the
+CLI calls) drives :class:`Compressor`; everything here works on in-memory models, and a new model
+is returned only once it has passed ``onnx.checker`` and loaded in onnxruntime.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_sou
 from .calibration.runtime import make_session
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
-from .files import check_writable
 from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
-from .graph.loading import (infer_value_types, load_model, normalise, real_inputs, save_model_atomic,
-                            with_input_shapes)
+from .graph.loading import infer_value_types, load_model, normalise, real_inputs, with_input_shapes
 from .graph.rewrite import ConvStage, add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
@@ -100,24 +98,6 @@ class CompressConfig:
 class CompressionResult:
     model: onnx.ModelProto
     report: dict
-
-
-def compress(model, data, output: str | Path | None = None, config: CompressConfig | None = None,
-             **overrides) -> CompressionResult:
-    """Compress ``model`` (path or ModelProto) using calibration ``data``; write ``output`` if given.
-
-    ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed
-    dicts or an onnxruntime ``CalibrationDataReader``. Keyword overrides set fields of
-    :class:`CompressConfig`.
-    """
-    if output is not None and isinstance(model, (str, Path)) and Path(output).resolve() == Path(model).resolve():
-        raise LowRankError("the output path is the input model: choose another (the input is never modified)")
-    if output is not None:
-        check_writable(output, "output")
-    result = Compressor(model, data, _config(config, overrides)).run()
-    if output is not None:
-        save_model_atomic(result.model, output)
-    return result
 
 
 def _config(config: CompressConfig | None, overrides: dict) -> CompressConfig:
