@@ -32,6 +32,7 @@ ORDER = [
     ("int8_demo", "Issue 9: INT8 after factorisation on the demo model"),
     ("latency_objective", "Issue 7: latency objective vs FLOP objective"),
     ("latency_objective_t2", "Issue 7: latency objective at 2 threads, rerun on a quiet machine"),
+    ("spinning", "Issue 7: spinning intra-op threads and interleaved timing"),
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),

@@ -52,8 +52,8 @@ def _session(model_path, threads: int | None = None, profile_prefix: str | None 
 
     Intra-op threads do not spin between runs: sessions are timed interleaved, and a spinning pool
     left by the session run just before steals the cores from the next one (with 2 threads on 2
-    cores, four interleaved ResNet-50 sessions each took 54 ms with spinning, 29 ms without, and
-    29 ms alone), which would corrupt every ratio measured at more than one thread.
+    cores, four interleaved ResNet-50 sessions each took 51 ms with spinning, 28 ms without, and
+    27 ms alone: benchmarks/spinning.py), which would corrupt every ratio at more than one thread.
 
     ``model_path`` may also be an in-memory ``onnx.ModelProto`` (a model just compressed).
     """

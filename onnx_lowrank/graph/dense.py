@@ -18,8 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .layers import ConvLayer, _attr, _find_activation
-from .subgraph import consumers
+from .layers import ConvLayer, _attr, _find_activation, graph_maps
 
 
 @dataclass
@@ -59,10 +58,7 @@ def find_dense_layers(model: onnx.ModelProto, value_types: dict) -> list[DenseLa
 
     MatMuls of two computed tensors (attention scores, attention times values) are not layers."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    cons = consumers(g)
-    graph_outputs = {o.name for o in g.output}
-    order = {id(n): i for i, n in enumerate(g.node)}
+    inits, cons, graph_outputs, order = graph_maps(g)
     layers = []
     for idx, node in enumerate(g.node):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:

@@ -93,13 +93,17 @@ def conv_attrs(node: onnx.NodeProto) -> dict:
     return attrs
 
 
+def graph_maps(g: onnx.GraphProto) -> tuple[dict, dict, set, dict]:
+    """What layer discovery looks things up in: initializers by name, readers of each tensor, the graph
+    outputs and each node's position (by id)."""
+    return ({t.name: t for t in g.initializer}, consumers(g), {o.name for o in g.output},
+            {id(n): i for i, n in enumerate(g.node)})
+
+
 def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLayer]:
     """Every Conv of a normalised model, with its activation / residual pattern and skip reason."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    cons = consumers(g)
-    graph_outputs = {o.name for o in g.output}
-    order = {id(n): i for i, n in enumerate(g.node)}
+    inits, cons, graph_outputs, order = graph_maps(g)
     layers = []
     for idx, node in enumerate(g.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
