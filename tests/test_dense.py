@@ -205,7 +205,7 @@ def test_token_rows_are_sampled_on_the_last_axis():
     tensor and the positions sample_positions draws), for every image and layer id alike."""
     from onnx_lowrank.calibration.inputs import open_source
     from onnx_lowrank.calibration.sampling import SampledTensor, collect, sample_positions
-    from onnx_lowrank.pipeline import input_specs
+    from onnx_lowrank.calibration.batching import input_specs
 
     model = mlp3d()
     norm = normalise(model)

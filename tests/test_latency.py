@@ -19,7 +19,9 @@ import pytest
 import onnx_lowrank
 from onnx_lowrank import latency
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.latency import LatencyTable, LayerSpec
+from onnx_lowrank.costs import table as latency_table
+from onnx_lowrank.costs.table import LatencyTable
+from onnx_lowrank.latency import LayerSpec
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "mnist_vgg"
 MODEL, CALIB = DEMO / "mnist_vgg.onnx", DEMO / "calib.npz"
@@ -47,14 +49,14 @@ def test_layer_key_tells_every_field_apart():
 
 
 def test_environment_and_cache_location(monkeypatch, tmp_path):
-    env1, env2 = latency.environment(1), latency.environment(2)
+    env1, env2 = latency_table.environment(1), latency_table.environment(2)
     assert env1 != env2 and ort.__version__ in env1 and "threads=1" in env1
     monkeypatch.delenv("ONNX_LOWRANK_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert latency.cache_dir() == tmp_path / "xdg" / "onnx-lowrank"
+    assert latency_table.cache_dir() == tmp_path / "xdg" / "onnx-lowrank"
     monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path / "c"))
-    assert latency.cache_dir() == tmp_path / "c"
-    assert latency.cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert latency_table.cache_dir() == tmp_path / "c"
+    assert latency_table.cache_dir(tmp_path / "given") == tmp_path / "given"
 
 
 def test_cache_and_table_round_trip(tmp_path):
@@ -64,10 +66,10 @@ def test_cache_and_table_round_trip(tmp_path):
     back = LatencyTable.load(tmp_path / "t.json")
     assert back.env == "env A" and back.entries == t.entries
     # The cache is per environment, and merges rather than overwrites.
-    latency.save_cache(tmp_path / "cache", LatencyTable("env A", {"k": entry}))
-    latency.save_cache(tmp_path / "cache", LatencyTable("env A", {"k2": entry}))
-    assert set(latency.load_cache(tmp_path / "cache", "env A").entries) == {"k", "k2"}
-    assert latency.load_cache(tmp_path / "cache", "env B").entries == {}
+    latency_table.save_cache(tmp_path / "cache", LatencyTable("env A", {"k": entry}))
+    latency_table.save_cache(tmp_path / "cache", LatencyTable("env A", {"k2": entry}))
+    assert set(latency_table.load_cache(tmp_path / "cache", "env A").entries) == {"k", "k2"}
+    assert latency_table.load_cache(tmp_path / "cache", "env B").entries == {}
     (tmp_path / "bad.json").write_text("{\"format\": \"something else\"}")
     with pytest.raises(LowRankError):
         LatencyTable.load(tmp_path / "bad.json")
@@ -75,7 +77,7 @@ def test_cache_and_table_round_trip(tmp_path):
 
 def test_interpolation_between_timed_ranks_only():
     entry = {"original_ms": 2.0, "ranks_ms": {"16": 1.0, "48": 2.0}}
-    assert latency.interpolate(entry, [16, 32, 48, 64]) == {16: 1.0, 32: 1.5, 48: 2.0}
+    assert latency_table.interpolate(entry, [16, 32, 48, 64]) == {16: 1.0, 32: 1.5, 48: 2.0}
     assert latency.timed_ranks(list(range(16, 16 * 30 + 1, 16)), 8)[::7] == [16, 480]
     assert len(latency.timed_ranks(list(range(1, 100)), 8)) == 8
 
@@ -233,7 +235,7 @@ def _compress_with(fresh, speedup):
 def test_whole_model_check_corrects_the_layer_table(table, tmp_path, monkeypatch):
     """If layers save only 70 % of their timed savings inside the model, the first choice falls short of the
     target; the check must notice and choose again until the (stand-in) whole model reaches it."""
-    from onnx_lowrank.pipeline import Compressor
+    from onnx_lowrank.compressor import Compressor
 
     fresh, in_model_speedup = _fake_whole_model(table, tmp_path, 0.7)
     monkeypatch.setattr(Compressor, "_stand_in_speedup", lambda self, ranks, cfg: in_model_speedup(ranks))
@@ -263,7 +265,7 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
     """The table says the target is out of reach; the whole model decides: reachable when layers save more
     inside it (factor 1.2), a one-line error with the measured maximum when they do not (factor 1)."""
     from onnx_lowrank.errors import LowRankError
-    from onnx_lowrank.pipeline import Compressor
+    from onnx_lowrank.compressor import Compressor
 
     path, rep0 = table
     table_max = json.loads(path.read_text())  # only to find a target the table cannot reach
@@ -289,7 +291,7 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
 def test_next_request_scales_then_interpolates_between_checks():
     """Hand-derived: before a bracket the request is scaled by wanted / measured saving; with one check
     on each side of the target it is interpolated linearly between the closest two."""
-    from onnx_lowrank.pipeline import _next_request
+    from onnx_lowrank.costs.latency import _next_request
 
     one = [{"request": 10.0, "measured": 5.0}]
     assert _next_request(one, want=8.0, saving=10.0, measured_saving=5.0) == pytest.approx(16.0)
@@ -303,7 +305,7 @@ def test_next_request_scales_then_interpolates_between_checks():
 def test_one_calibration_serves_both_objectives(table):
     """The demo's classifier Gemm is a layer only under the FLOP objective: a Compressor made for the
     latency objective samples it too, so run(objective="flops") can factorise it without recalibrating."""
-    from onnx_lowrank.pipeline import CompressConfig, Compressor
+    from onnx_lowrank.compressor import CompressConfig, Compressor
 
     path, _ = table
     comp = Compressor(str(MODEL), str(CALIB), CompressConfig(latency_table=str(path), threads=1, max_images=40,

@@ -34,6 +34,8 @@ class Scheme:
 
     #: Name used by ``--scheme`` and in the report.
     name = ""
+    #: Shown before a factorised layer's note in the printed report ("" for the plain pair).
+    label = ""
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         """Why this scheme cannot take the layer (None: it can). Called on layers the graph code accepts."""
