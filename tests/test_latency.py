@@ -21,7 +21,9 @@ from onnx_lowrank import latency
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.costs import table as latency_table
 from onnx_lowrank.costs.table import LatencyTable
-from onnx_lowrank.latency import LayerSpec
+from onnx_lowrank.graph.rewrite import rewrite_convs
+from onnx_lowrank.graph.timing import DenseSpec, LayerSpec, layer_of
+from onnx_lowrank.schemes import CHANNEL, DENSE
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "mnist_vgg"
 MODEL, CALIB = DEMO / "mnist_vgg.onnx", DEMO / "calib.npz"
@@ -43,9 +45,11 @@ def test_layer_key_tells_every_field_apart():
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (0, 1, 1, 1), (1, 1)),
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (1, 1, 1, 1), (2, 2)),
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (1, 1, 1, 1), (1, 1), "SAME_UPPER")]
+    dense = DenseSpec(16, 32, (14,))
+    variants += [dense, DenseSpec(16, 32, (15,)), DenseSpec(16, 32, (14,), bias=True), DenseSpec(16, 32, (14,), "Gemm")]
     keys = {base.key()} | {v.key() for v in variants}
     assert len(keys) == len(variants) + 1
-    assert LatencyTable.layer_key(base, 16) != LatencyTable.layer_key(base, 8)
+    assert LatencyTable.layer_key(base.key(), 16) != LatencyTable.layer_key(base.key(), 8)
 
 
 def test_environment_and_cache_location(monkeypatch, tmp_path):
@@ -82,23 +86,35 @@ def test_interpolation_between_timed_ranks_only():
     assert len(latency.timed_ranks(list(range(1, 100)), 8)) == 8
 
 
-def test_layer_models_compute_the_same_shape():
-    spec = LayerSpec(8, 16, 3, 3, 10, 12, (2, 2), (1, 1, 1, 1), (1, 1))
-    x = np.random.default_rng(0).random((1, 8, 10, 12), dtype=np.float32)
-    shapes = []
-    for r in (None, 4):
-        sess = ort.InferenceSession(latency.layer_model(spec, r).SerializeToString(), providers=["CPUExecutionProvider"])
-        (y,) = sess.run(None, {"x": x})
-        assert np.all(y >= 0)  # ReLU at the end
-        shapes.append(y.shape)
-    assert shapes == [(1, 16, 5, 6)] * 2
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("spec, scheme", [(LayerSpec(8, 16, 3, 3, 10, 12, (2, 2), (1, 1, 1, 1), (1, 1)), CHANNEL),
+                                          (DenseSpec(8, 16, (5,), bias=True), DENSE), (DenseSpec(8, 16, (), "Gemm"), DENSE)])
+def test_layer_models_compute_the_same_shape(spec, scheme):
+    """The one-layer model and its factorised version (the scheme's stand-in chain) agree in shape; the
+    layer found in the one-layer model is the spec's."""
+    base = spec.model()
+    lay = layer_of(base)
+    assert (lay.in_channels, lay.out_channels) == (spec.c, spec.d)
+    x = np.random.default_rng(0).random(spec.input_shape, dtype=np.float32)
+    ys = [_run(m, x) for m in (base, rewrite_convs(base, {lay.name: scheme.stand_in(lay, 4)}))]
+    assert ys[0].shape == ys[1].shape
+    if isinstance(spec, LayerSpec):
+        assert ys[0].shape == (1, 16, 5, 6) and np.all(ys[1] >= 0)  # ReLU at the end
+    else:
+        assert ys[0].shape == (*spec.input_shape[:-1], 16)
 
 
 def test_timing_is_positive_and_a_tiny_rank_is_faster_on_a_big_layer():
-    spec = LayerSpec(256, 256, 3, 3, 28, 28, (1, 1), (1, 1, 1, 1), (1, 1))
-    t = latency.time_layer(spec, [16], threads=1, seconds=0.5)
-    assert t["original_ms"] > 0 and t["ranks_ms"]["16"] > 0
-    assert t["ranks_ms"]["16"] < t["original_ms"]  # 14x fewer FLOPs
+    from onnx_lowrank.costs.latency import _timed
+
+    for spec, scheme in [(LayerSpec(256, 256, 3, 3, 28, 28, (1, 1), (1, 1, 1, 1), (1, 1)), CHANNEL),
+                         (DenseSpec(1024, 1024, (128,), bias=True), DENSE)]:
+        t = _timed(spec, scheme, [16], threads=1, seconds=0.5)
+        assert t["original_ms"] > 0 and t["ranks_ms"]["16"] > 0
+        assert t["ranks_ms"]["16"] < t["original_ms"]  # 14x (Conv) and 32x (MatMul) fewer FLOPs
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from pathlib import Path
 from .. import progress
 from ..errors import LowRankError
 from ..graph.dense import is_dense
-from ..latency import LayerSpec, measure_model, time_layer, timed_ranks
-from ..schemes.spatial3d import explicit_pads
+from ..graph.rewrite import rewrite_convs
+from ..graph.timing import layer_of, spec_of
+from ..latency import measure_model, time_layer, timed_ranks
 from ..solver.ranks import LayerCosts, RankSelectionError, candidate_ranks, select_ranks_costed
 from .base import CostModel, Costs
 from .table import LatencyTable, cache_dir, environment, interpolate, load_cache, model_key, save_cache
@@ -87,21 +88,13 @@ class LatencyCosts(Costs):
         return float(self.table.entries[key]["speedup"])
 
 
-def _layer_spec(lay, value_types, scheme=None) -> LayerSpec:
-    shape = value_types.get(lay.input, (None, None))[1]
-    if shape and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
-        hw = shape[2:]
-    else:  # input size from the output size: exact up to the stride's remainder, enough for timing
-        s = lay.attrs.get("strides", [1, 1])
-        dil = lay.attrs.get("dilations", [1, 1])
-        pads = lay.attrs.get("pads", [0, 0, 0, 0])
-        hw = [(lay.out_shape[2 + a] - 1) * s[a] + dil[a] * (lay.kernel[a] - 1) + 1 - pads[a] - pads[a + 2]
-              for a in range(2)]
-    if scheme is not None and scheme.name == "3d":  # its chain is written with explicit pads
-        attrs = {k: v for k, v in lay.attrs.items() if k != "auto_pad"}
-        attrs["pads"] = explicit_pads(lay)
-        return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, attrs, "3d")
-    return LayerSpec.from_attrs(lay.in_channels, lay.out_channels, lay.kernel, hw, lay.attrs)
+def _timed(spec, scheme, ranks: list[int], threads: int | None, seconds: float) -> dict:
+    """``{"original_ms": t, "ranks_ms": {"r": t, ...}}``: the layer alone, whole and as the scheme's chain."""
+    base = spec.model()
+    layer = layer_of(base)
+    models = [base] + [rewrite_convs(base, {layer.name: scheme.stand_in(layer, r)}) for r in ranks]
+    ms = time_layer(models, spec.input_shape, threads, seconds)
+    return {"original_ms": ms[0], "ranks_ms": {str(r): t for r, t in zip(ranks, ms[1:])}}
 
 
 def measure_latency(model, value_types, plan: list, feed: dict, cfg) -> LatencyCosts:
@@ -111,10 +104,10 @@ def measure_latency(model, value_types, plan: list, feed: dict, cfg) -> LatencyC
     wanted = {}  # table key -> (layer spec, ranks to time)
     names = {}
     for p in free:
-        spec = _layer_spec(p.layer, value_types, p.scheme)
-        key = LatencyTable.layer_key(spec, cfg.rank_multiple)
+        spec = spec_of(p.layer, value_types)
+        key = LatencyTable.layer_key(spec.key() + p.scheme.timing_tag, cfg.rank_multiple)
         names[p.layer.name] = key
-        wanted[key] = (spec, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
+        wanted[key] = (spec, p.scheme, timed_ranks(candidate_ranks(p.shape.break_even_rank(), cfg.rank_multiple)))
     mkey = model_key(model, feed)
     table_path = Path(cfg.latency_table) if cfg.latency_table else None
     if table_path is not None and table_path.exists():
@@ -138,8 +131,8 @@ def measure_latency(model, value_types, plan: list, feed: dict, cfg) -> LatencyC
         cache.entries[mkey] = {"ms": measure_model(model, feed, cfg.threads, seconds=2 * cfg.latency_seconds)}
         progress.status(f"latency: whole model {cache.entries[mkey]['ms']:.3f} ms")
     for n, k in enumerate(todo, 1):
-        spec, ranks = wanted[k]
-        cache.entries[k] = time_layer(spec, ranks, cfg.threads, cfg.latency_seconds)
+        spec, scheme, ranks = wanted[k]
+        cache.entries[k] = _timed(spec, scheme, ranks, cfg.threads, cfg.latency_seconds)
         progress.status(f"latency: [{n}/{len(todo)}] {k}: original {cache.entries[k]['original_ms']:.3f} ms, "
                      f"{len(ranks)} rank(s) timed")
     save_cache(where, LatencyTable(env, {k: cache.entries[k] for k in [mkey, *todo]}))

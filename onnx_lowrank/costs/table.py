@@ -73,7 +73,7 @@ def interpolate(entry: dict, ranks: list[int]) -> dict[int, float]:
 class LatencyTable:
     """Layer timings for one environment: ``{"format", "environment", "entries": {key: entry}}``.
 
-    Entry keys are :meth:`LayerSpec.key` plus the rank multiple (the timed ranks depend on it);
+    Entry keys are the layer's timing key (graph/timing.py, plus the scheme's ``timing_tag``) and the rank multiple (the timed ranks depend on it);
     the whole model's time is stored under :func:`model_key`.
     """
 
@@ -82,8 +82,8 @@ class LatencyTable:
         self.entries = dict(entries or {})
 
     @staticmethod
-    def layer_key(spec, multiple: int) -> str:
-        return f"{spec.key()}_m{int(multiple)}"
+    def layer_key(layer_key: str, multiple: int) -> str:
+        return f"{layer_key}_m{int(multiple)}"
 
     def to_json(self) -> dict:
         return {"format": TABLE_FORMAT, "environment": self.env,
