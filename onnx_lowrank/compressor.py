@@ -70,7 +70,7 @@ class Compressor:
         self.flops = node_flops(norm, self.value_types)
         _probe_unknown_shapes(norm, self.layers, self.flops, self.value_types,
                               lambda: next(self.source.batches(self.batch, self.batch)))
-        plan = make_plan(self.layers, self.flops, cfg, COST_MODELS[cfg.objective])
+        plan = make_plan(self.layers, self.flops, cfg)
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(no_candidate_message(plan))
@@ -81,10 +81,8 @@ class Compressor:
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._costs: dict = {}
         self.costs(plan, cfg)  # measured costs (a latency table that does not fit) fail before calibrating
-        # Sample every layer any objective may factorise, so that run() can switch objective.
-        sampled = [p for p in make_plan(self.layers, self.flops, cfg, _ANY_LAYER) if p.candidate]
-        self.positions = positions_per_image(sampled, self.source.total(self.limit), cfg)
-        self.samples = collect_original(norm, self.value_types, self.source, sampled, self.batch, self.limit,
+        self.positions = positions_per_image(candidates, self.source.total(self.limit), cfg)
+        self.samples = collect_original(norm, self.value_types, self.source, candidates, self.batch, self.limit,
                                         self.positions, cfg)
         self._setup_seconds = time.perf_counter() - self._t0
 
@@ -119,7 +117,7 @@ class Compressor:
             raise TypeError(f"these options need a new Compressor: {sorted(bad)}")
         cfg = with_overrides(self.config, overrides)
         t0 = time.perf_counter()
-        plan = make_plan(self.layers, self.flops, cfg, COST_MODELS[cfg.objective])
+        plan = make_plan(self.layers, self.flops, cfg)
         missing = [p.layer.name for p in plan if p.candidate and sample_key(p.layer.output, p.layer_id)
                    not in self.samples.rows]
         if missing:
@@ -143,17 +141,6 @@ class Compressor:
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
         return CompressionResult(new_model, build_report(plan, self.flops, cfg, self.samples.images, seconds, costs))
-
-
-class _AnyLayer:
-    """A cost model that skips no layer: what calibration samples."""
-
-    @staticmethod
-    def skip_reason(layer) -> None:
-        return None
-
-
-_ANY_LAYER = _AnyLayer()
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:

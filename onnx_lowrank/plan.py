@@ -59,7 +59,7 @@ class LayerPlan:
         return self.scheme.stages(self.layer, self.rank, self.factorisation, self.balanced, self.split)
 
 
-def make_plan(layers: list[ConvLayer], flops: dict[str, int], cfg, cost_model) -> list[LayerPlan]:
+def make_plan(layers: list[ConvLayer], flops: dict[str, int], cfg) -> list[LayerPlan]:
     """Which layers are candidates (and why the others are not), each with its scheme."""
     names = {lay.name for lay in layers}
     for name in cfg.ranks:
@@ -75,8 +75,6 @@ def make_plan(layers: list[ConvLayer], flops: dict[str, int], cfg, cost_model) -
             reason = lay.skip_reason
         elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in cfg.exclude):
             reason = "excluded by --exclude"
-        elif cost_model.skip_reason(lay):
-            reason = cost_model.skip_reason(lay)
         elif lay.name in cfg.ranks and cfg.ranks[lay.name] > lay.out_channels:
             raise LowRankError(f"rank {cfg.ranks[lay.name]} for {lay.name!r} exceeds its {lay.out_channels} filters")
         elif lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:

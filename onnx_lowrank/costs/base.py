@@ -39,10 +39,6 @@ class CostModel:
     #: One line for ``--help``.
     help = ""
 
-    def skip_reason(self, layer) -> str | None:
-        """Why this cost model cannot take a layer (None: it can)."""
-        return None
-
     def key(self, cfg) -> tuple:
         """The fields of the configuration its costs depend on: a Compressor measures once per key."""
         return ()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import LowRankError
-from ..graph.dense import is_dense
 from ..graph.rewrite import rewrite_convs
 from ..graph.timing import layer_of, spec_of
 from ..latency import measure_model, time_layer, timed_ranks
@@ -233,11 +232,6 @@ def _next_request(tried: list[dict], want: float, saving: float, measured_saving
 class LatencyModel(CostModel):
     name = "latency"
     help = ("--speedup is measured latency on this CPU (layers are timed on onnxruntime, cached)")
-
-    def skip_reason(self, layer) -> str | None:
-        if is_dense(layer):
-            return "MatMul / Gemm layers are compressed with --objective flops only (not timed yet)"
-        return None
 
     def key(self, cfg) -> tuple:
         return (cfg.rank_multiple, cfg.threads, cfg.latency_table, cfg.scheme)
