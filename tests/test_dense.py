@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builders import model_from, run
 from onnx_lowrank import compress
-from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.graph.dense import DenseLayer, find_dense_layers
 from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
 from onnx_lowrank.graph.rewrite import rewrite_convs
