@@ -24,6 +24,8 @@ from threadpoolctl import threadpool_limits
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
 from .calibration.runtime import make_session
+from .calibration.checks import FLAT_RESPONSE, check_informative, flat_layers
+from .calibration.samples import Samples, fingerprint, shard_range
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
@@ -121,7 +123,11 @@ class Compressor:
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
                   "threads", "scheme")
 
-    def __init__(self, model, data, config: CompressConfig | None = None):
+    def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
+                 shard: tuple[int, int] | None = None):
+        """``samples``: responses sampled beforehand (``onnx-lowrank calibrate``, merged shards) instead of a
+        calibration pass; ``shard=(i, n)``: only calibrate the i-th of n image ranges (see :mod:`.shards`)
+        into ``self.samples``, nothing else (no latency timing; such a Compressor cannot run)."""
         cfg = self.config = config or CompressConfig()
         _check_config(cfg)
         self._t0 = time.perf_counter()
@@ -142,19 +148,36 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
-        _check_enough(self.source.total(self.limit))
+        _check_enough(self.source.known_total(self.limit))
         unknown = [p.layer for p in candidates if p.layer.activation_unknown]
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._latency: dict = {}
-        if cfg.objective == "latency":  # a latency table that does not fit is an error before calibrating
+        self.shard = shard
+        if cfg.objective == "latency" and shard is None:  # a latency table that does not fit: an error before calibrating
             self._latency_costs(plan, cfg)
         # Sample every layer either objective may factorise, so that run() can switch objective.
-        sampled = _plan(self.layers, self.flops, replace(cfg, objective="flops"))
-        self.positions = positions_per_image(sampled, self.source.total(self.limit), cfg)
-        self.samples = _collect_original(norm, self.value_types, self.source, [p for p in sampled if p.candidate],
-                                         self.batch, self.limit, self.positions, cfg)
+        sampled = [p for p in _plan(self.layers, self.flops, replace(cfg, objective="flops")) if p.candidate]
+        counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
+        total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
+        self.positions = positions_per_image(sampled, total, cfg)
+        keys = [t.key for p in sampled for t in _tensors(p)]
+        self.fingerprint = fingerprint(_model_hash(self.source_model), _sampling_settings(cfg, self.batch),
+                                       self.positions, keys, total) if counted else {}
+        if samples is not None:
+            self.samples = _check_samples(samples, self.fingerprint)
+        else:
+            first, stop = shard_range(total, self.batch, shard) if shard else (0, self.limit)
+            self.samples = _collect_original(norm, self.value_types, self.source, sampled, self.batch,
+                                             None if stop is None else stop - first, self.positions, cfg, first)
+            self.samples.fingerprint, self.samples.shard = self.fingerprint, shard
+        _check_enough(total if shard else self.samples.images)
+        check_informative(self.samples.digests, self.samples.flat)
+        flat = flat_layers(self.samples, {p.layer.name: sample_key(p.layer.output, p.layer_id) for p in sampled})
+        if flat and shard is None:
+            progress.log(f"warning: the calibration responses barely vary at {', '.join(flat)} (variance below "
+                         f"{FLAT_RESPONSE:g} of their mean square): those fits learn little; give more varied data")
         self._setup_seconds = time.perf_counter() - self._t0
 
     def timing_feed(self) -> dict:
@@ -180,6 +203,8 @@ class Compressor:
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
     def run(self, **overrides) -> CompressionResult:
+        if self.shard is not None:
+            raise RuntimeError("a shard's Compressor only calibrates: merge the parts' samples and pass them")
         bad = set(overrides) - set(self.RUN_FIELDS)
         if bad:
             raise TypeError(f"these options need a new Compressor: {sorted(bad)}")
@@ -421,11 +446,35 @@ def _tensors(p: LayerPlan) -> list[SampledTensor]:
 
 
 def _collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
-                      positions: dict[int, int], cfg: CompressConfig):
+                      positions: dict[int, int], cfg: CompressConfig, first: int = 0):
     tensors = [t for p in plan for t in _tensors(p)]
-    with progress.bar("calibration", source.total(limit), "img") as update:
+    known = source.known_total()
+    count = limit if known is None else max(0, min(known - first, limit if limit is not None else known))
+    with progress.bar("calibration", count, "img") as update:
         return collect(model, value_types, source, tensors, batch, cfg.seed, positions,
-                       limit, update, cfg.threads)
+                       limit, update, cfg.threads, first=first, inspect=True)
+
+
+def _model_hash(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _sampling_settings(cfg: CompressConfig, batch: int) -> dict:
+    """The settings that decide which rows calibration samples (a samples file must agree on all of them)."""
+    return {"seed": cfg.seed, "samples_per_image": cfg.samples_per_image, "max_images": cfg.max_images,
+            "batch_size": batch, "holdout_every": cfg.holdout_every, "input_shapes": cfg.input_shapes,
+            "preprocess": cfg.preprocess}
+
+
+def _check_samples(samples: Samples, expected: dict) -> Samples:
+    if samples.shard is not None:
+        raise LowRankError(f"these samples are shard {samples.shard[0]}/{samples.shard[1]} only: give all the parts")
+    diff = sorted(k for k in set(expected) | set(samples.fingerprint)
+                  if expected.get(k) != samples.fingerprint.get(k))
+    if diff:
+        raise LowRankError(f"the samples were calibrated with another {', '.join(diff)} than this compression: "
+                           "calibrate again with the same model and options, or drop --samples")
+    return samples
 
 
 def _split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
@@ -724,7 +773,7 @@ def _solve_all(model, value_types, source, chosen: list[LayerPlan], samples, bat
     if cores and (not cfg.asymmetric or any(_too_few_rows(p, samples, cfg) for p, _, _ in cores)):
         beside = add_branches(model, [(p.layer.output, p.layer.input, [*pre, core], _plain(name))
                                       for p, name, (pre, core) in cores])
-        with progress.bar("sampling split layers", source.total(limit), "img") as update:
+        with progress.bar("sampling split layers", source.known_total(limit), "img") as update:
             plain = collect(beside, value_types, source, [SampledTensor(_plain(name), p.layer_id)
                                                           for p, name, _ in cores],
                             batch, cfg.seed, positions, limit, update, cfg.threads)
