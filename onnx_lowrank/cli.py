@@ -161,13 +161,40 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
     return ranks
 
 
+def _executor_options(f):
+    opts = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where independent work runs: local worker processes, or Ray tasks (pip install "
+                          "'onnx-lowrank[ray]'; the cluster of RAY_ADDRESS, else a local one)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Worker processes / Ray CPUs at a time [default: one per shard, at most the cores]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _samples_files(samples, extra) -> list[Path] | None:
+    """--samples FILE plus the further files a shell glob (--samples part*.npz) leaves as arguments."""
+    if extra and not samples:
+        raise LowRankError(f"unexpected argument(s) {' '.join(map(str, extra))}: compress takes one MODEL")
+    return [samples, *extra] if samples else None
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
+@click.argument("more_samples", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
+@click.option("--samples", "samples", type=click.Path(path_type=Path), metavar="FILE...",
+              help="Samples from `onnx-lowrank calibrate` instead of a calibration pass: one file, or every "
+                   "--shard part (e.g. --samples part*.npz), merged; --calib is still read by the asymmetric pass.")
+@click.option("--shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Calibrate in N image ranges on --executor (same result as one process).")
+@_executor_options
 @click.option("--speedup", default=None, metavar="S|auto",
               help="Target whole-model speed-up: measured latency (--objective latency) or FLOPs, e.g. 3 = three "
                    "times faster; 'auto' (with a budget) finds the largest within the budget [default: 2, or none "
@@ -202,7 +229,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
                    "speed-up.")
 @_shapes_option
 @_image_options
-def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
+def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
              write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
@@ -228,11 +255,20 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    samples_files = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
     if not model.exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
+    if samples_files and shards:
+        raise LowRankError("--samples and --shards exclude each other: the samples are already calibrated")
+    if executor == "ray":
+        from .executors import require_ray
+
+        if not shards:
+            raise LowRankError("compress --executor ray runs calibration shards: give --shards N")
+        require_ray()
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -262,7 +298,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
+            samples=samples_files, shards=shards, executor=executor, workers=workers)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
@@ -440,5 +477,10 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
 
 
+from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is a second copy of the module: the package's `main` has every command.
+    from onnx_lowrank.cli import main as package_main
+
+    package_main()
