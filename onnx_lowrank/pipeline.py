@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
 from .calibration.runtime import make_session
-from .calibration.checks import FLAT_RESPONSE, check_informative, flat_layers
+from .calibration.checks import FLAT_RESPONSE, check_informative, check_source, flat_layers
 from .calibration.samples import Samples, fingerprint, shard_range
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
@@ -136,6 +136,8 @@ class Compressor:
         inputs = input_specs(norm)
         self.source = open_source(data, inputs, cfg.preprocess)
         self.batch, self.limit = _batching(inputs, self.source, cfg)
+        if self.source.in_memory:
+            check_source(self.source, self.limit)
         first = next(self.source.batches(1, 1))
         shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
         shapes.update(cfg.input_shapes)

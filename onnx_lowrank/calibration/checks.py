@@ -62,3 +62,14 @@ def flat_layers(samples, keys: dict[str, str]) -> list[str]:
         if var <= FLAT_RESPONSE * ms or ms == 0.0:
             out.append(name)
     return out
+
+
+def check_source(source, limit: int | None, batch: int = 64) -> None:
+    """The check above on data already in memory, before any work (streams are checked as calibration reads them)."""
+    digests, flat = [], []
+    for feed in source.batches(batch, limit):
+        d, f = image_digests(feed)
+        digests.append(d)
+        flat.append(f)
+    if digests:
+        check_informative(np.concatenate(digests), np.concatenate(flat))

@@ -53,11 +53,12 @@ class FeedSource:
     """
 
     def __init__(self, make_iter: Callable[..., Iterator[dict]], description: str, count: int | None = None,
-                 seekable: bool = False):
+                 seekable: bool = False, in_memory: bool = False):
         self._make_iter = make_iter
         self.description = description
         self.count = count
         self.seekable = seekable
+        self.in_memory = in_memory  # arrays already in memory: a pass over them costs nothing
 
     def _feeds(self, start: int) -> Iterator[dict]:
         if self.seekable:
@@ -186,7 +187,8 @@ def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str, role: str) 
     n = _batch_len(feed)
     if n == 0:
         raise LowRankError(f"the {desc} {role} data holds no samples (first axis has length 0)")
-    return FeedSource(lambda start: iter([{k: v[start:] for k, v in feed.items()}]), desc, n, seekable=True)
+    return FeedSource(lambda start: iter([{k: v[start:] for k, v in feed.items()}]), desc, n, seekable=True,
+                      in_memory=True)
 
 
 def _note_ignored(feed: dict, inputs: list[InputSpec], desc: str, role: str) -> None:

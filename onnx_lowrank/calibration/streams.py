@@ -63,7 +63,7 @@ def _sequence_source(feeds: Sequence, inputs: list[InputSpec], role: str) -> Fee
     checked = [check(f) for f in feeds]
     if sum(_batch_len(f) for f in checked) == 0:
         raise LowRankError(f"the {desc} gave no samples")
-    return FeedSource(lambda: iter(checked), desc, sum(_batch_len(f) for f in checked))
+    return FeedSource(lambda: iter(checked), desc, sum(_batch_len(f) for f in checked), in_memory=True)
 
 
 def _pass_source(open_pass, check, desc: str, first: dict | None = None) -> FeedSource:
