@@ -167,7 +167,8 @@ def _executor_options(f):
                      help="Where independent work runs: local worker processes, or Ray tasks (pip install "
                           "'onnx-lowrank[ray]'; the cluster of RAY_ADDRESS, else a local one)."),
         click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="Worker processes / Ray CPUs at a time [default: one per shard, at most the cores]."),
+                     help="Worker processes at a time [default: calibrate / compress: one per shard, at most the "
+                          "cores; sweep: 1, in this process]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -434,9 +435,10 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
               help="Writes PREFIX.csv and PREFIX.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_objective_options
+@_executor_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -465,7 +467,12 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
+    if executor == "ray":
+        from .executors import require_ray
+
+        require_ray()
+    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
+               workers=workers)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",

@@ -16,6 +16,16 @@ from collections.abc import Callable, Sequence
 from .errors import LowRankError
 
 
+#: Set in workers: latency is measured on the machine that runs the command, never on a worker.
+NO_TIMING = "ONNX_LOWRANK_WORKER_NO_TIMING"
+
+
+def refuse_timing_on_worker(what: str) -> None:
+    if os.environ.get(NO_TIMING):
+        raise LowRankError(f"{what} would be measured on a worker; latency is measured on the target machine only: "
+                           "measure a --latency-table there and ship it with the work")
+
+
 def worker_threads(workers: int) -> int:
     """onnxruntime threads per worker, so that the workers share this machine's cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -28,6 +28,7 @@ from .calibration.checks import FLAT_RESPONSE, check_informative, check_source, 
 from .calibration.samples import Samples, fingerprint, shard_range
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
+from .executors import refuse_timing_on_worker
 from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import infer_value_types, load_model, normalise, real_inputs, with_input_shapes
@@ -136,8 +137,6 @@ class Compressor:
         inputs = input_specs(norm)
         self.source = open_source(data, inputs, cfg.preprocess)
         self.batch, self.limit = _batching(inputs, self.source, cfg)
-        if self.source.in_memory:
-            check_source(self.source, self.limit)
         first = next(self.source.batches(1, 1))
         shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
         shapes.update(cfg.input_shapes)
@@ -151,6 +150,8 @@ class Compressor:
         if not candidates:
             raise LowRankError(_no_candidate_message(plan))
         _check_enough(self.source.known_total(self.limit))
+        if self.source.in_memory:   # data that cannot teach anything: refused before any work
+            check_source(self.source, self.limit)
         unknown = [p.layer for p in candidates if p.layer.activation_unknown]
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
@@ -164,9 +165,8 @@ class Compressor:
         counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
         total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
         self.positions = positions_per_image(sampled, total, cfg)
-        keys = [t.key for p in sampled for t in _tensors(p)]
-        self.fingerprint = fingerprint(_model_hash(self.source_model), _sampling_settings(cfg, self.batch),
-                                       self.positions, keys, total) if counted else {}
+        self._sampled_keys = [t.key for p in sampled for t in _tensors(p)]
+        self.fingerprint = self.samples_fingerprint() if counted else {}
         if samples is not None:
             self.samples = _check_samples(samples, self.fingerprint)
         else:
@@ -181,6 +181,11 @@ class Compressor:
             progress.log(f"warning: the calibration responses barely vary at {', '.join(flat)} (variance below "
                          f"{FLAT_RESPONSE:g} of their mean square): those fits learn little; give more varied data")
         self._setup_seconds = time.perf_counter() - self._t0
+
+    def samples_fingerprint(self) -> dict:
+        """What a samples file must agree on to stand for this Compressor's calibration (counts the data)."""
+        return fingerprint(_model_hash(self.source_model), _sampling_settings(self.config, self.batch),
+                           self.positions, self._sampled_keys, self.source.total(self.limit))
 
     def timing_feed(self) -> dict:
         """One calibration input at batch 1 (the model's own batch if it is fixed): what latency is timed on."""
@@ -519,6 +524,8 @@ class LatencyCosts:
         if key not in self.table.entries:
             # A table file fixes the layer timings; a check it lacks (another --speedup) is measured and added.
             cached = None if self.frozen else load_cache(self.cache, self.table.env).entries.get(key)
+            if cached is None:
+                refuse_timing_on_worker(f"a whole-model check of the latency table {self.source}")
             self.table.entries[key] = cached or {"speedup": float(self.measure(ranks))}
             if cached is None and not self.frozen:
                 save_cache(self.cache, LatencyTable(self.table.env, {key: self.table.entries[key]}))
@@ -571,6 +578,8 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     where = cache_dir(cfg.latency_cache)
     cache = load_cache(where, env)
     todo = [k for k in wanted if k not in cache.entries]
+    if mkey not in cache.entries or todo:
+        refuse_timing_on_worker("layer timings")
     if mkey not in cache.entries or todo:
         progress.status(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
                      f"about {cfg.latency_seconds:g} s each, cached in {where}")

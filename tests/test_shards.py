@@ -116,18 +116,40 @@ def test_local_worker_processes_give_the_same_model(work):
     assert got.SerializeToString() == want
 
 
-def test_ray_tasks_on_a_local_cluster_give_the_same_model(work):
+def _sweep(work, executor="local", workers=None, objective="flops"):
+    from onnx_lowrank.sweep import sweep
+
+    cfg = CompressConfig(objective=objective, batch_size=4, rank_multiple=1, threads=1, latency_seconds=0.05)
+    rows = sweep(str(work / "m.onnx"), str(work / "c.npz"), str(work / "c.npz"), [1.5, 50.0], cfg, runs=2,
+                 threads=1, executor=executor, workers=workers)
+    keys = ("speedup_target", "speedup_theoretical", "speedup_predicted", "top1_agreement", "nmse", "status")
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def test_sweep_points_in_worker_processes_match_the_inline_sweep_and_time_nothing_there(work):
+    for objective in ("flops", "latency"):
+        inline = _sweep(work, objective=objective)
+        if objective == "flops":   # (on onnxruntime this 8 x 8 model cannot get faster: all unreachable)
+            assert inline[0]["status"] == "ok" and inline[1]["status"].startswith("unreachable")
+        # workers refuse to time anything (ONNX_LOWRANK_WORKER_NO_TIMING): the shipped table holds every timing
+        assert _sweep(work, "local", 2, objective) == inline
+
+
+def test_ray_tasks_on_a_local_cluster_give_the_same_model_and_sweep(work):
     ray = pytest.importorskip("ray")
     from onnx_lowrank.shards import calibrate
 
     want, cfg = _single(work)
+    inline = _sweep(work)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         samples = calibrate(work / "m.onnx", work / "c.npz", cfg, shards=3, executor="ray")
+        swept = _sweep(work, "ray")
     finally:
         ray.shutdown()
     got = Compressor(str(work / "m.onnx"), str(work / "c.npz"), cfg, samples=samples).run().model
     assert got.SerializeToString() == want
+    assert swept == inline
 
 
 def test_ray_missing_is_one_line_exit_2(work, monkeypatch):
