@@ -133,3 +133,12 @@ def test_layers_whose_responses_barely_vary_are_named_in_a_warning(capsys):
     assert len(warning) == 1, warning
     named = warning[0].split(" at ")[1].split(" (")[0].split(", ")
     assert named == ["conv2"]
+
+
+@pytest.mark.parametrize("start,limit", [(0, None), (5, 7), (6, 100), (11, 1)])
+def test_a_shard_of_a_reader_starts_at_its_global_image(start, limit):
+    x = _x(23)
+    for data in (StrictReader(x, 3), {"input": x}, [{"input": x[i:i + 4]} for i in range(0, 23, 4)]):
+        src = open_source(data, SPEC)
+        got = np.concatenate([b["input"] for b in src.batches(4, limit, start=start)])
+        np.testing.assert_array_equal(got, x[start:None if limit is None else start + limit])
