@@ -76,7 +76,9 @@ def calibrate(model, calib, output, shard, shards, executor, workers, samples_pe
         samples = run_shards(model, calib, cfg, shards, executor, workers)
     else:
         part = parse_shard(shard) if shard else None
-        samples = Compressor(model, calib, cfg, shard=part).samples
+        compressor = Compressor(model, calib, cfg, shard=part)
+        samples = compressor.samples
+        samples.fingerprint = samples.fingerprint or compressor.samples_fingerprint()
     samples.save(output)
     if not quiet:
         what = f"shard {samples.shard[0]}/{samples.shard[1]}, " if samples.shard else ""

@@ -166,7 +166,7 @@ class Compressor:
         total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
         self.positions = positions_per_image(sampled, total, cfg)
         self._sampled_keys = [t.key for p in sampled for t in _tensors(p)]
-        self.fingerprint = self.samples_fingerprint() if counted else {}
+        self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}
         if samples is not None:
             self.samples = _check_samples(samples, self.fingerprint)
         else:
@@ -463,7 +463,12 @@ def _collect_original(model, value_types, source: FeedSource, plan, batch: int, 
 
 
 def _model_hash(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    """SHA-256 over the model's parts one by one (a model over 2 GB cannot be serialised whole)."""
+    h = hashlib.sha256()
+    g = model.graph
+    for part in [*model.opset_import, *g.input, *g.output, *g.node, *g.initializer]:
+        h.update(part.SerializeToString(deterministic=True))
+    return h.hexdigest()
 
 
 def _sampling_settings(cfg: CompressConfig, batch: int) -> dict:

@@ -167,3 +167,14 @@ def test_ray_missing_is_one_line_exit_2(work, monkeypatch):
                "-o", "r.npz", "-q")
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "onnx-lowrank[ray]" in res.stderr
     assert not (work / "r.npz").exists()
+
+
+def test_a_whole_calibration_file_stands_for_the_calibration_pass(work, monkeypatch):
+    args = ["--samples-per-image", "5", "--seed", "2"]
+    res = _cli(work, monkeypatch, "calibrate", "m.onnx", "--calib", "c.npz", "--batch-size", "4", *args, "-o",
+               "whole.npz", "-q")
+    assert res.exit_code == 0, res.output
+    for name, extra in (("direct.onnx", []), ("from_file.onnx", ["--samples", "whole.npz"])):
+        res = _cli(work, monkeypatch, "compress", "m.onnx", "--calib", "c.npz", *COMPRESS, *args, *extra, "-o", name)
+        assert res.exit_code == 0, res.output
+    assert (work / "direct.onnx").read_bytes() == (work / "from_file.onnx").read_bytes()
