@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
 from .calibration.runtime import make_session
-from .calibration.checks import FLAT_RESPONSE, check_informative, check_source, flat_layers
+from .calibration.checks import check_source, review_samples
 from .calibration.samples import Samples, fingerprint, shard_range
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
@@ -175,11 +175,8 @@ class Compressor:
                                              None if stop is None else stop - first, self.positions, cfg, first)
             self.samples.fingerprint, self.samples.shard = self.fingerprint, shard
         _check_enough(total if shard else self.samples.images)
-        check_informative(self.samples.digests, self.samples.flat)
-        flat = flat_layers(self.samples, {p.layer.name: sample_key(p.layer.output, p.layer_id) for p in sampled})
-        if flat and shard is None:
-            progress.log(f"warning: the calibration responses barely vary at {', '.join(flat)} (variance below "
-                         f"{FLAT_RESPONSE:g} of their mean square): those fits learn little; give more varied data")
+        if shard is None:   # a shard's images alone may all be alike: parts are reviewed once merged
+            review_samples(self.samples, {p.layer.name: sample_key(p.layer.output, p.layer_id) for p in sampled})
         self._setup_seconds = time.perf_counter() - self._t0
 
     def samples_fingerprint(self) -> dict:
@@ -585,7 +582,6 @@ def _measure_latency(model, value_types, plan: list[LayerPlan], feed: dict, cfg:
     todo = [k for k in wanted if k not in cache.entries]
     if mkey not in cache.entries or todo:
         refuse_timing_on_worker("layer timings")
-    if mkey not in cache.entries or todo:
         progress.status(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
                      f"about {cfg.latency_seconds:g} s each, cached in {where}")
     if mkey not in cache.entries:

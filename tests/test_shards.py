@@ -178,3 +178,20 @@ def test_a_whole_calibration_file_stands_for_the_calibration_pass(work, monkeypa
         res = _cli(work, monkeypatch, "compress", "m.onnx", "--calib", "c.npz", *COMPRESS, *args, *extra, "-o", name)
         assert res.exit_code == 0, res.output
     assert (work / "direct.onnx").read_bytes() == (work / "from_file.onnx").read_bytes()
+
+
+def test_parts_are_judged_together_a_repeated_set_is_refused_once_merged(tmp_path, monkeypatch):
+    onnx.save(conv_chain([3, 16, 16], size=8, seed=2, lowrank_bias=6), tmp_path / "m.onnx")
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()   # an image folder is read as a stream: judged as calibration reads it
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for i in range(16):
+        Image.fromarray(pixels).save(tmp_path / "img" / f"{i:02d}.png")
+    for i in (1, 2):   # a shard alone is not judged (its images may all be alike in a good data set)
+        res = _cli(tmp_path, monkeypatch, "calibrate", "m.onnx", "--calib", "img", "--shard", f"{i}/2",
+                   "--batch-size", "4", "-o", f"p{i}.npz", "-q")
+        assert res.exit_code == 0, res.output
+    res = _cli(tmp_path, monkeypatch, "compress", "m.onnx", "--calib", "img", "--samples", "p1.npz", "p2.npz",
+               *COMPRESS, "-o", "out.onnx")
+    assert res.exit_code == 2 and "copies of one image" in res.stderr and not (tmp_path / "out.onnx").exists()

@@ -73,3 +73,15 @@ def check_source(source, limit: int | None, batch: int = 64) -> None:
         flat.append(f)
     if digests:
         check_informative(np.concatenate(digests), np.concatenate(flat))
+
+
+def review_samples(samples, keys: dict[str, str]) -> None:
+    """After calibration (of all images, or all parts merged): refuse data that cannot teach, and name the
+    layers (``keys``: layer name -> sample key) whose responses barely vary."""
+    from .. import progress
+
+    check_informative(samples.digests, samples.flat)
+    flat = flat_layers(samples, keys)
+    if flat:
+        progress.log(f"warning: the calibration responses barely vary at {', '.join(flat)} (variance below "
+                     f"{FLAT_RESPONSE:g} of their mean square): those fits learn little; give more varied data")
