@@ -3,8 +3,9 @@
 Every source becomes a :class:`FeedSource`: something that yields feed dicts (model input name
 to a batch array) as many times as asked, so the several passes over the calibration set see the
 same images in the same order. Accepted: ``.npz`` (keys are input names, first axis is the
-sample), ``.npy`` (single-input models), a folder of images with preprocessing, any iterable of
-feed dicts, and onnxruntime's ``CalibrationDataReader``.
+sample), ``.npy`` (single-input models), a folder of images with preprocessing, and (see
+:mod:`.streams`, read batch by batch, never listed) any iterable of feed dicts, onnxruntime's
+``CalibrationDataReader`` and functions returning either.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
