@@ -54,10 +54,10 @@ class StrictReader:
 
 def test_a_reader_is_never_drained_and_gives_the_same_model_as_arrays():
     model = conv_chain([3, 16, 16, 16], size=8, seed=2, lowrank_bias=6)
-    x = _x(40)
+    x = _x(24)
     reader = StrictReader(x, 4)
     got = onnx_lowrank.compress(model, reader, samples_per_image=6, **OPTS).model
-    assert reader.calls >= 2 * 11   # two passes (sampling, asymmetric), each batch by batch
+    assert reader.calls >= 2 * 7   # two passes (sampling, asymmetric), each batch by batch
     want = onnx_lowrank.compress(model, {"input": x}, samples_per_image=6, **OPTS).model
     assert got.SerializeToString() == want.SerializeToString()
 
