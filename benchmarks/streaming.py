@@ -111,7 +111,7 @@ def build_model(path: Path) -> None:
 
 def child(args) -> None:
     from onnx_lowrank import progress
-    from onnx_lowrank.pipeline import CompressConfig
+    from onnx_lowrank.config import CompressConfig
 
     progress.set_enabled(False)
     reader = SyntheticImages(args.images)

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from . import progress
-from .cli import CONTEXT, _executor_options, _image_options, _parse_ranks, _parse_samples, _preprocess, \
-    _shapes_option, main
+from .cli import CONTEXT, main
+from .cli_options import executor_options, image_options, parse_ranks, parse_samples, preprocess, shapes_option
 from .errors import LowRankError
 
 
@@ -20,7 +20,7 @@ from .errors import LowRankError
 @click.option("--shard", metavar="I/N", help="Calibrate only the I-th of N image ranges (1-based), e.g. 2/3.")
 @click.option("--shards", type=click.IntRange(min=1), default=None, metavar="N",
               help="Calibrate all N ranges on --executor and write them merged.")
-@_executor_options
+@executor_options
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto", help="As for compress.")
 @click.option("--max-images", type=int, default=None, help="As for compress.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="As for compress (shards cut at batches).")
@@ -31,8 +31,8 @@ from .errors import LowRankError
               help="As for compress.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@_shapes_option
-@_image_options
+@shapes_option
+@image_options
 def calibrate(model, calib, output, shard, shards, executor, workers, samples_per_image, max_images, batch_size, seed,
               ranks, exclude, scheme, threads, quiet, input_shapes, **image):
     """Sample the layer responses of MODEL on calibration data into a file for `compress --samples`.
@@ -50,7 +50,8 @@ def calibrate(model, calib, output, shard, shards, executor, workers, samples_pe
     from .calibration.samples import parse_shard
     from .files import check_writable
     from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig, Compressor
+    from .compressor import Compressor
+    from .config import CompressConfig
     from .shards import calibrate as run_shards
 
     progress.set_enabled(not quiet)
@@ -67,11 +68,11 @@ def calibrate(model, calib, output, shard, shards, executor, workers, samples_pe
         from .executors import require_ray
 
         require_ray()
-    cfg = CompressConfig(speedup=None, ranks=_parse_ranks(ranks), exclude=list(exclude), scheme=scheme,
-                         objective="flops", samples_per_image=_parse_samples(samples_per_image),
+    cfg = CompressConfig(speedup=None, ranks=parse_ranks(ranks), exclude=list(exclude), scheme=scheme,
+                         objective="flops", samples_per_image=parse_samples(samples_per_image),
                          max_images=max_images, seed=seed, batch_size=batch_size,
                          input_shapes=parse_input_shapes(input_shapes), threads=threads,
-                         preprocess=_preprocess(**image))
+                         preprocess=preprocess(**image))
     if shards:
         samples = run_shards(model, calib, cfg, shards, executor, workers)
     else:

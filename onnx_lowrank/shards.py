@@ -14,7 +14,8 @@ from pathlib import Path
 from . import progress
 from .calibration.samples import Samples, merge
 from .executors import get_executor, worker_threads
-from .pipeline import CompressConfig, Compressor
+from .compressor import Compressor
+from .config import CompressConfig
 
 
 def calibrate_shard(model, data, config: CompressConfig | None, shard: tuple[int, int]) -> Samples:

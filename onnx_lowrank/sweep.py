@@ -13,7 +13,8 @@ from .budget import Budget, evaluate_against
 from .files import atomic_path
 from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
-from .pipeline import Compressor, input_specs
+from .calibration.batching import input_specs
+from .compressor import Compressor
 from .solver.ranks import RankSelectionError
 
 FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured", "latency_ms",
@@ -101,16 +102,17 @@ def _latency_for_workers(compressor: Compressor, speedups: list[float]):
     """Every timing the speed-ups need, measured here (layers and whole-model checks), as one table."""
     from threadpoolctl import threadpool_limits
 
-    from .pipeline import _choose_ranks, _plan
+    from .plan import make_plan
+    from .rank_choice import choose_ranks
 
     lat = None
     for s in speedups:
         cfg = replace(compressor.config, speedup=s)
-        plan = _plan(compressor.layers, compressor.flops, cfg)
-        lat = compressor._latency_costs(plan, cfg)
+        plan = make_plan(compressor.layers, compressor.flops, cfg)
+        lat = compressor.costs(plan, cfg)
         with threadpool_limits(limits=1, user_api="blas"):
             try:
-                _choose_ranks(plan, compressor.samples, compressor.flops, cfg, lat)
+                choose_ranks(plan, compressor.samples, compressor.flops, cfg, lat)
             except RankSelectionError:
                 pass
     return lat.table

@@ -14,7 +14,8 @@ from builders import conv_chain
 from onnx_lowrank.calibration.samples import Samples, merge, shard_range
 from onnx_lowrank.cli import main
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.pipeline import CompressConfig, Compressor
+from onnx_lowrank.compressor import Compressor
+from onnx_lowrank.config import CompressConfig
 
 COMPRESS = ["--objective", "flops", "--rank-multiple", "1", "--speedup", "1.5", "--batch-size", "4", "--no-measure",
             "-q"]

@@ -159,3 +159,26 @@ def fingerprint(model_hash: str, settings: dict, positions: dict[int, int], keys
 
 def _plain(v):
     return json.loads(json.dumps(v, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o)))
+
+
+def model_hash(model) -> str:
+    """SHA-256 over an onnx model's parts one by one (a model over 2 GB cannot be serialised whole)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    g = model.graph
+    for part in [*model.opset_import, *g.input, *g.output, *g.node, *g.initializer]:
+        h.update(part.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def check_samples(samples: Samples, expected: dict) -> Samples:
+    """``samples`` if they stand for the calibration whose fingerprint is ``expected``, else a one-line error."""
+    if samples.shard is not None:
+        raise LowRankError(f"these samples are shard {samples.shard[0]}/{samples.shard[1]} only: give all the parts")
+    diff = sorted(k for k in set(expected) | set(samples.fingerprint)
+                  if expected.get(k) != samples.fingerprint.get(k))
+    if diff:
+        raise LowRankError(f"the samples were calibrated with another {', '.join(diff)} than this compression: "
+                           "calibrate again with the same model and options, or drop --samples")
+    return samples
