@@ -11,8 +11,9 @@ import click
 
 from . import progress
 from .config import METHODS
-from .cli_options import (image_options as _image_options, objective_options as _objective_options,
-                          parse_ranks as _parse_ranks, parse_samples as _parse_samples,
+from .cli_options import (executor_options as _executor_options, image_options as _image_options,
+                          objective_options as _objective_options, parse_ranks as _parse_ranks,
+                          samples_files as _samples_files, parse_samples as _parse_samples,
                           parse_schedule as _parse_schedule, preprocess as _preprocess,
                           shapes_option as _shapes_option)
 from .errors import LowRankError
@@ -59,11 +60,18 @@ def main():
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
+@click.argument("more_samples", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
+@click.option("--samples", "samples", type=click.Path(path_type=Path), metavar="FILE...",
+              help="Samples from `onnx-lowrank calibrate` instead of a calibration pass: one file, or every "
+                   "--shard part (e.g. --samples part*.npz), merged; --calib is still read by the asymmetric pass.")
+@click.option("--shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Calibrate in N image ranges on --executor (same result as one process).")
+@_executor_options
 @click.option("--speedup", default=None, metavar="S|auto",
               help="Target whole-model speed-up: measured latency (--objective latency) or FLOPs, e.g. 3 = three "
                    "times faster; 'auto' (with a budget) finds the largest within the budget [default: 2, or none "
@@ -98,7 +106,7 @@ def main():
                    "speed-up.")
 @_shapes_option
 @_image_options
-def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
+def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
              write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
@@ -123,9 +131,18 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    sample_paths = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
+    if sample_paths and shards:
+        raise LowRankError("--samples and --shards exclude each other: the samples are already calibrated")
+    if executor == "ray":
+        from .executors import require_ray
+
+        if not shards:
+            raise LowRankError("compress --executor ray runs calibration shards: give --shards N")
+        require_ray()
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -148,7 +165,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
+            samples=sample_paths, shards=shards, executor=executor, workers=workers)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
@@ -283,9 +301,10 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
               help="Writes PREFIX.csv and PREFIX.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_objective_options
+@_executor_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -315,7 +334,12 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
+    if executor == "ray":
+        from .executors import require_ray
+
+        require_ray()
+    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
+               workers=workers)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",
@@ -324,5 +348,10 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
 
 
+from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is a second copy of the module: the package's `main` has every command.
+    from onnx_lowrank.cli import main as package_main
+
+    package_main()

@@ -18,6 +18,8 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.batching import batching, fixed_batch, input_specs
+from .calibration.checks import check_source, review_samples
+from .calibration.samples import Samples, check_samples, fingerprint, model_hash, shard_range
 from .calibration.inputs import open_source
 from .calibration.runtime import make_session
 from .calibration.sampling import probe_shapes, sample_key
@@ -31,7 +33,7 @@ from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
-from .samples import check_enough, collect_original, positions_per_image
+from .sampling_plan import check_enough, collect_original, positions_per_image, sampling_settings, tensors
 from .schemes import SCHEME_CHOICES
 from .solve import solve_all
 
@@ -53,7 +55,11 @@ class Compressor:
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
                   "threads", "scheme")
 
-    def __init__(self, model, data, config: CompressConfig | None = None):
+    def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
+                 shard: tuple[int, int] | None = None):
+        """``samples``: responses sampled beforehand (``onnx-lowrank calibrate``, merged shards) instead of a
+        calibration pass; ``shard=(i, n)``: only calibrate the i-th of n image ranges (see :mod:`.shards`)
+        into ``self.samples``, nothing else (no cost measurement; such a Compressor cannot run)."""
         cfg = self.config = config or CompressConfig()
         check_config(cfg)
         self._t0 = time.perf_counter()
@@ -74,17 +80,38 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(no_candidate_message(plan))
-        check_enough(self.source.total(self.limit))
+        check_enough(self.source.known_total(self.limit))
+        if self.source.in_memory:   # data that cannot teach anything: refused before any work
+            check_source(self.source, self.limit)
         unknown = [p.layer for p in candidates if p.layer.activation_unknown]
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._costs: dict = {}
-        self.costs(plan, cfg)  # measured costs (a latency table that does not fit) fail before calibrating
-        self.positions = positions_per_image(candidates, self.source.total(self.limit), cfg)
-        self.samples = collect_original(norm, self.value_types, self.source, candidates, self.batch, self.limit,
-                                        self.positions, cfg)
+        self.shard = shard
+        if shard is None:   # measured costs (a latency table that does not fit) fail before calibrating
+            self.costs(plan, cfg)
+        counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
+        total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
+        self.positions = positions_per_image(candidates, total, cfg)
+        self._sampled_keys = [t.key for p in candidates for t in tensors(p)]
+        self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}
+        if samples is not None:
+            self.samples = check_samples(samples, self.fingerprint)
+        else:
+            first, stop = shard_range(total, self.batch, shard) if shard else (0, self.limit)
+            self.samples = collect_original(norm, self.value_types, self.source, candidates, self.batch,
+                                            None if stop is None else stop - first, self.positions, cfg, first)
+            self.samples.fingerprint, self.samples.shard = self.fingerprint, shard
+        check_enough(total if shard else self.samples.images)
+        if shard is None:   # a shard's images alone may all be alike: parts are reviewed once merged
+            review_samples(self.samples, {p.layer.name: sample_key(p.layer.output, p.layer_id) for p in candidates})
         self._setup_seconds = time.perf_counter() - self._t0
+
+    def samples_fingerprint(self) -> dict:
+        """What a samples file must agree on to stand for this Compressor's calibration (counts the data)."""
+        return fingerprint(model_hash(self.source_model), sampling_settings(self.config, self.batch),
+                           self.positions, self._sampled_keys, self.source.total(self.limit))
 
     def timing_feed(self) -> dict:
         """One calibration input at batch 1 (the model's own batch if it is fixed): what latency is timed on."""
@@ -112,6 +139,8 @@ class Compressor:
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
     def run(self, **overrides) -> CompressionResult:
+        if self.shard is not None:
+            raise RuntimeError("a shard's Compressor only calibrates: merge the parts' samples and pass them")
         bad = set(overrides) - set(self.RUN_FIELDS)
         if bad:
             raise TypeError(f"these options need a new Compressor: {sorted(bad)}")

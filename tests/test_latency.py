@@ -176,9 +176,10 @@ def test_latency_objective_meets_the_predicted_target_with_block_ranks(table):
     assert ranks and all(r % 16 == 0 for r in ranks)
     predicted = _predicted_from_table(path, rep)
     assert rep["latency_table_ms"] == pytest.approx(predicted, rel=1e-9)
-    # The ranks kept are those of a whole-model check that reached the target (within 3 %), or the fastest.
+    # The ranks kept are those of a whole-model check that reached the target (within 3 %), or the fastest;
+    # at most 5 checks (the README's promise; a noisy machine needs the fifth).
     checks = [c["checked_speedup"] for c in rep["latency_checks"]]
-    assert 1 <= len(checks) <= 4 and rep["predicted_latency_speedup"] in checks
+    assert 1 <= len(checks) <= 5 and rep["predicted_latency_speedup"] in checks
     reached = [c for c in checks if c >= 2.0 * 0.97]
     assert rep["predicted_latency_speedup"] == (min(reached) if reached else max(checks))
     # The first layer (1 -> 32) has break-even rank 7 < 16: kept whole, and the report says why.

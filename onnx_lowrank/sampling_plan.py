@@ -71,10 +71,22 @@ def tensors(p) -> list[SampledTensor]:
 
 
 def collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
-                     positions: dict[int, int], cfg):
+                     positions: dict[int, int], cfg, first: int = 0):
+    """The original model's responses at ``limit`` images from global index ``first`` on (a shard), with a
+    digest of each image's inputs (calibration/checks.py)."""
     wanted = [t for p in plan for t in tensors(p)]
-    with progress.bar("calibration", source.total(limit), "img") as update:
-        return collect(model, value_types, source, wanted, batch, cfg.seed, positions, limit, update, cfg.threads)
+    known = source.known_total()
+    count = limit if known is None else max(0, min(known - first, limit if limit is not None else known))
+    with progress.bar("calibration", count, "img") as update:
+        return collect(model, value_types, source, wanted, batch, cfg.seed, positions, limit, update, cfg.threads,
+                       first=first, inspect=True)
+
+
+def sampling_settings(cfg, batch: int) -> dict:
+    """The settings that decide which rows calibration samples (a samples file must agree on all of them)."""
+    return {"seed": cfg.seed, "samples_per_image": cfg.samples_per_image, "max_images": cfg.max_images,
+            "batch_size": batch, "holdout_every": cfg.holdout_every, "input_shapes": cfg.input_shapes,
+            "preprocess": cfg.preprocess}
 
 
 def split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:
