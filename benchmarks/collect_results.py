@@ -38,6 +38,7 @@ ORDER = [
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
     ("streaming", "Issue 14: streaming calibration, 2,000 images of 416 x 416, 1 vs 2 workers"),
     ("ray_cost", "Issue 14: the optional Ray extra"),
+    ("matmul_latency", "Issue 13: MatMul / Gemm layers timed under the latency objective"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -267,7 +267,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     \b
       onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
     """
-    from .measure import evaluate
+    from .fidelity import evaluate
     from .report import format_eval
 
     progress.set_enabled(not quiet and not as_json)

@@ -191,8 +191,7 @@ def test_layer_that_does_not_pay_on_the_runtime_is_kept_whole(table, tmp_path):
     """Edit the table so that the biggest layer is slower factorised at every rank: it must stay whole."""
     path, rep = table
     data = json.loads(path.read_text())
-    # The last Conv (the classifier Gemm after it is a layer too, kept whole under the latency objective).
-    i = max(j for j, lay in enumerate(rep["layers"]) if not lay["reason"].startswith("MatMul / Gemm"))
+    i = max(j for j, lay in enumerate(rep["layers"]) if lay["op"] == "Conv")  # the last Conv (a Gemm follows)
     last = rep["layers"][i]
     key = next(k for k in data["entries"] if k.startswith(f"c{last['in_channels']}_d{last['out_channels']}_"))
     e = data["entries"][key]
