@@ -202,7 +202,7 @@ def _error_params(cases):
 # Errors found only once calibration has run (an unreachable speed-up needs the layer FLOPs and
 # ranks): in a log, the phase lines that ran come before the error line.
 LATE_ERRORS = {"speedup_1000"}
-PHASE_LINE = re.compile(r"^[a-z ]+: (started( \(\d+ \w+\))?|done, \d+ \w+ in \d+\.\d s)$")
+PHASE_LINE = re.compile(r"^[a-z ]+: (started( \(\d+ \w+\))?|done, \d+ \w+ in \d+\.\d s, peak \d+ MB)$")
 
 
 def _check_user_error(returncode, stderr, case):
@@ -326,6 +326,11 @@ def test_progress_is_logged_per_phase_when_stderr_is_not_a_terminal(runs):
         if ": started (" in line:
             name, total = line.split(": started (")
             assert any(p.startswith(f"{name}: done, {total.split()[0]} ") for p in phases), phases
+    # one line per solved layer, counting up to the announced total, each naming the layer and its rank
+    solving = [line for line in lines if re.match(r"asymmetric solve: layer \d+ of \d+ \(", line)]
+    n = int(next(p for p in phases if p.startswith("asymmetric solve: started")).split("(")[1].split()[0])
+    assert [int(line.split()[3]) for line in solving] == list(range(1, n + 1)), solving
+    assert all(re.search(r"\(\S+, \d+ -> \d+\), \d+\.\d s", line) for line in solving), solving
     assert not any(PHASE_LINE.match(line) for line in runs.results["folder"].stderr.splitlines())
 
 
