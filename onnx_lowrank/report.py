@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .graph.dense import is_dense
-from .samples import held_back
+from .sampling_plan import held_back
 from .schemes import SCHEMES
 
 
