@@ -15,7 +15,7 @@ from .cli_options import (executor_options as _executor_options, image_options a
                           objective_options as _objective_options, parse_ranks as _parse_ranks,
                           samples_files as _samples_files, parse_samples as _parse_samples,
                           parse_schedule as _parse_schedule, preprocess as _preprocess,
-                          shapes_option as _shapes_option)
+                          shapes_option as _shapes_option, max_memory_option as _max_memory_option)
 from .errors import LowRankError
 from .files import json_default as _json_default
 
@@ -88,6 +88,7 @@ def main():
               help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for "
                    "at least 16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
+@_max_memory_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the sampled positions (same seed, same output).")
@@ -107,7 +108,7 @@ def main():
 @_shapes_option
 @_image_options
 def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
-             batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
+             max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
              write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
@@ -158,7 +159,7 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
     cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
-                         batch_size=batch_size, input_shapes=shapes, threads=threads,
+                         max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
     show = None if quiet else (lambda result: click.echo(format_report(result.report)))
@@ -294,6 +295,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
               help="As for compress.")
 @click.option("--max-images", type=int, default=None)
+@_max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
@@ -303,7 +305,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_objective_options
 @_executor_options
 @_shapes_option
-def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
+def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
           threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
@@ -331,7 +333,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     check_writable(csv_path, "--out")
     check_writable(png_path, "--out")
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
-                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
+                         max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
     if executor == "ray":

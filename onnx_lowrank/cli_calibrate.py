@@ -8,7 +8,8 @@ import click
 
 from . import progress
 from .cli import CONTEXT, main
-from .cli_options import executor_options, image_options, parse_ranks, parse_samples, preprocess, shapes_option
+from .cli_options import (executor_options, image_options, max_memory_option, parse_ranks, parse_samples, preprocess,
+                          shapes_option)
 from .errors import LowRankError
 
 
@@ -23,6 +24,7 @@ from .errors import LowRankError
 @executor_options
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto", help="As for compress.")
 @click.option("--max-images", type=int, default=None, help="As for compress.")
+@max_memory_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="As for compress (shards cut at batches).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="As for compress.")
 @click.option("--ranks", metavar="NAME=R,...|FILE.json", help="As for compress (decides which layers are sampled).")
@@ -33,7 +35,8 @@ from .errors import LowRankError
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @shapes_option
 @image_options
-def calibrate(model, calib, output, shard, shards, executor, workers, samples_per_image, max_images, batch_size, seed,
+def calibrate(model, calib, output, shard, shards, executor, workers, samples_per_image, max_images, max_memory,
+              batch_size, seed,
               ranks, exclude, scheme, threads, quiet, input_shapes, **image):
     """Sample the layer responses of MODEL on calibration data into a file for `compress --samples`.
 
@@ -70,7 +73,7 @@ def calibrate(model, calib, output, shard, shards, executor, workers, samples_pe
         require_ray()
     cfg = CompressConfig(speedup=None, ranks=parse_ranks(ranks), exclude=list(exclude), scheme=scheme,
                          objective="flops", samples_per_image=parse_samples(samples_per_image),
-                         max_images=max_images, seed=seed, batch_size=batch_size,
+                         max_images=max_images, max_memory=max_memory, seed=seed, batch_size=batch_size,
                          input_shapes=parse_input_shapes(input_shapes), threads=threads,
                          preprocess=preprocess(**image))
     if shards:

@@ -7,12 +7,20 @@ from pathlib import Path
 
 import click
 
+from .config import DEFAULT_MAX_MEMORY
 from .errors import LowRankError
 
 
 def shapes_option(f):
     return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
                         help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224 (repeatable).")(f)
+
+
+def max_memory_option(f):
+    return click.option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, metavar="SIZE",
+                        help="Bound on the calibration samples kept in memory, all layers together (e.g. 512M, 8G): "
+                             "with more, every layer samples fewer positions per image (the report gives the rows). "
+                             "The process needs this plus the model and onnxruntime's own memory.")(f)
 
 
 def image_options(f):

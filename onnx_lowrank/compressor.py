@@ -23,7 +23,7 @@ from .calibration.samples import Samples, check_samples, fingerprint, model_hash
 from .calibration.inputs import open_source
 from .calibration.runtime import make_session
 from .calibration.sampling import probe_shapes, sample_key
-from .config import CompressConfig, check_config, with_overrides
+from .config import CompressConfig, check_config, parse_size, with_overrides
 from .costs import COST_MODELS
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
@@ -33,7 +33,12 @@ from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
+<<<<<<< HEAD
+from .samples import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings, tensors,
+                      within_memory)
+=======
 from .sampling_plan import check_enough, collect_original, positions_per_image, sampling_settings, tensors
+>>>>>>> split
 from .schemes import SCHEME_CHOICES
 from .solve import solve_all
 
@@ -93,7 +98,10 @@ class Compressor:
             self.costs(plan, cfg)
         counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
         total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
-        self.positions = positions_per_image(candidates, total, cfg)
+        wanted = positions_per_image(candidates, total, cfg)
+        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory))
+        self.memory = {"max_memory_bytes": parse_size(cfg.max_memory), "rows_limited_by_memory": self.positions != wanted,
+                       "samples_bytes": sample_bytes(candidates, self.positions, total) if total else None}
         self._sampled_keys = [t.key for p in candidates for t in tensors(p)]
         self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}
         if samples is not None:
@@ -169,7 +177,8 @@ class Compressor:
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
-        return CompressionResult(new_model, build_report(plan, self.flops, cfg, self.samples.images, seconds, costs))
+        report = build_report(plan, self.flops, cfg, self.samples.images, seconds, costs)
+        return CompressionResult(new_model, {**report, **self.memory})
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:
