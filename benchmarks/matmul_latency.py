@@ -101,8 +101,8 @@ def ppocr_section(speedup: float, threads: int) -> str:
     md = common.header(f"PP-OCRv4 recogniser at --speedup {speedup:g}, latency objective, {threads} thread(s): "
                        "MatMul layers")
     md += (f"60 rendered lines (48 x 320) for calibration; predicted whole-model speed-up "
-           f"{rep['predicted_latency_speedup']:.3f}x. Each MatMul is timed alone (its rank at the layer's "
-           "candidate ranks); 'at rank' is the time at the chosen rank, or the original's when kept.\n\n")
+           f"{rep['predicted_latency_speedup']:.3f}x. Each MatMul is timed alone, whole and factorised at a "
+           "few candidate ranks; 'at rank' is its time at the chosen rank, or the whole layer's when kept.\n\n")
     return md + common.markdown_table(HEAD, _dense_rows(rep)) + "\n"
 
 
