@@ -2,7 +2,7 @@
 
 One module per family: ``piecewise`` (Identity, ReLU, Clip, LeakyReLU, PReLU, HardSigmoid: exact
 z step per linear piece), ``hardswish`` (piecewise quadratic, exact), ``smooth`` (SiLU, GELU,
-Sigmoid, Tanh; z step in ``newton``). ``zstep`` runs any kind's solver block by block. Plain
+Sigmoid, Tanh; z step by ``table``). ``zstep`` runs any kind's solver block by block. Plain
 NumPy/SciPy; no ONNX.
 """
 
@@ -11,7 +11,7 @@ from .base import REGISTRY, RUNTIME, Activation, ActivationKind, OpNode, registe
 from .zstep import ZSums, _z_solve, z_objective, z_step, z_step_with_cost
 
 KINDS = tuple(REGISTRY)
-SMOOTH = tuple(k for k, cls in REGISTRY.items() if cls.iterative)
+SMOOTH = tuple(k for k, cls in REGISTRY.items() if issubclass(cls, smooth.SmoothKind))
 IDENTITY = Activation("identity")
 RELU = Activation("relu")
 

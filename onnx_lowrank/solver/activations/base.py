@@ -51,14 +51,12 @@ class ActivationKind:
     """One nonlinearity, bound to its (normalised) parameters.
 
     Subclasses set ``name`` and implement ``value``; the z step comes from ``linear_pieces`` by
-    default (exact per piece) or from ``block_solver``. ``iterative`` kinds get their leftover
-    elements finished across blocks (``finish``) and their sums taken after that.
+    default (exact per piece) or from ``block_solver``.
     """
 
     name: ClassVar[str]
     op_types: ClassVar[tuple[str, ...]] = ()  # ONNX ops (default domain) that are this activation
     written_out: ClassVar[tuple[dict, ...]] = ()  # parameter sets a multi-node region may match
-    iterative: ClassVar[bool] = False
 
     def __init__(self, params: dict):
         self.params = params
@@ -80,6 +78,10 @@ class ActivationKind:
     def is_identity(self) -> bool:
         return False
 
+    def key(self) -> tuple:
+        """Hashable identity of kind and parameters (for caches)."""
+        return (self.name, tuple(sorted((k, _hashable(v)) for k, v in self.params.items())))
+
     # values ----------------------------------------------------------------------------------
     def value(self, y: np.ndarray) -> np.ndarray:
         """``r(y)`` elementwise, float64, exact."""
@@ -96,20 +98,15 @@ class ActivationKind:
         return None
 
     def block_solver(self, lam: float) -> Callable:
-        """``(a, u, z0, z_out, P) -> cost`` for one row block: writes the argmin of
-        ``(a - r(z))^2 + lam (z - u)^2`` into ``z_out`` and returns the objective there
-        (iterative kinds: ``(cost, leftover)``)."""
+        """``(a, u, z0, z_out, P, offset) -> cost`` for one row block (``offset``: of its first
+        element in the flattened data): writes the argmin of ``(a - r(z))^2 + lam (z - u)^2`` into
+        ``z_out`` and returns the objective there. It may have a ``finish(a, u, z, cost)`` method
+        (flat arrays) that revisits elements after the last block and returns the change of the
+        sums of the objective and of ``(z - u)^2``."""
         from .piecewise import piecewise_linear
 
         pieces = self.linear_pieces()
-        return lambda a, u, z0, z, P: piecewise_linear(a, u, lam, pieces, z, P)
-
-    def finish(self, tails, a, u, lam, z, cost) -> None:
-        """Iterative kinds: complete the leftovers of all blocks (flattened arrays)."""
-
-    def polish(self, z, a, u, lam) -> np.ndarray | None:
-        """Iterative kinds: a last correction of a block's ``z`` in place, returning its cost."""
-        return None
+        return lambda a, u, z0, z, P, offset=0: piecewise_linear(a, u, lam, pieces, z, P)
 
 
 def _as_slope(value: Any) -> float | np.ndarray:
@@ -231,31 +228,43 @@ class Pool:
 
     def __init__(self, n: int):
         self.n = int(n)
-        self.f: list[np.ndarray] = []
+        self.f: dict = {"f": [], "d": []}  # buffers by dtype char (float32, float64)
+        self.used = {"f": 0, "d": 0}
         self.b: list[np.ndarray] = []
-        self.i = self.j = 0
+        self.j = 0
 
     def reset(self) -> None:
-        self.i = self.j = 0
+        self.used["f"] = self.used["d"] = 0
+        self.j = 0
 
-    def __call__(self, like: np.ndarray) -> np.ndarray:
-        """A float64 scratch array of ``like``'s shape."""
-        if self.i == len(self.f):
-            self.f.append(np.empty(self.n))
-        x = self.f[self.i]
-        self.i += 1
-        return x[: like.size].reshape(like.shape)
+    def __call__(self, like: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        """A scratch array of ``like``'s shape and ``dtype`` ('f' float32, 'd' float64; default
+        ``like``'s if floating). Cheapest for 1-D ``like`` of the pool's full size (the per-call
+        Python cost matters: the solvers make hundreds of calls per block)."""
+        ch = dtype or like.dtype.char
+        if ch not in self.f:
+            ch = "d"
+        bufs, i = self.f[ch], self.used[ch]
+        if i == len(bufs):
+            bufs.append(np.empty(self.n, dtype=ch))
+        self.used[ch] = i + 1
+        x = bufs[i]
+        if like.size != self.n:
+            x = x[: like.size]
+        return x if like.ndim == 1 else x.reshape(like.shape)
 
     def mask(self, like: np.ndarray) -> np.ndarray:
         if self.j == len(self.b):
             self.b.append(np.empty(self.n, dtype=bool))
         x = self.b[self.j]
         self.j += 1
-        return x[: like.size].reshape(like.shape)
+        if like.size != self.n:
+            x = x[: like.size]
+        return x if like.ndim == 1 else x.reshape(like.shape)
 
 
 def new(P: Pool | None, like: np.ndarray) -> np.ndarray:
-    return np.empty(like.shape) if P is None else P(like)
+    return np.empty(like.shape, dtype=like.dtype) if P is None else P(like)
 
 
 def keep_better(z, c, z_new, c_new, tmp, P=None) -> None:

@@ -20,7 +20,7 @@ class HardSwish(ActivationKind):
         return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
 
     def block_solver(self, lam):
-        return lambda a, u, z0, z, P: _hardswish(a, u, lam, z, P)
+        return lambda a, u, z0, z, P, offset=0: _hardswish(a, u, lam, z, P)
 
 
 def _hardswish(a, u, lam, z, P=None):

@@ -1,10 +1,11 @@
 """Smooth activations: Sigmoid, Tanh, SiLU, GELU (exact erf form and the tanh approximation).
 
-Each gives its value and first two derivatives twice: exactly (SciPy) and in cheap forms for the
-solver's inner loops -- sigma(z) = 1 / (1 + exp(-z)) (scipy's expit is ~15x slower than that on
-this hardware), and for the exact GELU an erfc approximation with relative error < 1.2e-7
-(Numerical Recipes' erfcc; scipy's erf is ~40x slower than exp) during the descent, then one exact
-Newton step with scipy's erf at the end (``polish``).
+Each gives its value and first two derivatives twice: exactly (SciPy, float64: for ``apply`` and
+for building the z-step table) and in cheap forms that keep the dtype of their input (float32 in
+the z step): sigma(z) = (1 + tanh(z / 2)) / 2 (float32 tanh is vectorised and several times
+cheaper than exp or scipy's expit) and, for the exact GELU, Abramowitz-Stegun 7.1.26 for erfc
+(absolute error < 1.5e-7, below float32 resolution; scipy's erf costs ~30 multiplications).
+The z step is ``table``'s: a lookup in a per-(kind, lambda) table, then Newton.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import numpy as np
 from scipy.special import erf, expit
 
-from . import newton
+from . import table
 from .base import ActivationKind, keep_better, new, register
 
 _SQRT2 = math.sqrt(2.0)
@@ -24,30 +25,97 @@ _GELU_TANH_C = 0.044715
 
 
 class SmoothKind(ActivationKind):
-    """A smooth activation: z step by ``newton`` (iterative, leftovers finished across blocks)."""
+    """A smooth activation. ``table_a``: the range of values ``a`` the z-step table covers (the
+    range of ``r``, or up to where ``r`` is linear); ``table_u``: it covers ``|u| <= table_u``."""
 
-    iterative = True
+    table_a: tuple[float, float]
+    table_u: float = 12.0
+    #: where r' = 0 or r'' = 0: extra starts for the elements outside the table (a target beyond the
+    #: range of r pulls z to r's minimum or into its steep part)
+    special: tuple[float, ...] = ()
 
     def derivatives(self, z):
-        """``(r, r', r'')`` at ``z``, exact."""
+        """``(r, r', r'')`` at ``z``, exact, float64."""
         raise NotImplementedError
 
     def fast_derivs(self, z, P=None, value_only=False):
-        """``r`` (``value_only``) or ``(r, r', r'')`` in the cheap forms, into scratch arrays."""
+        """``r`` (``value_only``) or ``(r, r', r'')`` in the cheap forms, in ``z``'s dtype, into
+        scratch arrays of ``P``."""
         raise NotImplementedError
 
     def value_block(self, z, P):
         return self.fast_derivs(z, P, value_only=True)
 
-    def key(self) -> tuple:
-        return (self.name, tuple(sorted(self.params.items())))
-
     def block_solver(self, lam):
-        tables = newton._inverse_tables(self)
-        return lambda a, u, z0, z, P: newton._smooth(a, u, z0, lam, self, tables, z, P)
+        return _Solver(self, table.z_table(self, lam), lam)
 
-    def finish(self, tails, a, u, lam, z, cost):
-        newton._finish(tails, a, u, lam, self, z, cost)
+
+class _Solver:
+    """The block solver of a smooth kind: per block, lookup, ``table.POLISH`` Newton steps, and
+    the candidates ``u`` and ``z0`` (float32 arithmetic); the elements outside the table are
+    collected and given a longer descent once, for all blocks together (``finish``)."""
+
+    def __init__(self, kind, t, lam):
+        self.kind, self.t, self.lam = kind, t, lam
+        self.pending: list[np.ndarray] = []
+
+    def __call__(self, a, u, z0, z_out, P, offset=0):
+        kind, lam = self.kind, self.lam
+        a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
+        a32, u32 = _f32(a, P), _f32(u, P)
+        z, outside = table.lookup(self.t, a32, u32, P)
+        best_z = new(P, u32)
+        np.copyto(best_z, u32)
+        best_c = kind.fast_derivs(u32, P, value_only=True)
+        np.subtract(a32, best_c, out=best_c)
+        best_c *= best_c
+        if z0 is not None:
+            z0_32 = _f32(z0.reshape(-1), P)
+            keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)
+        table.newton_steps(kind, z, a32, u32, lam, table.POLISH, best_z, best_c, P)
+        if outside.any():
+            self.pending.append(offset + np.flatnonzero(outside))
+        z_out.reshape(-1)[...] = best_z
+        return best_c.reshape(z_out.shape)
+
+    def finish(self, a, u, z, cost):
+        """The longer descent (from the best point so far, ``u`` and ``r``'s special points) for
+        the collected
+        elements; updates the flat arrays ``z`` and ``cost`` (if given) and returns the change
+        of the sums of the objective and of ``(z - u)^2``."""
+        if not self.pending:
+            return 0.0, 0.0
+        idx = np.concatenate(self.pending)
+        self.pending = []
+        ai, ui = a[idx].astype(np.float32), u[idx].astype(np.float32)
+        zi = z[idx].astype(np.float32)
+        ci = _cost(self.kind, zi, ai, ui, self.lam)
+        f_old, p_old = ci.sum(dtype=np.float64), np.sum((zi - ui) ** 2, dtype=np.float64)
+        starts = [zi.copy(), ui.copy()] + [np.full_like(zi, c) for c in self.kind.special]
+        for start in starts:
+            table.descend(self.kind, start, ai, ui, self.lam, zi, ci)
+        z[idx] = zi
+        if cost is not None:
+            cost[idx] = ci
+        return ci.sum(dtype=np.float64) - f_old, np.sum((zi - ui) ** 2, dtype=np.float64) - p_old
+
+
+def _f32(x, P):
+    """``x`` as float32, in a scratch array."""
+    out = P(x, "f") if P is not None else np.empty(x.shape, np.float32)
+    np.copyto(out, x, casting="same_kind")
+    return out
+
+
+def _cost(kind, z, a, u, lam, P=None):
+    r = kind.fast_derivs(z, P, value_only=True)
+    np.subtract(a, r, out=r)
+    r *= r
+    d = np.subtract(z, u, out=new(P, z))
+    d *= d
+    d *= lam
+    r += d
+    return r
 
 
 @register
@@ -56,6 +124,8 @@ class SiLU(SmoothKind):
 
     name = "silu"
     written_out = ({},)
+    table_a = (-0.2785, 10.0)
+    special = (-1.2785, -2.3994, 2.3994)
 
     def value(self, y):
         return y * expit(y)
@@ -66,7 +136,19 @@ class SiLU(SmoothKind):
         return z * s, s + z * s1, s1 * (2.0 + z * (1.0 - 2.0 * s))
 
     def fast_derivs(self, z, P=None, value_only=False):
-        return _d_silu(z, P, value_only)
+        s = _sig(z, P)
+        r = np.multiply(z, s, out=new(P, z))
+        if value_only:
+            return r
+        s1 = np.multiply(s, s, out=new(P, z))
+        np.subtract(s, s1, out=s1)  # s (1 - s)
+        r1 = np.subtract(s, np.multiply(r, s, out=new(P, z)), out=new(P, z))
+        r1 += r  # s + z s (1 - s)
+        w = np.multiply(r, -2.0, out=s)
+        w += z
+        w += 2.0  # 2 + z (1 - 2 s)
+        s1 *= w
+        return r, r1, s1
 
 
 @register
@@ -76,6 +158,8 @@ class GELU(SmoothKind):
     name = "gelu"
     op_types = ("Gelu",)
     written_out = ({"approximate": "none"}, {"approximate": "tanh"})
+    table_a = (-0.1701, 10.0)
+    special = (-0.7518, -1.4142, 1.4142)
 
     @classmethod
     def normalise(cls, params):
@@ -99,9 +183,6 @@ class GELU(SmoothKind):
             return 0.5 * y * (1.0 + np.tanh(g))
         return 0.5 * y * (1.0 + erf(y / _SQRT2))
 
-    def value_block(self, z, P):
-        return self.fast_derivs(z, P, value_only=True) if self._tanh else self.value(z)
-
     def derivatives(self, z):
         if self._tanh:
             z2 = z * z
@@ -119,10 +200,7 @@ class GELU(SmoothKind):
         return z * cdf, cdf + z * pdf, pdf * (2.0 - z * z)
 
     def fast_derivs(self, z, P=None, value_only=False):
-        return _d_gelu(z, self._tanh, P, value_only)
-
-    def polish(self, z, a, u, lam):
-        return None if self._tanh else _gelu_exact_polish(z, a, u, lam)
+        return (_d_gelu_tanh if self._tanh else _d_gelu_erf)(z, P, value_only)
 
 
 @register
@@ -130,6 +208,8 @@ class Sigmoid(SmoothKind):
     name = "sigmoid"
     op_types = ("Sigmoid",)
     written_out = ({},)
+    table_a = (0.0, 1.0)
+    special = (0.0,)
 
     def value(self, y):
         return expit(y)
@@ -140,7 +220,15 @@ class Sigmoid(SmoothKind):
         return s, d1, d1 * (1.0 - 2.0 * s)
 
     def fast_derivs(self, z, P=None, value_only=False):
-        return _d_sigmoid(z, P, value_only)
+        s = _sig(z, P)
+        if value_only:
+            return s
+        r1 = np.multiply(s, s, out=new(P, z))
+        np.subtract(s, r1, out=r1)
+        r2 = np.multiply(s, -2.0, out=new(P, z))
+        r2 += 1.0
+        r2 *= r1
+        return s, r1, r2
 
 
 @register
@@ -148,6 +236,8 @@ class Tanh(SmoothKind):
     name = "tanh"
     op_types = ("Tanh",)
     written_out = ({},)
+    table_a = (-1.0, 1.0)
+    special = (0.0,)
 
     def value(self, y):
         return np.tanh(y)
@@ -158,151 +248,92 @@ class Tanh(SmoothKind):
         return t, d1, -2.0 * t * d1
 
     def fast_derivs(self, z, P=None, value_only=False):
-        return _d_tanh(z, P, value_only)
-
-
-_EXACT_GELU = GELU({"approximate": "none"})
+        t = np.tanh(z, out=new(P, z))
+        if value_only:
+            return t
+        r1 = np.multiply(t, t, out=new(P, z))
+        np.subtract(1.0, r1, out=r1)
+        r2 = np.multiply(t, -2.0, out=new(P, z))
+        r2 *= r1
+        return t, r1, r2
 
 
 def _sig(z, P=None):
-    e = np.negative(z, out=new(P, z))
-    np.exp(e, out=e)
-    e += 1.0
-    return np.divide(1.0, e, out=e)
+    s = np.multiply(z, 0.5, out=new(P, z))
+    np.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5
+    return s
 
 
-def _d_sigmoid(z, P=None, value_only=False):
-    s = _sig(z, P)
-    if value_only:
-        return s
-    r1 = np.multiply(s, s, out=new(P, z))
-    np.subtract(s, r1, out=r1)
-    r2 = np.multiply(s, -2.0, out=new(P, z))
-    r2 += 1.0
-    r2 *= r1
-    return s, r1, r2
-
-
-def _d_tanh(z, P=None, value_only=False):
-    t = np.tanh(z, out=new(P, z))
-    if value_only:
-        return t
-    r1 = np.multiply(t, t, out=new(P, z))
-    np.subtract(1.0, r1, out=r1)
-    r2 = np.multiply(t, -2.0, out=new(P, z))
-    r2 *= r1
-    return t, r1, r2
-
-
-def _d_silu(z, P=None, value_only=False):
-    s = _sig(z, P)
-    r = np.multiply(z, s, out=new(P, z))
+def _d_gelu_tanh(z, P=None, value_only=False):
+    z2 = np.multiply(z, z, out=new(P, z))
+    g = np.multiply(z2, _GELU_TANH_C, out=new(P, z))
+    g += 1.0
+    g *= z
+    g *= _GELU_TANH_K
+    t = np.tanh(g, out=g)
+    r = np.add(t, 1.0, out=new(P, z))
+    r *= z
+    r *= 0.5
     if value_only:
         return r
-    r1 = np.multiply(r, s, out=new(P, z))
-    np.subtract(r, r1, out=r1)
-    r1 += s  # s + z s (1 - s)
-    w = np.multiply(r, -2.0, out=new(P, z))
-    w += z
-    w += 2.0  # 2 + z (1 - 2 s)
-    r2 = np.multiply(s, s, out=new(P, z))
-    np.subtract(s, r2, out=r2)
-    r2 *= w
+    sech2 = np.multiply(t, t, out=new(P, z))
+    np.subtract(1.0, sech2, out=sech2)
+    g1 = np.multiply(z2, 3.0 * _GELU_TANH_C * _GELU_TANH_K, out=z2)
+    g1 += _GELU_TANH_K
+    r1 = np.add(t, 1.0, out=new(P, z))
+    r1 *= 0.5
+    hz = np.multiply(z, 0.5, out=new(P, z))
+    hz *= sech2
+    w = np.multiply(hz, g1, out=new(P, z))
+    r1 += w
+    # r2 = sech2 g1 + 0.5 z sech2 (g2 - 2 t g1^2), g2 = 6 c k z
+    np.multiply(g1, g1, out=w)
+    w *= t
+    w *= -2.0
+    np.multiply(z, 6.0 * _GELU_TANH_C * _GELU_TANH_K, out=t)
+    w += t
+    w *= hz
+    r2 = np.multiply(sech2, g1, out=sech2)
+    r2 += w
     return r, r1, r2
 
 
-_NR_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
-            -0.82215223, 0.17087277)
+_AS_P = 0.3275911
+_AS = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)  # a5 .. a1
 
 
-def _ndtr_fast(z, P=None):
-    """Standard normal CDF, relative error < 1.2e-7 (Numerical Recipes' erfcc)."""
+def _d_gelu_erf(z, P=None, value_only=False):
+    """GELU from Phi(-|z|) = erfc(|z| / sqrt 2) / 2 by Abramowitz-Stegun 7.1.26; the exp it needs
+    is also the normal density's."""
     x = np.abs(z, out=new(P, z))
     x *= 1.0 / _SQRT2
-    t = np.multiply(x, 0.5, out=new(P, z))
+    t = np.multiply(x, _AS_P, out=new(P, z))
     t += 1.0
     np.divide(1.0, t, out=t)
-    poly = np.multiply(t, _NR_ERFC[9], out=new(P, z))
-    for c in _NR_ERFC[8:0:-1]:
+    poly = np.multiply(t, _AS[0], out=new(P, z))
+    for c in _AS[1:]:
         poly += c
         poly *= t
-    poly += _NR_ERFC[0]
     x *= x
-    poly -= x
-    np.exp(poly, out=poly)
-    poly *= t
-    poly *= 0.5  # 0.5 erfc(|z| / sqrt 2) = Phi(-|z|)
+    np.negative(x, out=x)
+    e = np.exp(x, out=x)  # exp(-z^2 / 2)
+    poly *= e
+    poly *= 0.5  # Phi(-|z|)
     # Phi(z) = Phi(-|z|) for z < 0, 1 - Phi(-|z|) for z >= 0
-    np.greater_equal(z, 0.0, out=x)
+    pos = np.greater_equal(z, 0.0, out=P.mask(z) if P is not None else None)
     np.multiply(poly, -2.0, out=t)
     t += 1.0
-    t *= x
-    poly += t
-    return poly
-
-
-def _d_gelu(z, tanh_form, P=None, value_only=False):
-    if tanh_form:
-        z2 = np.multiply(z, z, out=new(P, z))
-        g = np.multiply(z2, _GELU_TANH_C, out=new(P, z))
-        g += 1.0
-        g *= z
-        g *= _GELU_TANH_K
-        t = np.tanh(g, out=g)
-        r = np.add(t, 1.0, out=new(P, z))
-        r *= z
-        r *= 0.5
-        if value_only:
-            return r
-        sech2 = np.multiply(t, t, out=new(P, z))
-        np.subtract(1.0, sech2, out=sech2)
-        g1 = np.multiply(z2, 3.0 * _GELU_TANH_C * _GELU_TANH_K, out=z2)
-        g1 += _GELU_TANH_K
-        r1 = np.add(t, 1.0, out=new(P, z))
-        r1 *= 0.5
-        hz = np.multiply(z, 0.5, out=new(P, z))
-        hz *= sech2
-        w = np.multiply(hz, g1, out=new(P, z))
-        r1 += w
-        # r2 = sech2 g1 + 0.5 z sech2 (g2 - 2 t g1^2), g2 = 6 c k z
-        np.multiply(g1, g1, out=w)
-        w *= t
-        w *= -2.0
-        np.multiply(z, 6.0 * _GELU_TANH_C * _GELU_TANH_K, out=t)
-        w += t
-        w *= hz
-        r2 = np.multiply(sech2, g1, out=sech2)
-        r2 += w
-        return r, r1, r2
-    cdf = _ndtr_fast(z, P)
+    t *= pos
+    cdf = np.add(poly, t, out=poly)
     r = np.multiply(z, cdf, out=new(P, z))
     if value_only:
         return r
-    pdf = np.multiply(z, z, out=new(P, z))
-    pdf *= -0.5
-    np.exp(pdf, out=pdf)
-    pdf *= _INV_SQRT_2PI
-    r1 = np.multiply(z, pdf, out=new(P, z))
+    pdf = np.multiply(e, _INV_SQRT_2PI, out=e)
+    r1 = np.multiply(z, pdf, out=t)
     r1 += cdf
-    r2 = np.multiply(z, z, out=new(P, z))
+    r2 = np.multiply(z, z, out=cdf)
     np.subtract(2.0, r2, out=r2)
     r2 *= pdf
     return r, r1, r2
-
-
-def _gelu_exact_polish(z, a, u, lam):
-    """One Newton step with the exact (erf) GELU from the surrogate's minimiser, kept where it
-    lowers the exact objective; updates ``z`` in place, returns the exact objective there."""
-    r, r1, r2 = _EXACT_GELU.derivatives(z)
-    res = r - a
-    dz = z - u
-    c = res * res + lam * dz * dz
-    g = res * r1 + lam * dz
-    h = r1 * r1 + lam + res * r2
-    h = np.where(h > 0.0, h, r1 * r1 + lam)
-    z2 = z - g / h
-    res2 = a - _EXACT_GELU.value(z2)
-    dz2 = z2 - u
-    c2 = res2 * res2 + lam * dz2 * dz2
-    keep_better(z, c, z2, c2, dz)
-    return c

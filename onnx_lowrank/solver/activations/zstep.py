@@ -21,8 +21,7 @@ from .base import Activation, Pool
 # solvers below make 20 to a few hundred passes.  The Python loop over blocks costs a few
 # microseconds per block and operation, which is small next to that.
 
-_BLOCK = 1 << 12  # smooth kinds (a dozen arrays of up to 3 starts per element stay in L2)
-_BLOCK_CLOSED = 1 << 14  # closed forms
+_BLOCK = 1 << 14  # elements per block: the scratch arrays of a block stay in L2
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
@@ -37,12 +36,10 @@ def z_step(
     """Elementwise argmin over ``z`` of ``(a - r(z))**2 + lam * (z - u)**2``.
 
     Exact (global) for the piecewise-linear kinds and HardSwish (closed forms).  For the smooth
-    kinds it is the best of a safeguarded Newton descent from a few starts: ``u``, ``z0`` (a
-    warm start, e.g. the previous iteration's ``z``; optional) and a preimage of ``a`` on each
-    monotone branch of ``r`` (with ``z0``: on the branches ``z0`` is not on).  The result is
-    never worse than ``u`` or ``z0`` (monotone descent from both) and is the global minimiser
-    whenever the global minimum lies in the basin of one of the starts, which the grid-search
-    tests find for all but a tiny fraction of elements (see ``tests/solver/test_activations.py``).
+    kinds (``table``): a lookup in a precomputed table of the answer, Newton steps in float32,
+    and the best of that, ``u`` and ``z0`` (a warm start, e.g. the previous iteration's ``z``;
+    optional): never worse than ``u`` or ``z0``, and the global minimiser up to float32 round-off
+    except near where two minima cost the same (see ``tests/solver/test_activations.py``).
     """
     return _z_solve(a, u, lam, act, z0)[0]
 
@@ -98,24 +95,18 @@ def _z_solve(
         z = np.empty(shape)
     z2 = z.reshape(nrow, ncol)
     kind = act.impl
-    smooth = kind.iterative
-    cost2 = np.empty((nrow, ncol)) if (want_cost or smooth) else None
+    cost2 = np.empty((nrow, ncol)) if want_cost else None
     sums = ZSums() if want_sums else None
     solver = kind.block_solver(lam)
-    step = max(1, (_BLOCK if smooth else _BLOCK_CLOSED) // max(ncol, 1))
+    step = max(1, _BLOCK // max(ncol, 1))
     P = Pool(min(step, nrow) * ncol)
-    tails = []
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         for i in range(0, nrow, step):
             s = slice(i, i + step)
             ab, ub = a2[s], u2[s]
             zb = z2[s]
             P.reset()
-            cb = solver(ab, ub, None if z02 is None else z02[s], zb, P)
-            if smooth:
-                cb, left = cb
-                if left is not None:
-                    tails.append((i * ncol, left))
+            cb = solver(ab, ub, None if z02 is None else z02[s], zb, P, i * ncol)
             if cost2 is not None:
                 cost2[s] = cb
             if sums is not None:
@@ -123,26 +114,17 @@ def _z_solve(
                 np.subtract(ab, t, out=t)
                 t = t.ravel()
                 sums.loss_u += float(np.dot(t, t))
-                if not smooth:
-                    t = np.subtract(zb, ub, out=P(zb)).ravel()
-                    pen = float(np.dot(t, t))
-                    sums.pen += pen
-                    sums.fit += float(cb.sum()) - lam * pen
-        if tails:
-            kind.finish(tails, a2.reshape(-1), u2.reshape(-1), lam, z2.reshape(-1), cost2.reshape(-1))
-        if smooth:
-            for i in range(0, nrow, step):
-                s = slice(i, i + step)
-                cb = kind.polish(z2[s], a2[s], u2[s], lam)
-                if cb is not None:
-                    cost2[s] = cb
-                if sums is not None:
-                    t = np.subtract(z2[s], u2[s]).ravel()
-                    pen = float(np.dot(t, t))
-                    sums.pen += pen
-                    sums.fit += float(cost2[s].sum()) - lam * pen
+                t = np.subtract(zb, ub, out=P(zb)).ravel()
+                pen = float(np.dot(t, t))
+                sums.pen += pen
+                sums.fit += float(cb.sum(dtype=np.float64)) - lam * pen
+        finish = getattr(solver, "finish", None)
+        if finish is not None:
+            d_obj, d_pen = finish(a2.reshape(-1), u2.reshape(-1), z2.reshape(-1),
+                                  None if cost2 is None else cost2.reshape(-1))
+            if sums is not None:
+                sums.pen += d_pen
+                sums.fit += d_obj - lam * d_pen
     if sums is not None:
         sums.fit = max(sums.fit, 0.0)
-    if not want_cost:
-        cost2 = None
     return z, (None if cost2 is None else cost2.reshape(shape)), sums
