@@ -57,6 +57,8 @@ class ActivationKind:
     name: ClassVar[str]
     op_types: ClassVar[tuple[str, ...]] = ()  # ONNX ops (default domain) that are this activation
     written_out: ClassVar[tuple[dict, ...]] = ()  # parameter sets a multi-node region may match
+    #: float parameters and their defaults, read from the op's attributes of the same name
+    defaults: ClassVar[dict[str, float]] = {}
 
     def __init__(self, params: dict):
         self.params = params
@@ -65,15 +67,15 @@ class ActivationKind:
     @classmethod
     def normalise(cls, params: dict) -> dict:
         """Checked, canonical parameters (defaults filled in); raises ValueError."""
-        if params:
+        if params and not cls.defaults:
             raise ValueError(f"{cls.name} takes no parameters, got {sorted(params)}")
-        return {}
+        return {k: float(params.get(k, v)) for k, v in cls.defaults.items()}
 
     @classmethod
     def from_op(cls, node: OpNode, channels: int) -> dict | None:
         """The parameters of ``node`` (one of ``op_types``), or None when it cannot be used (e.g.
         a bound computed at run time); ``channels``: the producing layer's output channels."""
-        return {}
+        return {k: float(node.attrs.get(k, v)) for k, v in cls.defaults.items()}
 
     def is_identity(self) -> bool:
         return False
@@ -265,6 +267,18 @@ class Pool:
 
 def new(P: Pool | None, like: np.ndarray) -> np.ndarray:
     return np.empty(like.shape, dtype=like.dtype) if P is None else P(like)
+
+
+def objective_into(r, z, a, u, lam, P=None) -> np.ndarray:
+    """The z-step objective ``(a - r)^2 + lam (z - u)^2``, written into ``r`` (the activation's
+    values at ``z``)."""
+    np.subtract(a, r, out=r)
+    r *= r
+    d = np.subtract(z, u, out=new(P, z))
+    d *= d
+    d *= lam
+    r += d
+    return r
 
 
 def keep_better(z, c, z_new, c_new, tmp, P=None) -> None:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .base import ActivationKind, keep_better, new, register
+from .base import ActivationKind, keep_better, new, objective_into, register
 from .piecewise import piecewise_linear
 
 
@@ -96,13 +96,7 @@ def _hardswish_mid_cost(z, a, u, lam, P=None):
     r = np.add(z, 3.0, out=new(P, z))
     r *= z
     r *= 1.0 / 6.0
-    np.subtract(a, r, out=r)
-    r *= r
-    d = np.subtract(z, u, out=new(P, z))
-    d *= d
-    d *= lam
-    r += d
-    return r
+    return objective_into(r, z, a, u, lam, P)
 
 
 def _hardswish_polish(z, a, u, lam, tmp, P=None):

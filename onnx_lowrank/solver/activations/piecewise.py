@@ -154,27 +154,24 @@ def _scalar(v: np.ndarray | None) -> float | None:
 class LeakyReLU(ActivationKind):
     name = "leaky_relu"
     op_types = ("LeakyRelu",)
+    defaults = {"alpha": 0.01}
 
-    @classmethod
-    def normalise(cls, params):
-        return {"alpha": float(params.get("alpha", 0.01))}
-
-    @classmethod
-    def from_op(cls, node, channels):
-        return {"alpha": float(node.attrs.get("alpha", 0.01))}
+    @property
+    def slope(self):
+        return self.params["alpha"]
 
     def is_identity(self) -> bool:
-        return self.params["alpha"] == 1.0
+        return bool(np.all(np.asarray(self.slope) == 1.0))
 
     def value(self, y):
-        return np.where(y >= 0.0, y, self.params["alpha"] * y)
+        return np.where(y >= 0.0, y, self.slope * y)
 
     def linear_pieces(self):
-        return [(self.params["alpha"], 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]
+        return [(self.slope, 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]
 
 
 @register
-class PReLU(ActivationKind):
+class PReLU(LeakyReLU):
     """LeakyReLU with a learnt slope, a scalar or one per channel (the last axis)."""
 
     name = "prelu"
@@ -196,14 +193,9 @@ class PReLU(ActivationKind):
             return None
         return {"slope": slope if slope.size > 1 else float(slope[0])}
 
-    def is_identity(self) -> bool:
-        return bool(np.all(np.asarray(self.params["slope"]) == 1.0))
-
-    def value(self, y):
-        return np.where(y >= 0.0, y, self.params["slope"] * y)
-
-    def linear_pieces(self):
-        return [(self.params["slope"], 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]
+    @property
+    def slope(self):
+        return self.params["slope"]
 
 
 @register
@@ -212,14 +204,7 @@ class HardSigmoid(ActivationKind):
 
     name = "hardsigmoid"
     op_types = ("HardSigmoid",)
-
-    @classmethod
-    def normalise(cls, params):
-        return {"alpha": float(params.get("alpha", 0.2)), "beta": float(params.get("beta", 0.5))}
-
-    @classmethod
-    def from_op(cls, node, channels):
-        return {"alpha": float(node.attrs.get("alpha", 0.2)), "beta": float(node.attrs.get("beta", 0.5))}
+    defaults = {"alpha": 0.2, "beta": 0.5}
 
     def value(self, y):
         return np.clip(self.params["alpha"] * y + self.params["beta"], 0.0, 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import erf, expit
 
 from . import table
-from .base import ActivationKind, keep_better, new, register
+from .base import ActivationKind, keep_better, new, objective_into, register
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -108,14 +108,7 @@ def _f32(x, P):
 
 
 def _cost(kind, z, a, u, lam, P=None):
-    r = kind.fast_derivs(z, P, value_only=True)
-    np.subtract(a, r, out=r)
-    r *= r
-    d = np.subtract(z, u, out=new(P, z))
-    d *= d
-    d *= lam
-    r += d
-    return r
+    return objective_into(kind.fast_derivs(z, P, value_only=True), z, a, u, lam, P)
 
 
 @register

@@ -19,7 +19,6 @@ in the other basin; its cost then differs from the best by no more than the grid
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
