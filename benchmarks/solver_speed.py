@@ -1,6 +1,6 @@
 """z-step time and objective per activation kind, this tree against an older one on the same data.
 
-    python benchmarks/solver_speed.py --old /path/to/old/checkout [--rows 20000 --cols 64 --repeats 5]
+    python benchmarks/solver_speed.py --old /path/to/old/checkout [--rows 8000 --cols 64 --repeats 5]
 
 The old implementation is loaded from ``OLD/onnx_lowrank/solver/activations.py`` (the single
 module of d330607 and before) under another name, so both run in one process, interleaved. Data
@@ -61,7 +61,7 @@ def timed(fn, repeats):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", required=True, type=Path, help="checkout of the old tree (e.g. a git worktree of d330607)")
-    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--rows", type=int, default=8000)
     ap.add_argument("--cols", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kinds", default=",".join(CASES))

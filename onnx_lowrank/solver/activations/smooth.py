@@ -91,9 +91,8 @@ class _Solver:
         zi = z[idx].astype(np.float32)
         ci = _cost(self.kind, zi, ai, ui, self.lam)
         f_old, p_old = ci.sum(dtype=np.float64), np.sum((zi - ui) ** 2, dtype=np.float64)
-        starts = [zi.copy(), ui.copy()] + [np.full_like(zi, c) for c in self.kind.special]
-        for start in starts:
-            table.descend(self.kind, start, ai, ui, self.lam, zi, ci)
+        starts = np.stack([zi, ui] + [np.full_like(zi, c) for c in self.kind.special])
+        table.descend(self.kind, starts, ai, ui, self.lam, zi, ci)
         z[idx] = zi
         if cost is not None:
             cost[idx] = ci

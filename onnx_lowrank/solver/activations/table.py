@@ -151,9 +151,12 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
     return best_z, best_c
 
 
-def descend(kind, z, a, u, lam, best_z, best_c) -> None:
-    """A longer safeguarded Newton descent from ``z`` for the few elements outside the table; its
-    end point replaces ``best_z`` where it is cheaper than ``best_c``."""
-    own_z, own_c = z.copy(), np.full_like(z, np.inf)
-    newton_steps(kind, z, a, u, lam, FALLBACK_ITERS, own_z, own_c, None, safeguard=True)
-    keep_better(best_z, best_c, own_z, own_c, z)
+def descend(kind, starts, a, u, lam, best_z, best_c) -> None:
+    """A longer safeguarded Newton descent for the few elements outside the table, from each row
+    of ``starts`` (k, m) at once; the cheapest end point per element replaces ``best_z`` (m,)
+    where it is cheaper than ``best_c``."""
+    own_z, own_c = starts.copy(), np.full_like(starts, np.inf)
+    newton_steps(kind, starts, a, u, lam, FALLBACK_ITERS, own_z, own_c, None, safeguard=True)
+    k = np.argmin(own_c, axis=0)
+    cols = np.arange(own_c.shape[1])
+    keep_better(best_z, best_c, own_z[k, cols], own_c[k, cols], np.empty_like(best_z))
