@@ -204,7 +204,8 @@ SMOOTH_ACTS = [Activation.silu(), Activation.gelu(), Activation.gelu("tanh"), Ac
        st.floats(-0.2, 0.2))
 def test_smooth_z_step_property(act, y, u, lam, noise):
     """One element with a reachable target ``a = r(y) + noise`` (clipped into the range of r) and
-    any ``u``: the solver's objective is within 0.1 % of the grid minimum, and never above ``u``'s."""
+    any ``u``: the solver's objective is within 0.1 % of the grid minimum, and never above ``u``'s
+    (up to ``z`` rounded to float32)."""
     a = float(act.apply(np.array([y]))[0]) + noise
     if act.kind == "sigmoid":
         a = min(max(a, 0.0), 1.0)
@@ -215,4 +216,5 @@ def test_smooth_z_step_property(act, y, u, lam, noise):
     f = float(z_objective(z, a_, u_, lam, act)[0])
     fg = float(_grid_min(a_, u_, lam, act)[0])
     assert f <= fg + 1e-3 * (1e-3 + fg)
-    assert f <= float(z_objective(u_, a_, u_, lam, act)[0]) * (1 + 1e-6) + 1e-12
+    f_u = float(z_objective(u_, a_, u_, lam, act)[0])
+    assert f <= f_u * (1 + 1e-6) + lam * (1e-7 * (1.0 + abs(u))) ** 2 + 1e-12  # up to z in float32
