@@ -36,6 +36,7 @@ ORDER = [
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
+    ("solver_speed", "Issue 17: z-step time and objective per activation"),
 ]
 
 PREAMBLE = """# Benchmark results
