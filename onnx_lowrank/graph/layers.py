@@ -28,7 +28,6 @@ def _by_op() -> dict:
     return {op: cls for cls in REGISTRY.values() for op in cls.op_types}
 
 
-
 @dataclass
 class ConvLayer:
     """One Conv node and the pattern around it, as found in the graph."""
@@ -208,9 +207,11 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-# Written-out activations are compared with these on _GRID (the solver's own definitions).
 def _written_out() -> list[Activation]:
+    """What written-out activations are compared with on _GRID (the solver's own definitions)."""
     return [Activation(name, p) for name, cls in REGISTRY.items() for p in cls.written_out]
+
+
 _GRID = np.concatenate([np.linspace(-8.0, 8.0, 641), [-30.0, -12.0, 12.0, 30.0]])
 _MAX_REGION = 16
 
