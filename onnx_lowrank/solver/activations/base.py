@@ -104,7 +104,8 @@ class ActivationKind:
         element in the flattened data): writes the argmin of ``(a - r(z))^2 + lam (z - u)^2`` into
         ``z_out`` and returns the objective there. It may have a ``finish(a, u, z, cost)`` method
         (flat arrays) that revisits elements after the last block and returns the change of the
-        sums of the objective and of ``(z - u)^2``."""
+        sums of the objective and of ``(z - u)^2``, and a ``loss_u`` attribute: the summed
+        ``(a - r(u))^2`` of the blocks it solved (else the caller computes it)."""
         from .piecewise import piecewise_linear
 
         pieces = self.linear_pieces()

@@ -53,11 +53,13 @@ class SmoothKind(ActivationKind):
 class _Solver:
     """The block solver of a smooth kind: per block, lookup, ``table.POLISH`` Newton steps, and
     the candidates ``u`` and ``z0`` (float32 arithmetic); the elements outside the table are
-    collected and given a longer descent once, for all blocks together (``finish``)."""
+    collected and given a longer descent once, for all blocks together (``finish``). ``loss_u``
+    sums the cost of ``u``, which the caller would otherwise compute again in float64."""
 
     def __init__(self, kind, t, lam):
         self.kind, self.t, self.lam = kind, t, lam
         self.pending: list[np.ndarray] = []
+        self.loss_u = 0.0  # sum of (a - r(u))^2 over the blocks so far (the u candidate's cost)
 
     def __call__(self, a, u, z0, z_out, P, offset=0):
         kind, lam = self.kind, self.lam
@@ -69,6 +71,7 @@ class _Solver:
         best_c = kind.fast_derivs(u32, P, value_only=True)
         np.subtract(a32, best_c, out=best_c)
         best_c *= best_c
+        self.loss_u += float(best_c.sum(dtype=np.float64))
         if z0 is not None:
             z0_32 = _f32(z0.reshape(-1), P)
             keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)

@@ -100,6 +100,7 @@ def _z_solve(
     solver = kind.block_solver(lam)
     step = max(1, _BLOCK // max(ncol, 1))
     P = Pool(min(step, nrow) * ncol)
+    tracks_loss_u = hasattr(solver, "loss_u")
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
         for i in range(0, nrow, step):
             s = slice(i, i + step)
@@ -110,10 +111,11 @@ def _z_solve(
             if cost2 is not None:
                 cost2[s] = cb
             if sums is not None:
-                t = kind.value_block(ub, P)
-                np.subtract(ab, t, out=t)
-                t = t.ravel()
-                sums.loss_u += float(np.dot(t, t))
+                if not tracks_loss_u:
+                    t = kind.value_block(ub, P)
+                    np.subtract(ab, t, out=t)
+                    t = t.ravel()
+                    sums.loss_u += float(np.dot(t, t))
                 t = np.subtract(zb, ub, out=P(zb)).ravel()
                 pen = float(np.dot(t, t))
                 sums.pen += pen
@@ -126,5 +128,7 @@ def _z_solve(
                 sums.pen += d_pen
                 sums.fit += d_obj - lam * d_pen
     if sums is not None:
+        if tracks_loss_u:
+            sums.loss_u = solver.loss_u
         sums.fit = max(sums.fit, 0.0)
     return z, (None if cost2 is None else cost2.reshape(shape)), sums
