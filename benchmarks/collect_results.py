@@ -36,6 +36,9 @@ ORDER = [
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
+    ("streaming", "Issue 14: streaming calibration, 2,000 images of 416 x 416, 1 vs 2 workers"),
+    ("ray_cost", "Issue 14: the optional Ray extra"),
+    ("matmul_latency", "Issue 13: MatMul / Gemm layers timed under the latency objective"),
     ("solver_speed", "Issue 17: z-step time and objective per activation"),
 ]
 
