@@ -39,6 +39,7 @@ ORDER = [
     ("streaming", "Issue 14: streaming calibration, 2,000 images of 416 x 416, 1 vs 2 workers"),
     ("ray_cost", "Issue 14: the optional Ray extra"),
     ("matmul_latency", "Issue 13: MatMul / Gemm layers timed under the latency objective"),
+    ("solver_speed", "Issue 17: z-step time and objective per activation"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -11,6 +11,7 @@ import math
 from .graph.dense import is_dense
 from .sampling_plan import held_back
 from .schemes import SCHEMES
+from .solver.reconstruction import STOP_TOL
 
 
 def table(header: list[str], rows: list[list], left: int = 1) -> list[str]:
@@ -80,6 +81,8 @@ def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: f
         "rank_multiple": cfg.rank_multiple,
         **costs.report(plan, cfg),
         "method": cfg.method,
+        # a stage of the nonlinear schedule ends once an iteration improves its objective by less than this
+        "solver_stop_tolerance": STOP_TOL if cfg.method == "nonlinear" else None,
         "scheme": cfg.scheme,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
