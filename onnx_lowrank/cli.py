@@ -197,6 +197,9 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
 @click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
 @_objective_options
+@click.option("--recover", "recover_epochs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Then recover N epochs (see the recover command; needs the recover extra); budgets judge the "
+                   "recovered model.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="Time the original and compressed models (interleaved, a few seconds) and report the measured "
                    "speed-up.")
@@ -204,7 +207,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @_image_options
 def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, recover_epochs=None,
+             **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -228,6 +232,10 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    if recover_epochs:
+        from .recover import require_torch
+
+        require_torch()
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
@@ -258,17 +266,26 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    show = None if quiet else (lambda result: click.echo(format_report(result.report)))
+    show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
+            recover=recover_epochs)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
         raise
     if not quiet:
         click.echo(wrote)
+
+
+def _recovery_lines(report: dict) -> str:
+    if "recovery" not in report:
+        return ""
+    from .recover import format_recovery
+
+    return "\n\nrecovery:\n" + format_recovery(report["recovery"])
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -438,6 +455,53 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
         click.echo("  ".join(f"{r[c]:>19.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>19}"
                              for c in cols))
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
+
+
+@main.command("recover", context_settings=CONTEXT)
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("factorised", type=click.Path(path_type=Path))
+@click.option("--calib", required=True, metavar="DATA", help="Calibration inputs (as for compress); no labels needed.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Recovered model (same nodes and ranks as FACTORISED).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Most epochs of training.")
+@click.option("--outputs", metavar="NAMES", help="Comma-separated tensors compared [default: every float graph output].")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 1e-4, see README].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train", "train", type=click.Choice(["factorised", "all"]), default="factorised", show_default=True,
+              help="Which weights train: the factorised layers', or every Conv / Gemm / MatMul weight.")
+@click.option("--augment", default="auto", show_default=True, metavar="auto|none|NAMES",
+              help="Image inputs: flip, crop, noise (auto: all three for image inputs, none otherwise).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch / onnxruntime threads.")
+@click.option("--max-images", type=int, default=None, help="Use at most this many calibration samples.")
+@click.option("--time-limit", type=float, default=None, metavar="SECONDS", help="Stop training after this long; "
+              "the best epoch so far is kept.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or table.")
+@_image_options
+def recover_cmd(original, factorised, calib, output, epochs, outputs, lr, batch_size, seed, train, augment, threads,
+                max_images, time_limit, report_path, quiet, **image):
+    """Win back accuracy the factorisation cost: distil FACTORISED towards ORIGINAL on the calibration data.
+
+    The original model is the teacher, the factorised model the student; only the weights change,
+    so OUTPUT has the same nodes, ranks and latency as FACTORISED. Needs the optional extra:
+    pip install "onnx-lowrank[recover]".
+
+    \b
+      onnx-lowrank recover net.onnx net.lowrank.onnx --calib calib.npz -o net.recovered.onnx --epochs 5
+    """
+    from .recover import RecoverConfig, format_recovery, recover, require_torch
+
+    require_torch()
+    progress.set_enabled(not quiet)
+    kw = {"lr": lr} if lr is not None else {}
+    cfg = RecoverConfig(epochs=epochs, batch_size=batch_size, seed=seed, train=train, augment=augment, threads=threads,
+                        max_images=max_images, time_limit=time_limit,
+                        outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None, **kw)
+    result = recover(original, factorised, calib, output, cfg, report=report_path, preprocess=_preprocess(**image))
+    if not quiet:
+        click.echo(format_recovery(result.report))
+        click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,6 @@ onnx2torch); the trained values are written back into the factorised graph. Need
 ``recover`` extra; importing this package imports no torch.
 """
 
-from .run import INSTALL_HINT, RecoverConfig, RecoveryResult, recover, recover_models, require_torch
+from .run import INSTALL_HINT, RecoverConfig, RecoveryResult, format_recovery, recover, recover_models, require_torch
 
-__all__ = ["recover", "recover_models", "RecoverConfig", "RecoveryResult", "require_torch", "INSTALL_HINT"]
+__all__ = ["recover", "format_recovery", "recover_models", "RecoverConfig", "RecoveryResult", "require_torch", "INSTALL_HINT"]

@@ -29,7 +29,7 @@ class RecoverConfig:
     """How the distillation runs. ``lr``: see benchmarks/RESULTS.md "Recovery" for the sweep behind it."""
 
     epochs: int = 5
-    lr: float = 1e-4
+    lr: float = 1e-4                   # Adam step relative to each weight tensor's RMS (train._groups)
     batch_size: int = 16
     seed: int = 0
     train: str = "factorised"          # which weights train: the factorised stages, or every weight
@@ -173,3 +173,19 @@ def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=json_default)
         f.write("\n")
+
+
+def format_recovery(rep: dict) -> str:
+    """The report's recovery as a table: loss per epoch on fit and held-back images, the epoch kept."""
+    lines = ["epoch  fit loss    held-back loss", "-----  ----------  --------------"]
+    for e in rep["epochs"]:
+        fit = "-" if e["fit_loss"] is None else f"{e['fit_loss']:.5g}"
+        mark = "  <- kept" if e["epoch"] == rep["epoch_kept"] else ""
+        lines.append(f"{e['epoch']:>5}  {fit:>10}  {e['held_back_loss']:>14.5g}{mark}")
+    aug = ", ".join(rep["augmentations"]) or "none"
+    lines.append(f"recovered {rep['trained_tensors']} weight tensors ({rep['train']}, {rep['trained_parameters']} values) "
+                 f"on {rep['fit_images']} images, early stop on {rep['held_back_images']} held back; augmentations: "
+                 f"{aug}; lr {rep['lr']:g}, {rep['seconds']:.1f} s")
+    lines.append(f"held-back loss (output NMSE against the original): {rep['held_back_loss_before']:.5g} -> "
+                 f"{rep['held_back_loss_after']:.5g} (epoch {rep['epoch_kept']} kept)")
+    return "\n".join(lines)

@@ -53,13 +53,25 @@ def held_back_loss(student: Student, held: dict, targets: list[np.ndarray], batc
     return float(np.mean([e / max(float((t.astype(np.float64) ** 2).sum()), 1e-12) for e, t in zip(err, targets)]))
 
 
+def _groups(student: Student, lr: float) -> list[dict]:
+    """One Adam group per weight tensor with lr relative to the tensor's RMS: a step changes every
+    tensor by the same fraction, whatever the scale the solver gave it (factor pairs can be very
+    unequal), so one default suits any model. Biases near zero use a floor of 1 % of the largest RMS."""
+    rms = [float(p.detach().pow(2).mean().sqrt()) for p in student.parameters()]
+    floor = 0.01 * max(rms + [1e-12])
+    return [{"params": [p], "lr": lr * max(r, floor)} for p, r in zip(student.parameters(), rms)]
+
+
 def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentations: list[str]) -> dict:
     """Train; leave the student at its best epoch; return the per-epoch record."""
     rng = np.random.default_rng(cfg.seed)
     held_targets = teacher(held)
     plain_targets = None if augmentations else teacher(fit_data)
     n = len(next(iter(fit_data.values())))
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(_groups(student, cfg.lr), lr=cfg.lr)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    # Warm up over the first epoch: Adam's first steps move every weight by about lr at once.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     best = held_back_loss(student, held, held_targets, cfg.batch_size)
     epochs = [{"epoch": 0, "fit_loss": None, "held_back_loss": best, "seconds": 0.0}]
     progress.log(f"recovery: before training, held-back loss {best:.5g}")
@@ -81,6 +93,7 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += loss.item() * len(idx)
                 count += len(idx)
                 update(len(idx))
