@@ -97,10 +97,12 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
                 total += loss.item() * len(idx)
                 count += len(idx)
                 update(len(idx))
+                if cfg.time_limit and time.perf_counter() - t0 > cfg.time_limit:
+                    break   # a partial epoch still gets its held-back check below
         held_loss = held_back_loss(student, held, held_targets, cfg.batch_size)
         better = held_loss < best
         epochs.append({"epoch": epoch, "fit_loss": total / count, "held_back_loss": held_loss,
-                       "seconds": time.perf_counter() - t0})
+                       "seconds": time.perf_counter() - t0, "images": count})
         progress.log(f"recovery: epoch {epoch}/{cfg.epochs}, fit loss {total / count:.5g}, held-back loss "
                      f"{held_loss:.5g}" + (" (best so far)" if better else ""))
         if better:
