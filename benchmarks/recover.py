@@ -59,10 +59,11 @@ def demo(args) -> None:
     rows = []
     for aug in args.augments.split(";"):
         for lr in [float(v) for v in args.lrs.split(",")]:
-            cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience)
+            cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience,
+                                train=args.train, time_limit=args.time_limit, batch_size=args.batch_size)
             res, secs = run_recovery(comp.source_model, fact.model, calib, cfg)
             e = ev(res.model)
-            rows.append({"lr": lr, "augment": aug, "epoch_kept": res.report["epoch_kept"],
+            rows.append({"lr": lr, "augment": aug, "train": args.train, "epoch_kept": res.report["epoch_kept"],
                          "epochs_run": len(res.report["epochs"]) - 1,
                          "held_back_before": res.report["held_back_loss_before"],
                          "held_back_after": res.report["held_back_loss_after"],
@@ -76,11 +77,11 @@ def demo(args) -> None:
            f"for early stopping); evaluation on the 1500 labelled held-out images. Original accuracy "
            f"{100 * base['accuracy_reference']:.2f} %, factorised {100 * base['accuracy_candidate']:.2f} % "
            f"(drop {base['accuracy_drop_points']:.2f} points, agreement {base['top1_agreement']:.4f}, "
-           f"NMSE {base['nmse']:.4f}). Up to {args.epochs} epochs, patience {args.patience}, batch 16, 1 thread.\n\n")
+           f"NMSE {base['nmse']:.4f}). Up to {args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, 1 thread.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "epochs run", "epoch kept", "held-back loss before -> after", "accuracy %",
+        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "accuracy %",
          "drop (points)", "agreement", "NMSE", "time s"],
-        [[r["lr"], r["augment"], r["epochs_run"], r["epoch_kept"],
+        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
           f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{100 * r['accuracy']:.2f}",
           f"{r['drop']:.2f}", f"{r['agreement']:.4f}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"] for r in rows])
     common.write_result(f"recover_demo{args.tag}", md)
@@ -103,9 +104,9 @@ def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dic
     for aug in args.augments.split(";"):
         for lr in [float(v) for v in args.lrs.split(",")]:
             cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience,
-                                time_limit=args.time_limit)
+                                train=args.train, time_limit=args.time_limit, batch_size=args.batch_size)
             res, secs = run_recovery(original, factorised, calib, cfg)
-            rows.append({"lr": lr, "augment": aug, "epoch_kept": res.report["epoch_kept"],
+            rows.append({"lr": lr, "augment": aug, "train": args.train, "epoch_kept": res.report["epoch_kept"],
                          "epochs_run": len(res.report["epochs"]) - 1,
                          "held_back_before": res.report["held_back_loss_before"],
                          "held_back_after": res.report["held_back_loss_after"], "seconds": secs,
@@ -151,9 +152,9 @@ def ppocr_rec(args) -> None:
            f"(CTC argmax agreement {base['path_agreement']:.4f}). Up to {args.epochs} epochs, patience "
            f"{args.patience}, batch 16, 1 thread, time limit {args.time_limit} s.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "epochs run", "epoch kept", "held-back loss before -> after", "CER (no spaces)",
+        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "CER (no spaces)",
          "share of CER increase removed", "CTC agreement", "recovery s"],
-        [[r["lr"], r["augment"], r["epochs_run"], r["epoch_kept"],
+        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
           f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['cer_nospace']:.4f}",
           f"{_removed(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
           f"{r['seconds']:.0f}"] for r in rows])
@@ -191,11 +192,11 @@ def efficientnet(args) -> None:
            f"never seen by compression or recovery); no labels, so top-1 agreement with the original. Compressed "
            f"at {args.speedup}x FLOPs (defaults, ranks multiples of 1): {fact.report['speedup_theoretical']:.2f}x "
            f"theoretical; factorised: agreement {base['agreement']:.4f}, logit NMSE {base['nmse']:.4f}. Up to "
-           f"{args.epochs} epochs, patience {args.patience}, batch 16, 1 thread, time limit {args.time_limit} s.\n\n")
+           f"{args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, 1 thread, time limit {args.time_limit} s.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "epochs run", "epoch kept", "held-back loss before -> after", "top-1 agreement",
+        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "top-1 agreement",
          "share of agreement loss removed", "logit NMSE", "recovery s"],
-        [[r["lr"], r["augment"], r["epochs_run"], r["epoch_kept"],
+        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
           f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['agreement']:.4f}",
           f"{_removed(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
          for r in rows])
@@ -231,6 +232,8 @@ def main() -> None:
     e.add_argument("--eval", type=int, default=500)
     for p in (d, r, e):
         p.add_argument("--time-limit", type=float, default=540.0)
+        p.add_argument("--train", default="factorised", choices=["factorised", "all"])
+        p.add_argument("--batch-size", type=int, default=16)
     for p in (r, e):
         p.add_argument("--lrs", default="1e-4")
         p.add_argument("--augments", default="auto", help="';'-separated settings, e.g. 'auto;crop,noise'")

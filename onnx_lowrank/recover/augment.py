@@ -57,6 +57,7 @@ class Noise(Augmentation):
 
 
 REGISTRY = {a.name: a for a in (Flip(), Shift(), Noise())}
+AUTO = ("crop", "noise")
 
 
 def image_axes(x: np.ndarray) -> tuple[int, int] | None:
@@ -71,13 +72,15 @@ def image_axes(x: np.ndarray) -> tuple[int, int] | None:
 
 
 def resolve(spec: str | None, arrays: dict[str, np.ndarray]) -> list[str]:
-    """The augmentation names to use: ``"auto"`` is all of them when every input is an image batch."""
+    """The augmentation names to use: ``"auto"`` is crop and noise when every input is an image batch.
+    Flips are not in ``auto``: they cost accuracy on digits (benchmarks/RESULTS.md "Recovery"), and
+    mirrored text or digits are not what such models see."""
     from ..errors import LowRankError
 
     if spec in (None, "", "none"):
         return []
     if spec == "auto":
-        return list(REGISTRY) if all(image_axes(a) is not None for a in arrays.values()) else []
+        return list(AUTO) if all(image_axes(a) is not None for a in arrays.values()) else []
     names = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in REGISTRY]
     if bad:

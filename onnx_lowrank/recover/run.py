@@ -34,7 +34,7 @@ class RecoverConfig:
     seed: int = 0
     train: str = "factorised"          # which weights train: the factorised stages, or every weight
     outputs: list[str] | None = None   # tensors compared (default: every float graph output)
-    augment: str = "auto"              # auto (image inputs: flip, crop, noise), none, or names
+    augment: str = "auto"              # auto (image inputs: crop, noise), none, or names (flip, crop, noise)
     patience: int = 2                  # epochs without a better held-back loss before stopping
     holdout_every: int = 5             # every n-th calibration image is held back (as the solver does)
     threads: int = 1                   # torch and onnxruntime threads: 2 are many times slower on a busy 2-core machine
