@@ -36,6 +36,11 @@ ORDER = [
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
+    ("recover_notes", "Issue 16: recovery by distillation, reading"),
+    ("recover_demo_sweep", "Issue 16: recovery on the demo, learning-rate sweep"),
+    ("recover_demo_long", "Issue 16: recovery on the demo, longer runs"),
+    ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
+    ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
 ]
 
 PREAMBLE = """# Benchmark results

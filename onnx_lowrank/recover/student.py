@@ -155,7 +155,7 @@ class Student:
                 continue
             for binding in _module_bindings(node, mod, wanted):
                 bindings.setdefault(binding.initializer, binding)
-            args = [a for a in list(fx_node.args) + list(fx_node.kwargs.values())]
+            args = list(fx_node.args) + list(fx_node.kwargs.values())
             names = [n for n in mapping.inputs if n]
             for name, arg in zip(names, args):
                 if name in wanted and name not in bindings and getattr(arg, "op", None) == "get_attr":

@@ -112,11 +112,6 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
             if stale >= cfg.patience and epoch < cfg.epochs:
                 progress.log(f"recovery: no better held-back loss for {stale} epochs, stopping early")
                 break
-            # Back to the best weights with half the step: the plateau is usually Adam's noise.
-            student.load(best_state)
-            sched.base_lrs = [lr / 2 for lr in sched.base_lrs]
-            for g, lr in zip(opt.param_groups, sched.base_lrs):
-                g["lr"] = lr
         if cfg.time_limit and time.perf_counter() - t0 > cfg.time_limit:
             progress.log(f"recovery: time limit of {cfg.time_limit:g} s reached, stopping")
             break
