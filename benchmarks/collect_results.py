@@ -39,6 +39,7 @@ ORDER = [
     ("recover_notes", "Issue 16: recovery by distillation, reading"),
     ("recover_demo_sweep", "Issue 16: recovery on the demo, learning-rate sweep"),
     ("recover_demo_long", "Issue 16: recovery on the demo, longer runs"),
+    ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
     ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
     ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
 ]
