@@ -26,11 +26,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from onnx_lowrank import progress  # noqa: E402
-from onnx_lowrank.measure import evaluate  # noqa: E402
-from onnx_lowrank.pipeline import CompressConfig, Compressor  # noqa: E402
+from onnx_lowrank.fidelity import evaluate  # noqa: E402
+from onnx_lowrank.compressor import Compressor  # noqa: E402
+from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.recover import recover_models, RecoverConfig  # noqa: E402
 from onnx_lowrank.calibration.inputs import open_source  # noqa: E402
-from onnx_lowrank.pipeline import input_specs  # noqa: E402
+from onnx_lowrank.calibration.batching import input_specs  # noqa: E402
 
 DEMO = common.ROOT / "models" / "mnist_vgg"
 

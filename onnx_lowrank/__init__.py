@@ -19,7 +19,8 @@ Python API::
 
 from .api import compress
 from .errors import BudgetExceeded, LowRankError
-from .pipeline import CompressConfig, CompressionResult, Compressor
+from .compressor import CompressionResult, Compressor
+from .config import CompressConfig
 from .recover import RecoverConfig, recover
 
 __all__ = ["compress", "recover", "RecoverConfig", "Compressor", "CompressConfig", "CompressionResult", "LowRankError", "BudgetExceeded"]

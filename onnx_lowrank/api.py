@@ -18,15 +18,17 @@ from .errors import BudgetExceeded, LowRankError
 from .files import check_writable, json_default, write_together
 from .graph import loading
 from .graph.loading import model_writer
-from .pipeline import CompressConfig, CompressionResult, Compressor, _config, input_specs
+from .calibration.batching import input_specs
+from .compressor import CompressionResult, Compressor
+from .config import CompressConfig, with_overrides
 
 
 def compress(model, data, output: str | Path | None = None, config: CompressConfig | None = None, *,
              eval_data=None, labels: str | None = None, max_accuracy_drop: float | None = None,
              min_agreement: float | None = None, eval_output: str | None = None, write_failed: bool = False,
              report: str | Path | None = None, measure: bool = False,
-             on_result: Callable[[CompressionResult], None] | None = None, recover=None,
-             **overrides) -> CompressionResult:
+             on_result: Callable[[CompressionResult], None] | None = None, samples=None, shards: int | None = None,
+             executor: str = "local", workers: int | None = None, recover=None, **overrides) -> CompressionResult:
     """Compress ``model`` (path or ModelProto) with calibration ``data``; write ``output`` (and ``report``) if given.
 
     ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed dicts
@@ -45,6 +47,11 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     :class:`~onnx_lowrank.recover.RecoverConfig`) distils each compressed model towards the original on
     the calibration data before it is evaluated (``report["recovery"]``; needs the ``recover`` extra).
 
+    ``samples``: paths of samples files from ``onnx-lowrank calibrate`` (one whole calibration, or all
+    parts of a sharded one, merged) used instead of a calibration pass; ``data`` is still read by the
+    asymmetric pass. ``shards``: calibrate in that many image ranges on ``executor`` ("local" worker
+    processes or "ray" tasks, ``workers`` at a time); the result is the same as in one process.
+
     Everything that can be checked is checked before calibration: budget values, output paths,
     the evaluation data and labels.
     """
@@ -56,7 +63,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     budget = _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto)
     if auto:
         overrides["speedup"] = None
-    cfg = _config(config, overrides)
+    cfg = with_overrides(config, overrides)
     if budget is not None:
         budget.preprocess = cfg.preprocess
     _check_outputs(model, output, report)
@@ -64,7 +71,15 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     if budget:   # the evaluation data and the output it is compared on, checked before any work
         budget.check_model(source_model)
         budget.inputs(input_specs(source_model))
-    compressor = Compressor(source_model, data, cfg)
+    if samples is not None:
+        from .calibration.samples import load_parts
+
+        samples = load_parts([samples] if isinstance(samples, (str, Path)) else list(samples))
+    elif shards is not None and shards > 1:
+        from .shards import calibrate
+
+        samples = calibrate(source_model, data, cfg, shards, executor, workers)
+    compressor = Compressor(source_model, data, cfg, samples=samples)
     finish = recovery(compressor) if recovery else None
     broken = None
     if auto:
@@ -141,13 +156,13 @@ def _check_outputs(model, output, report) -> None:
             raise LowRankError("a report is written beside the model: give an output path too")
         return
     if isinstance(model, (str, Path)) and Path(output).resolve() == Path(model).resolve():
-        raise LowRankError("the output path is the input model: choose another (the input is never modified)")
+        raise LowRankError("--output is the input model: choose another path (the input is never modified)")
     if report is not None and Path(report).resolve() in (Path(output).resolve(),) + \
             ((Path(model).resolve(),) if isinstance(model, (str, Path)) else ()):
-        raise LowRankError("the report path would overwrite a model file: give it its own path, e.g. report.json")
-    check_writable(output, "output")
+        raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
+    check_writable(output, "--output")
     if report is not None:
-        check_writable(report, "report")
+        check_writable(report, "--report")
 
 
 def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:

@@ -1,4 +1,4 @@
-"""The ``onnx-lowrank`` command line: a thin layer over :mod:`onnx_lowrank.pipeline` and :mod:`.measure`."""
+"""The ``onnx-lowrank`` command line: a thin layer over :mod:`onnx_lowrank.api` and :mod:`.measure`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from pathlib import Path
 import click
 
 from . import progress
+from .config import METHODS
+from .cli_options import (executor_options as _executor_options, image_options as _image_options,
+                          objective_options as _objective_options, parse_ranks as _parse_ranks,
+                          samples_files as _samples_files, parse_samples as _parse_samples,
+                          parse_schedule as _parse_schedule, preprocess as _preprocess,
+                          shapes_option as _shapes_option, max_memory_option as _max_memory_option)
 from .errors import LowRankError
 from .files import json_default as _json_default
 
@@ -52,129 +58,27 @@ def main():
     """
 
 
-def _shapes_option(f):
-    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-                        help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224 (repeatable).")(f)
-
-
-def _image_options(f):
-    opts = [
-        click.option("--image-size", metavar="HxW", help="Image folders: model input size when the model's is symbolic."),
-        click.option("--resize", type=int, metavar="PX", help="Image folders: resize the shorter side to PX, then centre-crop."),
-        click.option("--scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel multiplier."),
-        click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: subtracted after scaling."),
-        click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: divisor after the mean."),
-        click.option("--bgr", is_flag=True, help="Image folders: feed channels in BGR order (default RGB)."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default="NCHW",
-                     show_default=True, help="Image folders: tensor layout of the model input."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _preprocess(image_size, resize, scale, mean, std, bgr, layout):
-    from .calibration.inputs import ImagePreprocess
-
-    def floats(s, what):
-        try:
-            return tuple(float(v) for v in s.split(","))
-        except ValueError:
-            raise LowRankError(f"--{what} takes numbers separated by commas, not {s!r}") from None
-
-    size = None
-    if image_size:
-        try:
-            h, w = (int(v) for v in image_size.lower().split("x"))
-            size = (h, w)
-        except ValueError:
-            raise LowRankError(f"--image-size takes HxW, e.g. 224x224, not {image_size!r}") from None
-    return ImagePreprocess(size=size, resize=resize, scale=scale, mean=floats(mean, "mean"), std=floats(std, "std"),
-                           channel_order="BGR" if bgr else "RGB", layout=layout.upper())
-
-
-def _parse_schedule(spec: str) -> tuple:
-    try:
-        steps = tuple((int(k), float(lam)) for k, lam in (part.split(":") for part in spec.split(",") if part.strip()))
-    except ValueError:
-        raise LowRankError(f"--schedule takes ITERS:LAMBDA pairs separated by commas, e.g. 25:0.01,25:1, not {spec!r}") \
-            from None
-    if any(k < 0 or lam <= 0 for k, lam in steps):
-        raise LowRankError("--schedule needs iterations >= 0 and lambda > 0")
-    return steps
-
-
-def _parse_samples(spec: str) -> int | str:
-    if spec.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(spec)
-    except ValueError:
-        raise LowRankError(f"--samples-per-image takes a positive integer or 'auto', not {spec!r}") from None
-
-
-def _objective_options(f):
-    opts = [
-        click.option("--objective", type=click.Choice(["latency", "flops"]), default="latency", show_default=True,
-                     help="latency: --speedup is measured latency on this CPU (layers are timed on onnxruntime, "
-                          "cached); flops: --speedup is the FLOP reduction."),
-        click.option("--rank-multiple", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
-                     help="Ranks are multiples of N (onnxruntime's NCHWc block; 1 = any rank)."),
-        click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-                     help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
-                          "output), else write the timings used to it."),
-        click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
-                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
-                          "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _parse_ranks(spec: str | None) -> dict[str, int]:
-    if not spec:
-        return {}
-    p = Path(spec)
-    if p.suffix == ".json" or p.is_file():
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            raise LowRankError(f"cannot read --ranks file {p}: {exc}") from None
-        if not isinstance(data, dict):
-            raise LowRankError(f"--ranks file {p} must hold a JSON object {{\"layer name\": rank}}")
-        items = data.items()
-    else:
-        items = []
-        for part in spec.split(","):
-            if "=" not in part:
-                raise LowRankError(f"bad --ranks entry {part!r}: write NAME=RANK,NAME=RANK or a JSON file")
-            name, r = part.rsplit("=", 1)
-            items.append((name.strip(), r.strip()))
-    ranks = {}
-    for name, r in items:
-        if isinstance(r, str) and r.strip().lstrip("+").isdigit():
-            r = int(r)
-        if not isinstance(r, int) or isinstance(r, bool):
-            raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
-        ranks[name] = r
-    return ranks
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
+@click.argument("more_samples", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
+@click.option("--samples", "samples", type=click.Path(path_type=Path), metavar="FILE...",
+              help="Samples from `onnx-lowrank calibrate` instead of a calibration pass: one file, or every "
+                   "--shard part (e.g. --samples part*.npz), merged; --calib is still read by the asymmetric pass.")
+@click.option("--shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Calibrate in N image ranges on --executor (same result as one process).")
+@_executor_options
 @click.option("--speedup", default=None, metavar="S|auto",
               help="Target whole-model speed-up: measured latency (--objective latency) or FLOPs, e.g. 3 = three "
                    "times faster; 'auto' (with a budget) finds the largest within the budget [default: 2, or none "
                    "with --ranks].")
 @click.option("--ranks", metavar="NAME=R,...|FILE.json", help="Set ranks by hand (layer names as in `onnx-lowrank layers`).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers alone (glob on the name; repeatable).")
-@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS, reverse=True)), default="nonlinear", show_default=True,
               help="nonlinear: minimise the error after the activation (the paper); linear: PCA of the responses.")
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True,
               help="Fit each layer on inputs from the already-compressed layers before it, so errors do not pile up.")
@@ -184,6 +88,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
               help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for "
                    "at least 16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
+@_max_memory_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the sampled positions (same seed, same output).")
@@ -205,8 +110,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
                    "speed-up.")
 @_shapes_option
 @_image_options
-def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
-             batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
+def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
+             max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
              write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, recover_epochs=None,
              **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
@@ -225,10 +130,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     --min-agreement), a compression that breaks it exits with code 3 and writes nothing.
     """
     from .api import compress as run
+    from .config import CompressConfig
     from .errors import BudgetExceeded
-    from .files import check_writable
     from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig
     from .report import format_report
 
     progress.set_enabled(not quiet)
@@ -236,11 +140,18 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         from .recover import require_torch
 
         require_torch()
+    sample_paths = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
-    if not model.exists():
-        raise LowRankError(f"model file not found: {model} (check the path)")
+    if sample_paths and shards:
+        raise LowRankError("--samples and --shards exclude each other: the samples are already calibrated")
+    if executor == "ray":
+        from .executors import require_ray
+
+        if not shards:
+            raise LowRankError("compress --executor ray runs calibration shards: give --shards N")
+        require_ray()
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -251,19 +162,12 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         except ValueError:
             raise LowRankError(f"--speedup takes a number greater than 1 or 'auto', not {speedup!r}") from None
     output = output or model.with_name(model.stem + ".lowrank.onnx")
-    if output.resolve() == model.resolve():
-        raise LowRankError("--output is the input model: choose another path (the input is never modified)")
-    if report_path and report_path.resolve() in (model.resolve(), output.resolve()):
-        raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
-    check_writable(output, "--output")
-    if report_path:
-        check_writable(report_path, "--report")
     shapes = parse_input_shapes(input_shapes)
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
-                         batch_size=batch_size, input_shapes=shapes, threads=threads,
+                         max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
     show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
@@ -271,7 +175,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
             min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
-            recover=recover_epochs)
+            samples=sample_paths, shards=shards, executor=executor, workers=workers, recover=recover_epochs)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
@@ -291,6 +195,9 @@ def _recovery_lines(report: dict) -> str:
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
     from .measure import synthetic_feeds
 
+    if not model.exists():  # read here, before the API would say so
+        raise LowRankError(f"model file not found: {model} (check the path)")
+
     progress.log("warning: --calib synthetic uses random inputs: fine for latency, meaningless for accuracy")
     return [synthetic_feeds(str(model), batch=1, seed=seed + i, shape_overrides=shapes or None) for i in range(count)]
 
@@ -305,23 +212,18 @@ def layers(model, input_shapes):
     from .graph.layers import find_conv_layers
     from .graph.loading import infer_value_types, load_model, normalise, parse_input_shapes, with_input_shapes
 
+    from .report import format_layers
+
     norm = normalise(load_model(model))
     vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
-    rows = [("name", "c -> d", "kernel", "group", "output", "activation", "status")]
-    for lay in find_conv_layers(norm, vt) + find_dense_layers(norm, vt):
-        out = "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?"
-        rows.append((lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
-                     out, lay.target_description, lay.skip_reason or "candidate"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    click.echo(format_layers(find_conv_layers(norm, vt) + find_dense_layers(norm, vt)))
 
 
 def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):
     """Real inputs from --data (batched), or synthetic ones."""
     from .budget import evaluation_inputs
     from .graph.loading import load_model
-    from .pipeline import input_specs
+    from .calibration.batching import input_specs
 
     if data is None:
         from .measure import synthetic_feeds
@@ -351,7 +253,8 @@ def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, i
       onnx-lowrank bench model.onnx model.lowrank.onnx --threads 1 --runs 100
     """
     from .graph.loading import parse_input_shapes
-    from .measure import bench as run, format_bench
+    from .measure import bench as run
+    from .report import format_bench
 
     progress.set_enabled(not quiet and not as_json)
     for m in models:
@@ -380,7 +283,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     \b
       onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
     """
-    from .measure import evaluate, format_eval
+    from .fidelity import evaluate
+    from .report import format_eval
 
     progress.set_enabled(not quiet and not as_json)
     for m in (reference, candidate):
@@ -388,7 +292,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
             raise LowRankError(f"model file not found: {m} (check the path)")
     from .budget import evaluation_inputs
     from .graph.loading import load_model
-    from .pipeline import input_specs
+    from .calibration.batching import input_specs
 
     feeds, label_array = evaluation_inputs(input_specs(load_model(reference)), str(data), labels, batch, max_samples)
     res = evaluate(str(reference), str(candidate), feeds, labels=label_array, output=output_name,
@@ -402,11 +306,12 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--eval-data", required=True, metavar="DATA", help="Held-out inputs (.npz) to measure fidelity on.")
 @click.option("--labels", metavar="KEY", help="Label array in the --eval-data .npz: adds accuracy.")
 @click.option("--speedups", default="1.5,2,3,4,6", show_default=True, help="Comma-separated target speed-ups.")
-@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True)
+@click.option("--method", type=click.Choice(sorted(METHODS, reverse=True)), default="nonlinear", show_default=True)
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True)
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
               help="As for compress.")
 @click.option("--max-images", type=int, default=None)
+@_max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
@@ -414,9 +319,10 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
               help="Writes PREFIX.csv and PREFIX.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_objective_options
+@_executor_options
 @_shapes_option
-def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, input_shapes):
+def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -426,7 +332,8 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     """
     from .files import check_writable, write_together
     from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig
+    from .config import CompressConfig
+    from .report import format_sweep
     from .sweep import plot, sweep as run, write_csv
 
     progress.set_enabled(not quiet)
@@ -442,69 +349,28 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     check_writable(csv_path, "--out")
     check_writable(png_path, "--out")
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
-                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
+                         max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
+    if executor == "ray":
+        from .executors import require_ray
+
+        require_ray()
+    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
+               workers=workers)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",
             "accuracy_candidate", "status"]
-    click.echo("  ".join(f"{c:>19}" for c in cols))
-    for r in rows:
-        click.echo("  ".join(f"{r[c]:>19.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>19}"
-                             for c in cols))
+    click.echo(format_sweep(rows, cols))
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
 
 
-@main.command("recover", context_settings=CONTEXT)
-@click.argument("original", type=click.Path(path_type=Path))
-@click.argument("factorised", type=click.Path(path_type=Path))
-@click.option("--calib", required=True, metavar="DATA", help="Calibration inputs (as for compress); no labels needed.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Recovered model (same nodes and ranks as FACTORISED).")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Most epochs of training.")
-@click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Stop after this many epochs without a better held-back loss.")
-@click.option("--outputs", metavar="NAMES", help="Comma-separated tensors compared [default: every float graph output].")
-@click.option("--lr", type=float, default=None, help="Adam step relative to each weight tensor's RMS [default: 1e-4, see README].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--train", "train", type=click.Choice(["factorised", "all"]), default="factorised", show_default=True,
-              help="Which weights train: the factorised layers', or every Conv / Gemm / MatMul weight.")
-@click.option("--augment", default="auto", show_default=True, metavar="auto|none|NAMES",
-              help="Image inputs: flip, crop, noise (auto: crop and noise for image inputs, none otherwise).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch / onnxruntime threads.")
-@click.option("--max-images", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--time-limit", type=float, default=None, metavar="SECONDS", help="Stop training after this long; "
-              "the best epoch so far is kept.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or table.")
-@_image_options
-def recover_cmd(original, factorised, calib, output, epochs, patience, outputs, lr, batch_size, seed, train, augment, threads,
-                max_images, time_limit, report_path, quiet, **image):
-    """Win back accuracy the factorisation cost: distil FACTORISED towards ORIGINAL on the calibration data.
-
-    The original model is the teacher, the factorised model the student; only the weights change,
-    so OUTPUT has the same nodes, ranks and latency as FACTORISED. Needs the optional extra:
-    pip install "onnx-lowrank[recover]".
-
-    \b
-      onnx-lowrank recover net.onnx net.lowrank.onnx --calib calib.npz -o net.recovered.onnx --epochs 5
-    """
-    from .recover import RecoverConfig, format_recovery, recover, require_torch
-
-    require_torch()
-    progress.set_enabled(not quiet)
-    kw = {"lr": lr} if lr is not None else {}
-    cfg = RecoverConfig(epochs=epochs, patience=patience, batch_size=batch_size, seed=seed, train=train, augment=augment, threads=threads,
-                        max_images=max_images, time_limit=time_limit,
-                        outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None, **kw)
-    result = recover(original, factorised, calib, output, cfg, report=report_path, preprocess=_preprocess(**image))
-    if not quiet:
-        click.echo(format_recovery(result.report))
-        click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
-
+from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+from . import cli_recover  # noqa: E402,F401  (registers the `recover` command)
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is a second copy of the module: the package's `main` has every command.
+    from onnx_lowrank.cli import main as package_main
+
+    package_main()

@@ -88,7 +88,7 @@ def recover(original, factorised, data, output: str | Path | None = None, config
             check_writable(report, "report")
     teacher_model = _load(original, "original")
     student_model = _load(factorised, "factorised")
-    from ..pipeline import input_specs
+    from ..calibration.batching import input_specs
 
     source = open_source(data, input_specs(student_model), preprocess)
     result = recover_models(teacher_model, student_model, source, cfg)
