@@ -40,6 +40,12 @@ ORDER = [
     ("ray_cost", "Issue 14: the optional Ray extra"),
     ("matmul_latency", "Issue 13: MatMul / Gemm layers timed under the latency objective"),
     ("solver_speed", "Issue 17: z-step time and objective per activation"),
+    ("recover_notes", "Issue 16: recovery by distillation, reading"),
+    ("recover_demo_sweep", "Issue 16: recovery on the demo, learning-rate sweep"),
+    ("recover_demo_long", "Issue 16: recovery on the demo, longer runs"),
+    ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
+    ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
+    ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
              min_agreement: float | None = None, eval_output: str | None = None, write_failed: bool = False,
              report: str | Path | None = None, measure: bool = False,
              on_result: Callable[[CompressionResult], None] | None = None, samples=None, shards: int | None = None,
-             executor: str = "local", workers: int | None = None, **overrides) -> CompressionResult:
+             executor: str = "local", workers: int | None = None, recover=None, **overrides) -> CompressionResult:
     """Compress ``model`` (path or ModelProto) with calibration ``data``; write ``output`` (and ``report``) if given.
 
     ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed dicts
@@ -42,7 +43,9 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     (then both are written before it is raised). ``speedup="auto"`` searches for the largest
     speed-up within the budget (``report["search"]`` lists the tries). ``measure`` times the
     original and compressed models into the report. ``on_result`` is called with the result
-    before anything is written (the CLI prints its table there).
+    before anything is written (the CLI prints its table there). ``recover`` (a number of epochs or a
+    :class:`~onnx_lowrank.recover.RecoverConfig`) distils each compressed model towards the original on
+    the calibration data before it is evaluated (``report["recovery"]``; needs the ``recover`` extra).
 
     ``samples``: paths of samples files from ``onnx-lowrank calibrate`` (one whole calibration, or all
     parts of a sharded one, merged) used instead of a calibration pass; ``data`` is still read by the
@@ -56,6 +59,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     auto = isinstance(speedup, str) and speedup == "auto"
     if isinstance(model, (str, Path)) and not Path(model).exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
+    recovery = _recovery(recover, overrides.get("seed", (config or CompressConfig()).seed))
     budget = _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto)
     if auto:
         overrides["speedup"] = None
@@ -76,12 +80,15 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
 
         samples = calibrate(source_model, data, cfg, shards, executor, workers)
     compressor = Compressor(source_model, data, cfg, samples=samples)
+    finish = recovery(compressor) if recovery else None
     broken = None
     if auto:
-        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)
+        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget, finish=finish)
         result.report["search"] = trials
     else:
         result = compressor.run()
+        if finish:
+            result = finish(result)
         ev = evaluate_against(compressor.source_model, result.model, input_specs(compressor.model), budget) \
             if budget else None
         broken = violation(ev, budget) if budget else None
@@ -105,6 +112,27 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
         raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)",
                              result=result, written=output is not None)
     return result
+
+
+def _recovery(recover, seed: int):
+    """A step that recovers each compressed model (see onnx_lowrank.recover), checked before any work."""
+    if not recover:
+        return None
+    from .recover import RecoverConfig, recover_models, require_torch
+
+    require_torch()
+    rcfg = recover if isinstance(recover, RecoverConfig) else RecoverConfig(epochs=int(recover), seed=seed)
+    rcfg.check()
+
+    def for_compressor(compressor: Compressor):
+        def finish(result: CompressionResult) -> CompressionResult:
+            rec = recover_models(compressor.source_model, result.model, compressor.source,
+                                 replace(rcfg, max_images=rcfg.max_images or compressor.limit))
+            result.model = rec.model
+            result.report["recovery"] = rec.report
+            return result
+        return finish
+    return for_compressor
 
 
 def _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto: bool) -> Budget | None:

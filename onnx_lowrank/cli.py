@@ -102,6 +102,9 @@ def main():
 @click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
 @click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
 @_objective_options
+@click.option("--recover", "recover_epochs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Then recover N epochs (see the recover command; needs the recover extra); budgets judge the "
+                   "recovered model.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="Time the original and compressed models (interleaved, a few seconds) and report the measured "
                    "speed-up.")
@@ -109,7 +112,8 @@ def main():
 @_image_options
 def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, recover_epochs=None,
+             **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -132,6 +136,10 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    if recover_epochs:
+        from .recover import require_torch
+
+        require_torch()
     sample_paths = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
@@ -162,18 +170,26 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
                          max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    show = None if quiet else (lambda result: click.echo(format_report(result.report)))
+    show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
             min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
-            samples=sample_paths, shards=shards, executor=executor, workers=workers)
+            samples=sample_paths, shards=shards, executor=executor, workers=workers, recover=recover_epochs)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
         raise
     if not quiet:
         click.echo(wrote)
+
+
+def _recovery_lines(report: dict) -> str:
+    if "recovery" not in report:
+        return ""
+    from .recover import format_recovery
+
+    return "\n\nrecovery:\n" + format_recovery(report["recovery"])
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -351,6 +367,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
 
 
 from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+from . import cli_recover  # noqa: E402,F401  (registers the `recover` command)
 
 if __name__ == "__main__":
     # Run as a script, this file is a second copy of the module: the package's `main` has every command.
