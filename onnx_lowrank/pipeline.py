@@ -36,7 +36,11 @@ from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, enviro
 from .schemes import SCHEMES, ChannelScheme, Scheme
 from .schemes.dense import DenseScheme
 from .schemes.spatial3d import explicit_pads
+from .sensitivity import measure_layer_damage
+from .calibration.damage import METRICS
+from .solver.allocation import ALLOCATORS, damage_at
 from .solver.balance import Balanced, balance
+from .solver.candidates import FITS
 from .solver.ranks import (ConvShape, LayerCosts, RankSelectionError, candidate_ranks, select_ranks,
                            select_ranks_costed, speedup_to_budget)
 from .solver.reconstruction import Factorisation, response_spectrum
@@ -92,6 +96,19 @@ class CompressConfig:
     #: "3d", then each 3-D layer is also fitted as a pair at the highest rank costing no more, and keeps the
     #: one with the smaller error on the held-back images.
     scheme: str = "channel"
+    #: How ranks are chosen within the budget (solver/allocation.py ALLOCATORS): "energy" keeps the most
+    #: response energy (method.md section 5); "sensitivity" least summed measured damage to the outputs.
+    allocation: str = "energy"
+    #: The damage measure of "sensitivity" (calibration/damage.py METRICS): "nmse", "kl" or "auto" (KL for
+    #: probability outputs, else NMSE).
+    damage_metric: str = "auto"
+    #: How each candidate rank is fitted to measure its damage: "linear" (PCA) or "nonlinear" (the real fit).
+    damage_fit: str = "linear"
+    #: Held-back images the damage is measured on (at most).
+    damage_images: int = 64
+    #: Sensitivity passes: the first measures each layer with the others at the energy allocation's ranks,
+    #: each further pass with the others at the previous pass's choice (0: each layer alone, unchanged others).
+    damage_passes: int = 1
 
 
 @dataclass
@@ -119,7 +136,7 @@ class Compressor:
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
-                  "threads", "scheme")
+                  "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()
@@ -148,6 +165,7 @@ class Compressor:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._latency: dict = {}
+        self._damage: dict = {}
         if cfg.objective == "latency":  # a latency table that does not fit is an error before calibrating
             self._latency_costs(plan, cfg)
         # Sample every layer either objective may factorise, so that run() can switch objective.
@@ -179,6 +197,17 @@ class Compressor:
         progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
+    def _damage_tables(self, plan: list[LayerPlan], cfg: CompressConfig,
+                       context: dict[str, int] | None) -> dict[str, dict[int, float]]:
+        """Measured damage of each candidate layer at each candidate rank, the others at ``context``'s ranks
+        (memory, then disk cache)."""
+        key = (cfg.rank_multiple, cfg.scheme, cfg.damage_metric, cfg.damage_fit, cfg.damage_images, cfg.objective,
+               None if context is None else tuple(sorted(context.items())))
+        if key not in self._damage:
+            self._damage[key] = measure_layer_damage(self.model, self.source, self.samples, plan, self.batch,
+                                                     self.limit, _fixed_batch(input_specs(self.model)), cfg, context)
+        return self._damage[key]
+
     def run(self, **overrides) -> CompressionResult:
         bad = set(overrides) - set(self.RUN_FIELDS)
         if bad:
@@ -195,7 +224,15 @@ class Compressor:
         # single-threaded reductions make the output file reproducible bit for bit.
         latency = self._latency_costs(plan, cfg) if cfg.objective == "latency" else None
         with threadpool_limits(limits=1, user_api="blas"):
-            _choose_ranks(plan, self.samples, self.flops, cfg, latency)
+            damage = None
+            if ALLOCATORS[cfg.allocation].needs_damage and cfg.speedup:
+                damage = self._damage_tables(plan, cfg, None) if cfg.damage_passes == 0 else None
+                for _ in range(cfg.damage_passes):  # each pass measures around the last choice
+                    _choose_ranks(plan, self.samples, self.flops, cfg if damage else replace(cfg, allocation="energy"),
+                                  latency, damage)
+                    damage = self._damage_tables(plan, cfg, {p.layer.name: p.rank for p in plan if p.rank})
+                    plan = _plan(self.layers, self.flops, cfg)
+            _choose_ranks(plan, self.samples, self.flops, cfg, latency, damage)
             chosen = [p for p in plan if p.rank is not None]
             if cfg.scheme == "auto":
                 _offer_pair(chosen, cfg)
@@ -257,6 +294,16 @@ def _check_config(cfg: CompressConfig) -> None:
         raise LowRankError(f"--scheme must be one of {', '.join(SCHEMES)}, auto, not {cfg.scheme!r}")
     if cfg.scheme == "auto" and cfg.objective != "flops":
         raise LowRankError("--scheme auto needs --objective flops (it compares the schemes at equal FLOPs)")
+    if cfg.allocation not in ALLOCATORS:
+        raise LowRankError(f"--allocation must be one of {', '.join(ALLOCATORS)}, not {cfg.allocation!r}")
+    if cfg.damage_metric not in (*METRICS, "auto"):
+        raise LowRankError(f"--damage-metric must be one of {', '.join(METRICS)}, auto, not {cfg.damage_metric!r}")
+    if cfg.damage_fit not in FITS:
+        raise LowRankError(f"--damage-fit must be one of {', '.join(FITS)}, not {cfg.damage_fit!r}")
+    if isinstance(cfg.damage_passes, bool) or not isinstance(cfg.damage_passes, int) or cfg.damage_passes < 0:
+        raise LowRankError(f"damage_passes must be 0 or more, not {cfg.damage_passes!r}")
+    if isinstance(cfg.damage_images, bool) or not isinstance(cfg.damage_images, int) or cfg.damage_images < 1:
+        raise LowRankError(f"damage_images must be a positive integer, not {cfg.damage_images!r}")
     if cfg.objective not in OBJECTIVES:
         raise LowRankError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
@@ -329,6 +376,7 @@ class LayerPlan:
     rows: int | None = None
     latency_before: float | None = None
     latency_after: float | None = None
+    damage: dict[int, float] | None = None  # --allocation sensitivity: measured accuracy cost per candidate rank
 
     @property
     def shape(self) -> ConvShape:
@@ -554,8 +602,26 @@ CHECK_TOLERANCE = 0.03
 MAX_CHECKS = 5
 
 
+def _flops_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], fixed_flops: float, budget: float,
+                 cfg: CompressConfig, damage) -> list[int | None]:
+    """The FLOP objective through the configured allocator (as :func:`select_ranks` does for "energy")."""
+    ranks = [fixed[i] if i in fixed and free[i].shape.saves(fixed[i]) else None for i in range(len(free))]
+    movable = [i for i in range(len(free)) if i not in fixed]
+    fixed_cost = fixed_flops + sum(free[i].shape.flops_at(ranks[i]) for i in fixed)
+    chosen = ALLOCATORS[cfg.allocation].choose(
+        [LayerCosts.from_flops(free[i].shape, cfg.rank_multiple) for i in movable], [spectra[i] for i in movable],
+        _damage_rows(free, movable, damage), budget, fixed_cost, indices=movable)
+    for i, r in zip(movable, chosen):
+        ranks[i] = r
+    return ranks
+
+
+def _damage_rows(free: list[LayerPlan], movable: list[int], damage) -> list[dict[int, float]] | None:
+    return None if damage is None else [damage.get(free[i].layer.name, {}) or {0: 0.0} for i in movable]
+
+
 def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latency: LatencyCosts,
-                   cfg: CompressConfig) -> list[int | None]:
+                   cfg: CompressConfig, damage=None) -> list[int | None]:
     """Ranks for a measured speed-up of ``cfg.speedup``: the per-layer table chooses, the whole model checks.
 
     The table's savings are measured on layers alone; inside the whole model a layer saves a
@@ -576,20 +642,21 @@ def _latency_ranks(free: list[LayerPlan], spectra, fixed: dict[int, int], latenc
         sum(_fixed_latency(entries[i], base[i]) for i in fixed)
     want = model_ms * (1 - 1 / target)  # the measured saving that meets the target
     request, tried = want, []
+    allocator, rows = ALLOCATORS[cfg.allocation], _damage_rows(free, movable, damage)
     for attempt in range(MAX_CHECKS):
         budget = model_ms - request
         fastest = False
         try:
-            chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
-                                         unit="ms of predicted latency", indices=movable)
+            chosen = allocator.choose(options, [spectra[i] for i in movable], rows, budget, fixed_ms,
+                                      unit="ms of predicted latency", indices=movable)
         except RankSelectionError as err:
             if any(t["fastest"] for t in tried):
                 break
             # The table may understate what the layers save inside the model: check the fastest choice
             # before giving up (also when a rescaled budget asks for more than the table allows).
             fastest = True
-            chosen = select_ranks_costed(options, [spectra[i] for i in movable], err.min_flops, fixed_ms,
-                                         unit="ms of predicted latency", indices=movable)
+            chosen = allocator.choose(options, [spectra[i] for i in movable], rows, err.min_flops, fixed_ms,
+                                      unit="ms of predicted latency", indices=movable)
         ranks = list(base)
         for i, r in zip(movable, chosen):
             ranks[i] = r
@@ -628,7 +695,7 @@ def _next_request(tried: list[dict], want: float, saving: float, measured_saving
 
 
 def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: CompressConfig,
-                  latency: LatencyCosts | None = None) -> None:
+                  latency: LatencyCosts | None = None, damage: dict[str, dict[int, float]] | None = None) -> None:
     free = [p for p in plan if p.candidate]
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
@@ -647,11 +714,13 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
     if cfg.speedup is None:
         ranks = [fixed.get(i) for i in range(len(free))]
         ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
-    elif latency is None:
+    elif latency is None and damage is None:
         budget = speedup_to_budget(total, cfg.speedup)
         ranks = select_ranks([p.shape for p in free], spectra, budget, fixed_flops, fixed, multiple=cfg.rank_multiple)
+    elif latency is None:
+        ranks = _flops_ranks(free, spectra, fixed, fixed_flops, speedup_to_budget(total, cfg.speedup), cfg, damage)
     else:
-        ranks = _latency_ranks(free, spectra, fixed, latency, cfg)
+        ranks = _latency_ranks(free, spectra, fixed, latency, cfg, damage)
     if latency is not None:
         for i, (p, r) in enumerate(zip(free, ranks)):
             e = latency.layers[p.layer.name]
@@ -659,6 +728,8 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
             p.latency_after = _fixed_latency(e, r) if i in fixed or r is None else \
                 _layer_costs(p, e, cfg.rank_multiple).cost_at(r)
     for p, r, spec in zip(free, ranks, spectra):
+        if damage is not None and p.layer.name in damage:
+            p.damage = {int(k): float(v) for k, v in damage[p.layer.name].items()}
         if r is None:
             p.status = "skipped"
             if p.layer.name in cfg.ranks:
@@ -870,6 +941,8 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "rows": p.rows,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
+            "damage": None if p.damage is None or p.rank is None else damage_at(p.damage, p.rank),
+            "damage_by_rank": p.damage,
         })
     after = total_before - saved
     conv_after = conv_before - saved + dense_before - dense_after
@@ -902,6 +975,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "latency_environment": latency.environment if latency else None,
         "method": cfg.method,
         "scheme": cfg.scheme,
+        "allocation": cfg.allocation,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,

@@ -23,7 +23,9 @@ import numpy as np
 
 from onnx_lowrank.errors import LowRankError
 
-__all__ = ["AllocationError", "allocate", "allocate_dp", "allocate_lagrangian", "total"]
+from .ranks import LayerCosts, RankSelectionError, select_ranks_costed
+
+__all__ = ["ALLOCATORS", "AllocationError", "allocate", "allocate_dp", "allocate_lagrangian", "total"]
 
 #: Options of one layer: (cost, damage) pairs.
 Options = Sequence[tuple[float, float]]
@@ -173,3 +175,75 @@ def _fill(layers: Sequence[Options], choice: list[int], budget: float) -> None:
         _, i, k = best
         cost += layers[i][k][0] - layers[i][choice[i]][0]
         choice[i] = k
+
+
+class Allocator:
+    """Ranks per layer within a budget, from each layer's cost table (:class:`LayerCosts`).
+
+    ``spectra``: each layer's response eigenvalues; ``damage``: each layer's measured accuracy cost
+    ``{rank: damage}`` (None unless :attr:`needs_damage`). Raises :class:`RankSelectionError` when even
+    the cheapest choice exceeds ``budget`` (which includes ``fixed_cost``)."""
+
+    name = ""
+    #: Whether the pipeline must measure the damage tables first.
+    needs_damage = False
+
+    def choose(self, options: list[LayerCosts], spectra: list, damage: list[dict[int, float]] | None,
+               budget: float, fixed_cost: float, unit: str = "FLOPs",
+               indices: list[int] | None = None) -> list[int | None]:
+        raise NotImplementedError
+
+
+class EnergyAllocator(Allocator):
+    """Keep the most response energy (method.md section 5): the greedy of :func:`select_ranks_costed`."""
+
+    name = "energy"
+
+    def choose(self, options, spectra, damage, budget, fixed_cost, unit="FLOPs", indices=None):
+        return select_ranks_costed(options, spectra, budget, fixed_cost, unit=unit, indices=indices)
+
+
+class SensitivityAllocator(Allocator):
+    """Least summed measured damage to the model's outputs: the knapsack of :func:`allocate_dp`."""
+
+    name = "sensitivity"
+    needs_damage = True
+
+    def choose(self, options, spectra, damage, budget, fixed_cost, unit="FLOPs", indices=None):
+        layers = [[(o.original, 0.0)] + [(c, damage_at(table, r)) for r, c in zip(o.ranks, o.costs)]
+                  for o, table in zip(options, damage)]
+        try:
+            picked = allocate_dp(layers, float(budget) - float(fixed_cost))
+        except AllocationError as err:
+            before = float(fixed_cost) + sum(o.original for o in options)
+            raise RankSelectionError(budget, err.min_cost + float(fixed_cost), before, unit) from err
+        return [None if k == 0 else o.ranks[k - 1] for o, k in zip(options, picked)]
+
+
+def damage_at(table: dict[int, float], rank: int) -> float:
+    """Damage at ``rank``: measured, else interpolated between the measured ranks around it (clamped at
+    the ends): geometrically where both are positive (damage falls about exponentially with the rank, so
+    a straight line from a small rank's large damage would overstate every rank between), else linearly."""
+    if rank in table:
+        return float(table[rank])
+    xs = sorted(table)
+    if rank <= xs[0] or rank >= xs[-1]:
+        return float(table[xs[0] if rank <= xs[0] else xs[-1]])
+    hi = next(x for x in xs if x > rank)
+    lo = xs[xs.index(hi) - 1]
+    a, b, t = float(table[lo]), float(table[hi]), (rank - lo) / (hi - lo)
+    if a > 0 and b > 0:
+        return float(math.exp((1 - t) * math.log(a) + t * math.log(b)))
+    return (1 - t) * a + t * b
+
+
+def measured_ranks(candidates: list[int], most: int) -> list[int]:
+    """At most ``most`` of the candidate ranks, denser at the small ranks where damage changes fastest:
+    about evenly spaced on a log scale, always the smallest and the largest."""
+    if len(candidates) <= most:
+        return list(candidates)
+    pos = np.unique(np.round(np.geomspace(1, len(candidates), most)).astype(int) - 1)
+    return [candidates[i] for i in pos]
+
+
+ALLOCATORS: dict[str, Allocator] = {a.name: a for a in (EnergyAllocator(), SensitivityAllocator())}
