@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from . import progress
+from .calibration.damage import METRICS
 from .errors import LowRankError
 from .files import json_default as _json_default
+from .solver.allocation import ALLOCATORS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -126,6 +128,13 @@ def _objective_options(f):
         click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
                      help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
                           "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
+        click.option("--allocation", type=click.Choice(list(ALLOCATORS)), default="energy", show_default=True,
+                     help="How ranks are chosen within the budget: energy keeps the most response energy per layer; "
+                          "sensitivity measures each layer's damage to the outputs at each rank on held-back images "
+                          "(with the other layers approximated) and minimises the summed damage (a knapsack)."),
+        click.option("--damage-metric", type=click.Choice([*METRICS, "auto"]), default="auto", show_default=True,
+                     help="Sensitivity allocation: output damage as NMSE or KL divergence (auto: KL for probability "
+                          "outputs, else NMSE)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -204,7 +213,8 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
 @_image_options
 def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, allocation, damage_metric, measure,
+             input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -257,7 +267,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
     show = None if quiet else (lambda result: click.echo(format_report(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
@@ -399,7 +410,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_objective_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation, damage_metric,
+          input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -427,7 +439,8 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
                          max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])

@@ -856,6 +856,8 @@ def _solve(p: LayerPlan, original, approximated, cfg: CompressConfig, plain=None
             p.alt = None
         p.note = "; ".join(filter(None, [p.note, note]))
     p.method, p.rel_error, p.rel_error_linear = sol.method, sol.rel_error, sol.rel_error_linear
+    if sol.note:
+        p.note = "; ".join(filter(None, [p.note, sol.note]))
     p.factorisation = sol.factorisation
     # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
     p.balanced = balance(p.factorisation, y if yh is None else yh) if cfg.balance else None

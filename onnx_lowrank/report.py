@@ -23,7 +23,8 @@ def format_report(report: dict) -> str:
         note = lay["reason"] if lay["status"] == "skipped" else \
             ("3-D, " if lay.get("scheme") == "3d" else "") + \
             f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
-            (f"; {lay['note']}" if lay.get("note") else "")
+            (f"; {lay['note']}" if lay.get("note") else "") + \
+            (f"; damage {lay['damage']:.2g}" if lay.get("damage") is not None else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
                      _flops(lay["flops_after"]), _pct(lay["energy_kept"]), lay.get("rows") or "-", _pct(lay["rel_error"]), note))
@@ -41,7 +42,8 @@ def format_report(report: dict) -> str:
                  f"per image, {report['speedup_theoretical']:.2f}x theoretical speed-up")
     lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                  f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
-    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, multiples of {report.get('rank_multiple', 1)}"
+    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, {report.get('allocation', 'energy')} "
+                 f"allocation, multiples of {report.get('rank_multiple', 1)}"
                  + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
     if report.get("predicted_latency_speedup"):
         lines.append(f"latency    : {report['latency_original_ms']:.3f} -> {report['latency_predicted_ms']:.3f} ms "

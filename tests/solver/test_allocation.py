@@ -82,3 +82,4 @@ def test_impossible_budget():
     with pytest.raises(AllocationError) as err:
         allocate([[(3, 0.0), (2, 1.0)], [(4, 0.0)]], 5.5)
     assert err.value.min_cost == 6
+
