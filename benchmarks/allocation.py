@@ -108,6 +108,11 @@ def main() -> None:
                "ranks": {lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
                "damage": {lay["name"]: lay["damage"] for lay in rep["layers"] if lay["damage"] is not None}}
         rows.append(row)
+        if alloc == "sensitivity":
+            from onnx_lowrank.damage_plot import damage_plot
+
+            damage_plot(rep, common.RESULTS / f"allocation_{args.model}_{objective}_{speedup:g}x.png",
+                        f"{args.model}: damage against saving per layer at {speedup:g}x {objective}")
         print({k: v for k, v in row.items() if k not in ("ranks", "damage")}, flush=True)
     names = list(paths)
     bench = measure.bench([paths[n] for n in names], feed, threads=1, runs=args.runs, warmup=5)

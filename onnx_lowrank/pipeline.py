@@ -377,6 +377,7 @@ class LayerPlan:
     latency_before: float | None = None
     latency_after: float | None = None
     damage: dict[int, float] | None = None  # --allocation sensitivity: measured accuracy cost per candidate rank
+    saving: dict[int, float] | None = None  # ... and the cost (FLOPs or ms) each of those ranks saves
 
     @property
     def shape(self) -> ConvShape:
@@ -730,6 +731,11 @@ def _choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg: Co
     for p, r, spec in zip(free, ranks, spectra):
         if damage is not None and p.layer.name in damage:
             p.damage = {int(k): float(v) for k, v in damage[p.layer.name].items()}
+            if latency is None:
+                p.saving = {r: float(p.flops_before - p.shape.factorised_flops(r)) for r in p.damage}
+            else:
+                lc = _layer_costs(p, latency.layers[p.layer.name], cfg.rank_multiple)
+                p.saving = {r: lc.original - c for r, c in zip(lc.ranks, lc.costs) if r in p.damage}
         if r is None:
             p.status = "skipped"
             if p.layer.name in cfg.ranks:
@@ -945,6 +951,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
             "rel_error": p.rel_error,
             "damage": None if p.damage is None or p.rank is None else damage_at(p.damage, p.rank),
             "damage_by_rank": p.damage,
+            "saving_by_rank": p.saving,
         })
     after = total_before - saved
     conv_after = conv_before - saved + dense_before - dense_after
@@ -978,6 +985,7 @@ def _report(plan: list[LayerPlan], flops: dict[str, int], cfg: CompressConfig, i
         "method": cfg.method,
         "scheme": cfg.scheme,
         "allocation": cfg.allocation,
+        "damage_metric": cfg.damage_metric if cfg.allocation == "sensitivity" else None,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,

@@ -110,3 +110,13 @@ def test_sensitivity_meets_the_flop_budget_and_reports_damage(demo, capsys):
 def test_unknown_allocation_is_a_user_error(demo):
     with pytest.raises(LowRankError, match="--allocation"):
         demo.run(allocation="accuracy")
+
+
+def test_damage_plot_is_written(demo, tmp_path):
+    from onnx_lowrank.damage_plot import damage_plot
+
+    res = demo.run(speedup=3.0, allocation="sensitivity", method="linear")
+    assert any(lay["saving_by_rank"] for lay in res.report["layers"])
+    path = tmp_path / "damage.png"
+    damage_plot(res.report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
