@@ -85,7 +85,7 @@ def main() -> None:
 
     from onnx_lowrank import measure
     from onnx_lowrank.graph.loading import save_model_atomic
-    from onnx_lowrank.pipeline import CompressConfig, Compressor
+    from onnx_lowrank import CompressConfig, Compressor
 
     model, data, feed, score, what = SETUPS[args.model](args)
     t0 = time.perf_counter()

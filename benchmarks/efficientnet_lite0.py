@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.export_efficientnet_lite0 import MODEL_PATH, export, preprocess  # noqa: E402
 from onnx_lowrank.measure import bench, evaluate  # noqa: E402
-from onnx_lowrank.pipeline import CompressConfig, Compressor  # noqa: E402
+from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 
 NAME = "efficientnet_lite0"

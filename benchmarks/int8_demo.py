@@ -25,7 +25,8 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, markdown_table, write_result  # noqa: E402
 
-import onnx_lowrank.pipeline as pipeline  # noqa: E402
+import onnx_lowrank.solve as solve  # noqa: E402
+from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank import progress  # noqa: E402
 from onnx_lowrank.measure import bench  # noqa: E402
 from onnx_lowrank.solver.balance import Balanced  # noqa: E402
@@ -83,16 +84,16 @@ def main():
     models.append(("1 (original)", "fp32", orig))
     quantise(orig, tmp / "orig.int8.onnx", calib)
     models.append(("1 (original)", "int8", tmp / "orig.int8.onnx"))
-    comp = pipeline.Compressor(str(orig), str(DEMO / "calib.npz"), pipeline.CompressConfig(objective="flops", rank_multiple=1))
-    real_balance = pipeline.balance
+    comp = Compressor(str(orig), str(DEMO / "calib.npz"), CompressConfig(objective="flops", rank_multiple=1))
+    real_balance = solve.balance
     variants = [("balanced", real_balance), ("unbalanced", None),
                 ("skewed", lambda f, yh: Balanced(skew(f), np.zeros(f.rank))),
                 ("skewed, then balanced", lambda f, yh: real_balance(skew(f), yh))]
     for s in [float(v) for v in args.speedups.split(",")]:
         for name, fn in variants:
-            pipeline.balance = fn or real_balance
+            solve.balance = fn or real_balance
             res = comp.run(speedup=s, balance=fn is not None)
-            pipeline.balance = real_balance
+            solve.balance = real_balance
             fp32 = tmp / f"s{s:g}_{name.replace(', ', '_')}.onnx"
             onnx.save(res.model, fp32)
             if name == "balanced":

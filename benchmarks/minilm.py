@@ -319,7 +319,7 @@ def compress_rows(ratios=(1.5, 2.0), samples_per_image: int | str = 16, schedule
 
     from onnx_lowrank.graph.dense import is_dense
     from onnx_lowrank.graph.loading import save_model_atomic
-    from onnx_lowrank.pipeline import CompressConfig, Compressor
+    from onnx_lowrank import CompressConfig, Compressor
 
     model = export()
     calib, _ = make_data()

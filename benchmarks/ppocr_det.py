@@ -139,7 +139,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")]
     specs = {m: common.method_spec(m) for m in methods}
 
-    from onnx_lowrank.pipeline import CompressConfig, Compressor
+    from onnx_lowrank import CompressConfig, Compressor
 
     t_start = time.perf_counter()
     model_path = package_dir() / MODEL_FILE

@@ -25,7 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, markdown_table, write_result  # noqa: E402
 
-import onnx_lowrank.pipeline as pipeline  # noqa: E402
+import onnx_lowrank.samples as samples  # noqa: E402
+from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
+from onnx_lowrank.graph.loading import load_model  # noqa: E402
 from onnx_lowrank import progress  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"
@@ -48,24 +50,24 @@ def main():
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
 
-    ref = run(pipeline.load_model(str(DEMO / "mnist_vgg.onnx")))
+    ref = run(load_model(str(DEMO / "mnist_vgg.onnx")))
     settings = [("fixed 10", 10, None), ("fixed 40", 40, None)] + \
         [(f"auto, M={m}", "auto", m) for m in map(int, args.rows.split(","))]
     rows = []
-    default_m = pipeline.ROWS_PER_CHANNEL
+    default_m = samples.ROWS_PER_CHANNEL
     seeds = [int(v) for v in args.seeds.split(",")]
     for n in map(int, args.images.split(",")):
         for label, k, m in settings:
             nmse, acc, secs = {True: [], False: []}, {True: [], False: []}, []
             for seed in seeds:
-                pipeline.ROWS_PER_CHANNEL = m or default_m
+                samples.ROWS_PER_CHANNEL = m or default_m
                 t = time.perf_counter()
-                comp = pipeline.Compressor(str(DEMO / "mnist_vgg.onnx"), str(DEMO / "calib.npz"),
-                                           pipeline.CompressConfig(samples_per_image=k, max_images=n, seed=seed,
+                comp = Compressor(str(DEMO / "mnist_vgg.onnx"), str(DEMO / "calib.npz"),
+                                           CompressConfig(samples_per_image=k, max_images=n, seed=seed,
                                                                    objective="flops", rank_multiple=1))
                 res = {asym: comp.run(speedup=args.speedup, asymmetric=asym) for asym in (True, False)}
                 secs.append(time.perf_counter() - t)
-                pipeline.ROWS_PER_CHANNEL = default_m
+                samples.ROWS_PER_CHANNEL = default_m
                 lays = [lay for lay in res[True].report["layers"] if lay["rows"]]
                 ratio = min(lay["rows"] / lay["out_channels"] for lay in lays)
                 mem = sum(v.nbytes for v in comp.samples.rows.values())

@@ -26,7 +26,7 @@ from common import RESULTS, ROOT, header, markdown_table, write_result  # noqa: 
 
 from onnx_lowrank import progress  # noqa: E402
 from onnx_lowrank.measure import bench  # noqa: E402
-from onnx_lowrank.pipeline import CompressConfig, Compressor  # noqa: E402
+from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"

@@ -39,7 +39,10 @@ TARGET_GB = 8.0
 # ---------------------------------------------------------------- child: the CLI with phase timers
 def _child(cli_args: list[str], timings_path: str, cprofile: str | None) -> int:
     import onnx_lowrank.graph.loading as loading
-    import onnx_lowrank.pipeline as pl
+    import onnx_lowrank.compressor as pl
+    import onnx_lowrank.solve as sv
+    import onnx_lowrank.solver.layer as solver_layer
+    from onnx_lowrank.calibration.sampling import sample_key
     import onnx_lowrank.solver.reconstruction as rec
     from onnx_lowrank.calibration import sampling
 
@@ -65,26 +68,28 @@ def _child(cli_args: list[str], timings_path: str, cprofile: str | None) -> int:
 
     for owner, attr, key in [
         (pl, "load_model", "load"), (pl, "normalise", "normalise"), (pl, "infer_value_types", "shape inference"),
-        (pl, "_collect_original", "calibration pass (original model)"), (pl, "_choose_ranks", "rank selection"),
-        (pl, "_solve_asymmetric", "asymmetric total"), (sampling.Propagator, "transform", "propagation: transform"),
+        (pl, "collect_original", "calibration pass (original model)"), (pl, "choose_ranks", "rank selection"),
+        (sv, "_solve_asymmetric", "asymmetric total"), (sampling.Propagator, "transform", "propagation: transform"),
         (sampling.Propagator, "_sample", "propagation: sampling"), (sampling, "make_session", "ORT session creation"),
-        (pl, "nonlinear_reconstruction", "solver: nonlinear"), (pl, "linear_reconstruction", "solver: linear init"),
+        (solver_layer, "nonlinear_reconstruction", "solver: nonlinear"),
+        (solver_layer, "linear_reconstruction", "solver: linear init"),
         (rec, "_top_eigvecs", "solver: eigh (in fit)"), (pl, "rewrite_convs", "rewrite"), (pl, "_validate", "validate"),
         (loading, "save_model_atomic", "save"),
     ]:
         timed(owner, attr, key)
 
-    solve = pl._solve
+    solve = sv._solve
 
-    def solve_timed(p, original, approximated, cfg):
+    def solve_timed(p, original, approximated, cfg, plain=None):
         t0 = time.perf_counter()
-        solve(p, original, approximated, cfg)
+        solved = solve(p, original, approximated, cfg, plain)
         dt = time.perf_counter() - t0
         t["solve (all layers)"] += dt
         layers.append({"name": p.layer.name, "c": p.layer.in_channels, "d": p.layer.out_channels, "rank": p.rank,
-                       "rows": int(len(original.rows[pl.sample_key(p.layer.output, p.layer_id)])),
+                       "rows": int(len(original.rows[sample_key(p.layer.output, p.layer_id)])),
                        "seconds": round(dt, 2)})
-    pl._solve = solve_timed
+        return solved
+    sv._solve = solve_timed
 
     from onnx_lowrank.cli import main
 

@@ -13,7 +13,8 @@ Python API::
 
 from .api import compress
 from .errors import BudgetExceeded, LowRankError
-from .pipeline import CompressConfig, CompressionResult, Compressor
+from .compressor import CompressionResult, Compressor
+from .config import CompressConfig
 
 __all__ = ["compress", "Compressor", "CompressConfig", "CompressionResult", "LowRankError", "BudgetExceeded"]
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ from .errors import BudgetExceeded, LowRankError
 from .files import check_writable, json_default, write_together
 from .graph import loading
 from .graph.loading import model_writer
-from .pipeline import CompressConfig, CompressionResult, Compressor, _config, input_specs
+from .calibration.batching import input_specs
+from .compressor import CompressionResult, Compressor
+from .config import CompressConfig, with_overrides
 
 
 def compress(model, data, output: str | Path | None = None, config: CompressConfig | None = None, *,
@@ -51,7 +53,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     budget = _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto)
     if auto:
         overrides["speedup"] = None
-    cfg = _config(config, overrides)
+    cfg = with_overrides(config, overrides)
     if budget is not None:
         budget.preprocess = cfg.preprocess
     _check_outputs(model, output, report)
@@ -112,13 +114,13 @@ def _check_outputs(model, output, report) -> None:
             raise LowRankError("a report is written beside the model: give an output path too")
         return
     if isinstance(model, (str, Path)) and Path(output).resolve() == Path(model).resolve():
-        raise LowRankError("the output path is the input model: choose another (the input is never modified)")
+        raise LowRankError("--output is the input model: choose another path (the input is never modified)")
     if report is not None and Path(report).resolve() in (Path(output).resolve(),) + \
             ((Path(model).resolve(),) if isinstance(model, (str, Path)) else ()):
-        raise LowRankError("the report path would overwrite a model file: give it its own path, e.g. report.json")
-    check_writable(output, "output")
+        raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
+    check_writable(output, "--output")
     if report is not None:
-        check_writable(report, "report")
+        check_writable(report, "--report")
 
 
 def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:

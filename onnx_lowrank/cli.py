@@ -1,4 +1,4 @@
-"""The ``onnx-lowrank`` command line: a thin layer over :mod:`onnx_lowrank.pipeline` and :mod:`.measure`."""
+"""The ``onnx-lowrank`` command line: a thin layer over :mod:`onnx_lowrank.api` and :mod:`.measure`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 import click
 
 from . import progress
-from .calibration.damage import METRICS
+from .config import METHODS
+from .cli_options import (image_options as _image_options, objective_options as _objective_options,
+                          parse_ranks as _parse_ranks, parse_samples as _parse_samples,
+                          parse_schedule as _parse_schedule, preprocess as _preprocess,
+                          shapes_option as _shapes_option)
 from .errors import LowRankError
 from .files import json_default as _json_default
-from .solver.allocation import ALLOCATORS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -54,122 +57,6 @@ def main():
     """
 
 
-def _shapes_option(f):
-    return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-                        help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224 (repeatable).")(f)
-
-
-def _image_options(f):
-    opts = [
-        click.option("--image-size", metavar="HxW", help="Image folders: model input size when the model's is symbolic."),
-        click.option("--resize", type=int, metavar="PX", help="Image folders: resize the shorter side to PX, then centre-crop."),
-        click.option("--scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel multiplier."),
-        click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: subtracted after scaling."),
-        click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: divisor after the mean."),
-        click.option("--bgr", is_flag=True, help="Image folders: feed channels in BGR order (default RGB)."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default="NCHW",
-                     show_default=True, help="Image folders: tensor layout of the model input."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _preprocess(image_size, resize, scale, mean, std, bgr, layout):
-    from .calibration.inputs import ImagePreprocess
-
-    def floats(s, what):
-        try:
-            return tuple(float(v) for v in s.split(","))
-        except ValueError:
-            raise LowRankError(f"--{what} takes numbers separated by commas, not {s!r}") from None
-
-    size = None
-    if image_size:
-        try:
-            h, w = (int(v) for v in image_size.lower().split("x"))
-            size = (h, w)
-        except ValueError:
-            raise LowRankError(f"--image-size takes HxW, e.g. 224x224, not {image_size!r}") from None
-    return ImagePreprocess(size=size, resize=resize, scale=scale, mean=floats(mean, "mean"), std=floats(std, "std"),
-                           channel_order="BGR" if bgr else "RGB", layout=layout.upper())
-
-
-def _parse_schedule(spec: str) -> tuple:
-    try:
-        steps = tuple((int(k), float(lam)) for k, lam in (part.split(":") for part in spec.split(",") if part.strip()))
-    except ValueError:
-        raise LowRankError(f"--schedule takes ITERS:LAMBDA pairs separated by commas, e.g. 25:0.01,25:1, not {spec!r}") \
-            from None
-    if any(k < 0 or lam <= 0 for k, lam in steps):
-        raise LowRankError("--schedule needs iterations >= 0 and lambda > 0")
-    return steps
-
-
-def _parse_samples(spec: str) -> int | str:
-    if spec.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(spec)
-    except ValueError:
-        raise LowRankError(f"--samples-per-image takes a positive integer or 'auto', not {spec!r}") from None
-
-
-def _objective_options(f):
-    opts = [
-        click.option("--objective", type=click.Choice(["latency", "flops"]), default="latency", show_default=True,
-                     help="latency: --speedup is measured latency on this CPU (layers are timed on onnxruntime, "
-                          "cached); flops: --speedup is the FLOP reduction."),
-        click.option("--rank-multiple", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
-                     help="Ranks are multiples of N (onnxruntime's NCHWc block; 1 = any rank)."),
-        click.option("--latency-table", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-                     help="Latency objective: use this table of timings if it exists (same ranks, byte-identical "
-                          "output), else write the timings used to it."),
-        click.option("--scheme", type=click.Choice(["channel", "3d", "auto"]), default="channel", show_default=True,
-                     help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
-                          "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
-        click.option("--allocation", type=click.Choice(list(ALLOCATORS)), default="energy", show_default=True,
-                     help="How ranks are chosen within the budget: energy keeps the most response energy per layer; "
-                          "sensitivity measures each layer's damage to the outputs at each rank on held-back images "
-                          "(with the other layers approximated) and minimises the summed damage (a knapsack)."),
-        click.option("--damage-metric", type=click.Choice([*METRICS, "auto"]), default="auto", show_default=True,
-                     help="Sensitivity allocation: output damage as NMSE or KL divergence (auto: KL for probability "
-                          "outputs, else NMSE)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _parse_ranks(spec: str | None) -> dict[str, int]:
-    if not spec:
-        return {}
-    p = Path(spec)
-    if p.suffix == ".json" or p.is_file():
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            raise LowRankError(f"cannot read --ranks file {p}: {exc}") from None
-        if not isinstance(data, dict):
-            raise LowRankError(f"--ranks file {p} must hold a JSON object {{\"layer name\": rank}}")
-        items = data.items()
-    else:
-        items = []
-        for part in spec.split(","):
-            if "=" not in part:
-                raise LowRankError(f"bad --ranks entry {part!r}: write NAME=RANK,NAME=RANK or a JSON file")
-            name, r = part.rsplit("=", 1)
-            items.append((name.strip(), r.strip()))
-    ranks = {}
-    for name, r in items:
-        if isinstance(r, str) and r.strip().lstrip("+").isdigit():
-            r = int(r)
-        if not isinstance(r, int) or isinstance(r, bool):
-            raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
-        ranks[name] = r
-    return ranks
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--calib", "calib", metavar="DATA",
@@ -183,7 +70,7 @@ def _parse_ranks(spec: str | None) -> dict[str, int]:
                    "with --ranks].")
 @click.option("--ranks", metavar="NAME=R,...|FILE.json", help="Set ranks by hand (layer names as in `onnx-lowrank layers`).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching layers alone (glob on the name; repeatable).")
-@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS, reverse=True)), default="nonlinear", show_default=True,
               help="nonlinear: minimise the error after the activation (the paper); linear: PCA of the responses.")
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True,
               help="Fit each layer on inputs from the already-compressed layers before it, so errors do not pile up.")
@@ -231,18 +118,15 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     --min-agreement), a compression that breaks it exits with code 3 and writes nothing.
     """
     from .api import compress as run
+    from .config import CompressConfig
     from .errors import BudgetExceeded
-    from .files import check_writable
     from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig
     from .report import format_report
 
     progress.set_enabled(not quiet)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
-    if not model.exists():
-        raise LowRankError(f"model file not found: {model} (check the path)")
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -253,13 +137,6 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
         except ValueError:
             raise LowRankError(f"--speedup takes a number greater than 1 or 'auto', not {speedup!r}") from None
     output = output or model.with_name(model.stem + ".lowrank.onnx")
-    if output.resolve() == model.resolve():
-        raise LowRankError("--output is the input model: choose another path (the input is never modified)")
-    if report_path and report_path.resolve() in (model.resolve(), output.resolve()):
-        raise LowRankError("--report would overwrite a model file: give it its own path, e.g. report.json")
-    check_writable(output, "--output")
-    if report_path:
-        check_writable(report_path, "--report")
     shapes = parse_input_shapes(input_shapes)
     data = _synthetic(model, shapes, seed) if calib == "synthetic" else calib
     cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method,
@@ -285,6 +162,9 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
     from .measure import synthetic_feeds
 
+    if not model.exists():  # read here, before the API would say so
+        raise LowRankError(f"model file not found: {model} (check the path)")
+
     progress.log("warning: --calib synthetic uses random inputs: fine for latency, meaningless for accuracy")
     return [synthetic_feeds(str(model), batch=1, seed=seed + i, shape_overrides=shapes or None) for i in range(count)]
 
@@ -299,23 +179,18 @@ def layers(model, input_shapes):
     from .graph.layers import find_conv_layers
     from .graph.loading import infer_value_types, load_model, normalise, parse_input_shapes, with_input_shapes
 
+    from .report import format_layers
+
     norm = normalise(load_model(model))
     vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
-    rows = [("name", "c -> d", "kernel", "group", "output", "activation", "status")]
-    for lay in find_conv_layers(norm, vt) + find_dense_layers(norm, vt):
-        out = "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?"
-        rows.append((lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
-                     out, lay.target_description, lay.skip_reason or "candidate"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    click.echo(format_layers(find_conv_layers(norm, vt) + find_dense_layers(norm, vt)))
 
 
 def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):
     """Real inputs from --data (batched), or synthetic ones."""
     from .budget import evaluation_inputs
     from .graph.loading import load_model
-    from .pipeline import input_specs
+    from .calibration.batching import input_specs
 
     if data is None:
         from .measure import synthetic_feeds
@@ -345,7 +220,8 @@ def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, i
       onnx-lowrank bench model.onnx model.lowrank.onnx --threads 1 --runs 100
     """
     from .graph.loading import parse_input_shapes
-    from .measure import bench as run, format_bench
+    from .measure import bench as run
+    from .report import format_bench
 
     progress.set_enabled(not quiet and not as_json)
     for m in models:
@@ -374,7 +250,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     \b
       onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
     """
-    from .measure import evaluate, format_eval
+    from .measure import evaluate
+    from .report import format_eval
 
     progress.set_enabled(not quiet and not as_json)
     for m in (reference, candidate):
@@ -382,7 +259,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
             raise LowRankError(f"model file not found: {m} (check the path)")
     from .budget import evaluation_inputs
     from .graph.loading import load_model
-    from .pipeline import input_specs
+    from .calibration.batching import input_specs
 
     feeds, label_array = evaluation_inputs(input_specs(load_model(reference)), str(data), labels, batch, max_samples)
     res = evaluate(str(reference), str(candidate), feeds, labels=label_array, output=output_name,
@@ -396,7 +273,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--eval-data", required=True, metavar="DATA", help="Held-out inputs (.npz) to measure fidelity on.")
 @click.option("--labels", metavar="KEY", help="Label array in the --eval-data .npz: adds accuracy.")
 @click.option("--speedups", default="1.5,2,3,4,6", show_default=True, help="Comma-separated target speed-ups.")
-@click.option("--method", type=click.Choice(["nonlinear", "linear"]), default="nonlinear", show_default=True)
+@click.option("--method", type=click.Choice(sorted(METHODS, reverse=True)), default="nonlinear", show_default=True)
 @click.option("--asymmetric/--no-asymmetric", default=True, show_default=True)
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
               help="As for compress.")
@@ -421,7 +298,8 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     """
     from .files import check_writable, write_together
     from .graph.loading import parse_input_shapes
-    from .pipeline import CompressConfig
+    from .config import CompressConfig
+    from .report import format_sweep
     from .sweep import plot, sweep as run, write_csv
 
     progress.set_enabled(not quiet)
@@ -446,10 +324,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",
             "accuracy_candidate", "status"]
-    click.echo("  ".join(f"{c:>19}" for c in cols))
-    for r in rows:
-        click.echo("  ".join(f"{r[c]:>19.4g}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>19}"
-                             for c in cols))
+    click.echo(format_sweep(rows, cols))
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
 
 

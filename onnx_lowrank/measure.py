@@ -2,7 +2,7 @@
 
 ``bench`` times models on onnxruntime's CPU provider the way they will be deployed;
 ``evaluate`` compares a candidate against its reference on the same batches.
-Both are plain functions: the CLI formats their dicts with ``format_bench`` / ``format_eval``.
+Both are plain functions: the CLI prints their dicts with ``report.format_bench`` / ``report.format_eval``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from onnx_lowrank.calibration.runtime import ORT_ERRORS as _ORT_ERRORS
 from onnx_lowrank.calibration.runtime import one_line as _one_line
 from onnx_lowrank.errors import LowRankError
 
-__all__ = ["synthetic_feeds", "bench", "evaluate", "format_bench", "format_eval"]
+__all__ = ["synthetic_feeds", "bench", "evaluate"]
 
 _DTYPES: dict[str, type] = {
     "tensor(float)": np.float32,
@@ -450,70 +450,3 @@ def evaluate(
             result["accuracy_candidate"] = acc_c
             result["accuracy_drop_points"] = 100.0 * (acc_r - acc_c)
     return result
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Columns padded to width; the first ``left`` columns left-aligned (names), the rest right-aligned (numbers)."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            str(cell).ljust(w) if j < left else str(cell).rjust(w) for j, (cell, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-
-
-def format_bench(result: dict) -> str:
-    """Terminal table of a ``bench`` result, plus one per-op table per profiled model."""
-    threads = result.get("threads")
-    lines = [
-        f"threads: {threads if threads is not None else 'onnxruntime default'}   "
-        f"batch: {result.get('batch') if result.get('batch') is not None else '-'}"
-    ]
-    rows = [
-        [
-            m["path"],
-            f"{m['median_ms']:.3f}",
-            f"{m['min_ms']:.3f}",
-            f"{m['max_ms']:.3f}",
-            f"{m['mean_ms']:.3f}",
-            str(m["runs"]),
-            f"{s:.2f}x",
-        ]
-        for m, s in zip(result["models"], result["speedup"])
-    ]
-    lines += _table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup"], rows)
-    for m in result["models"]:
-        if "profile" not in m:
-            continue
-        lines += ["", f"profile: {m['path']} (per run)"]
-        prows = [
-            [p["op_type"], f"{p['total_ms']:.3f}", f"{p['percent']:.1f}", str(p["count"])] for p in m["profile"]
-        ]
-        lines += _table(["op type", "ms", "%", "count"], prows)
-    return "\n".join(lines)
-
-
-def format_eval(result: dict) -> str:
-    """Terminal key/value table of an ``evaluate`` result; classifier and accuracy rows only when present."""
-    rows = [
-        ["samples", str(result["samples"])],
-        ["output", str(result["output"])],
-        ["NMSE", f"{result['nmse']:.3e}"],
-        ["max |diff|", f"{result['max_abs_diff']:.3e}"],
-    ]
-    if "top1_agreement" in result:
-        rows += [
-            ["top-1 agreement", f"{100 * result['top1_agreement']:.2f} %"],
-            ["top-5 overlap", f"{100 * result['top5_overlap']:.2f} %"],
-            ["KL divergence", f"{result['kl_divergence']:.3e}"],
-        ]
-    if "accuracy_reference" in result:
-        rows += [
-            ["accuracy (reference)", f"{100 * result['accuracy_reference']:.2f} %"],
-            ["accuracy (candidate)", f"{100 * result['accuracy_candidate']:.2f} %"],
-            ["accuracy drop", f"{result['accuracy_drop_points']:.2f} points"],
-        ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,6 +1,101 @@
-"""The human-readable table printed at the end of ``compress`` (the JSON report is the dict itself)."""
+"""The report: built as a dict (the JSON report), printed as tables.
+
+:func:`table` is the one table printer: the compress report, ``layers``, ``bench``, ``eval`` and
+``sweep`` all print through it.
+"""
 
 from __future__ import annotations
+
+import math
+
+from .solver.allocation import ALLOCATORS, damage_at
+from .graph.dense import is_dense
+from .samples import held_back
+from .schemes import SCHEMES
+
+
+def table(header: list[str], rows: list[list], left: int = 1) -> list[str]:
+    """Columns padded to width; the first ``left`` columns left-aligned (names), the rest right-aligned (numbers)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells: list) -> str:
+        return "  ".join(
+            str(cell).ljust(w) if j < left else str(cell).rjust(w) for j, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: float, costs) -> dict:
+    """The JSON report of one compression (see README "The report")."""
+    total_before = sum(flops.values())
+    conv_before = sum(p.flops_before for p in plan if not is_dense(p.layer))
+    saved = sum(p.flops_before - p.flops_after for p in plan)
+    dense_before = sum(p.flops_before for p in plan if is_dense(p.layer))
+    dense_after = sum(p.flops_after for p in plan if is_dense(p.layer))
+    layers = []
+    for p in plan:
+        lay = p.layer
+        layers.append({
+            "name": lay.name,
+            "op": lay.op if is_dense(lay) else "Conv",
+            "in_channels": lay.in_channels,
+            "out_channels": lay.out_channels,
+            "kernel": list(lay.kernel),
+            "output_size": list(lay.out_shape[2:]) if lay.out_shape else None,
+            "group": lay.group,
+            "activation": lay.activation,
+            "activation_unknown": lay.activation_unknown,
+            "target": lay.target_description,
+            "status": p.status,
+            "reason": p.reason,
+            "rank": p.rank,
+            "break_even_rank": p.shape.break_even_rank() if p.candidate else None,
+            "flops_before": p.flops_before,
+            "flops_after": p.flops_after,
+            "latency_before_ms": p.latency_before,
+            "latency_after_ms": p.latency_after,
+            "energy_kept": p.energy_kept,
+            "method": p.method,
+            "scheme": p.scheme.name if p.rank is not None else None,
+            "asymmetric": p.asymmetric,
+            "note": p.note,
+            "rows": p.rows,
+            "rel_error_linear": p.rel_error_linear,
+            "rel_error": p.rel_error,
+            "damage": None if p.damage is None or p.rank is None else damage_at(p.damage, p.rank),
+            "damage_by_rank": p.damage,
+            "saving_by_rank": p.saving,
+        })
+    after = total_before - saved
+    conv_after = conv_before - saved + dense_before - dense_after
+    return {
+        "flops_before": total_before,
+        "flops_after": after,
+        "speedup_theoretical": total_before / after if after else math.inf,
+        "conv_flops_before": conv_before,
+        "conv_flops_after": conv_after,
+        "conv_speedup_theoretical": conv_before / conv_after if conv_after else math.inf,
+        # MatMul / Gemm layers with a constant weight (graph/dense.py)
+        "dense_flops_before": dense_before,
+        "dense_flops_after": dense_after,
+        "target_speedup": cfg.speedup,
+        "objective": cfg.objective,
+        "rank_multiple": cfg.rank_multiple,
+        **costs.report(plan, cfg),
+        "method": cfg.method,
+        "scheme": cfg.scheme,
+        "allocation": cfg.allocation,
+        "damage_metric": cfg.damage_metric if ALLOCATORS[cfg.allocation].needs_damage else None,
+        "asymmetric": cfg.asymmetric,
+        "balance": cfg.balance,
+        "calibration_images": images,
+        "held_back_images": held_back(images, cfg.holdout_every),
+        "samples_per_image": cfg.samples_per_image,
+        "seed": cfg.seed,
+        "seconds": round(seconds, 2),
+        "layers": layers,
+    }
 
 
 def _flops(v: float) -> str:
@@ -14,6 +109,11 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _scheme_label(name: str | None) -> str:
+    label = getattr(SCHEMES.get(name), "label", "")
+    return f"{label}, " if label else ""
+
+
 def format_report(report: dict) -> str:
     head = ("layer", "c -> d", "kernel", "out", "rank", "FLOPs before", "FLOPs after", "energy", "rows", "rel.err", "note")
     rows = []
@@ -21,18 +121,14 @@ def format_report(report: dict) -> str:
         out = "x".join(map(str, lay["output_size"])) if lay["output_size"] else "?"
         rank = str(lay["rank"]) if lay["rank"] is not None else "-"
         note = lay["reason"] if lay["status"] == "skipped" else \
-            ("3-D, " if lay.get("scheme") == "3d" else "") + \
+            _scheme_label(lay.get("scheme")) + \
             f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
             (f"; {lay['note']}" if lay.get("note") else "") + \
             (f"; damage {lay['damage']:.2g}" if lay.get("damage") is not None else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
                      _flops(lay["flops_after"]), _pct(lay["energy_kept"]), lay.get("rows") or "-", _pct(lay["rel_error"]), note))
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head) - 1)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1]]
-    lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 4)
-    for r in rows:
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    lines = table(list(head), rows, left=len(head))
     n_fact = sum(1 for lay in report["layers"] if lay["status"] == "factorised")
     lines.append("")
     lines.append(f"factorised {n_fact} of {len(report['layers'])} layers "
@@ -40,8 +136,9 @@ def format_report(report: dict) -> str:
                  f"{report['calibration_images']} calibration images, {report['seconds']:.1f} s)")
     lines.append(f"whole model: {_flops(report['flops_before'])} -> {_flops(report['flops_after'])} FLOPs "
                  f"per image, {report['speedup_theoretical']:.2f}x theoretical speed-up")
-    lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
-                 f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
+    if report["conv_flops_before"]:
+        lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
+                     f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
     lines.append(f"ranks      : {report.get('objective', 'flops')} objective, {report.get('allocation', 'energy')} "
                  f"allocation, multiples of {report.get('rank_multiple', 1)}"
                  + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
@@ -77,3 +174,72 @@ def format_report(report: dict) -> str:
         if "budget" in report:
             lines.append("budget: " + ("passed" if report["budget"]["passed"] else "BROKEN"))
     return "\n".join(lines)
+
+
+def format_bench(result: dict) -> str:
+    """Terminal table of a ``bench`` result, plus one per-op table per profiled model."""
+    threads = result.get("threads")
+    lines = [
+        f"threads: {threads if threads is not None else 'onnxruntime default'}   "
+        f"batch: {result.get('batch') if result.get('batch') is not None else '-'}"
+    ]
+    rows = [
+        [
+            m["path"],
+            f"{m['median_ms']:.3f}",
+            f"{m['min_ms']:.3f}",
+            f"{m['max_ms']:.3f}",
+            f"{m['mean_ms']:.3f}",
+            str(m["runs"]),
+            f"{s:.2f}x",
+        ]
+        for m, s in zip(result["models"], result["speedup"])
+    ]
+    lines += table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup"], rows)
+    for m in result["models"]:
+        if "profile" not in m:
+            continue
+        lines += ["", f"profile: {m['path']} (per run)"]
+        prows = [
+            [p["op_type"], f"{p['total_ms']:.3f}", f"{p['percent']:.1f}", str(p["count"])] for p in m["profile"]
+        ]
+        lines += table(["op type", "ms", "%", "count"], prows)
+    return "\n".join(lines)
+
+
+def format_eval(result: dict) -> str:
+    """Terminal key/value table of an ``evaluate`` result; classifier and accuracy rows only when present."""
+    rows = [
+        ["samples", str(result["samples"])],
+        ["output", str(result["output"])],
+        ["NMSE", f"{result['nmse']:.3e}"],
+        ["max |diff|", f"{result['max_abs_diff']:.3e}"],
+    ]
+    if "top1_agreement" in result:
+        rows += [
+            ["top-1 agreement", f"{100 * result['top1_agreement']:.2f} %"],
+            ["top-5 overlap", f"{100 * result['top5_overlap']:.2f} %"],
+            ["KL divergence", f"{result['kl_divergence']:.3e}"],
+        ]
+    if "accuracy_reference" in result:
+        rows += [
+            ["accuracy (reference)", f"{100 * result['accuracy_reference']:.2f} %"],
+            ["accuracy (candidate)", f"{100 * result['accuracy_candidate']:.2f} %"],
+            ["accuracy drop", f"{result['accuracy_drop_points']:.2f} points"],
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def format_layers(layers: list) -> str:
+    """The ``layers`` command: every Conv / MatMul / Gemm layer, and why some are skipped."""
+    rows = [[lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
+             "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?", lay.target_description,
+             lay.skip_reason or "candidate"] for lay in layers]
+    return "\n".join(table(["name", "c -> d", "kernel", "group", "output", "activation", "status"], rows, left=7))
+
+
+def format_sweep(rows: list[dict], columns: list[str]) -> str:
+    """The ``sweep`` command's rows, one per speed-up."""
+    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in columns] for r in rows]
+    return "\n".join(table(columns, cells, left=0))

@@ -13,7 +13,8 @@ import numpy as np
 from . import progress
 from .calibration.damage import DamageCache, held_back_feeds, measure_damage
 from .calibration.sampling import sample_key
-from .latency import cache_dir
+from .costs.table import cache_dir
+from .samples import split
 from .solver.activations import Activation
 from .solver.allocation import measured_ranks
 from .solver.candidates import candidate_fits
@@ -31,8 +32,6 @@ def measure_layer_damage(model, source, samples, plan, batch: int, limit, fixed_
 
     ``context``: {layer name: rank} the other layers hold while one is measured (see
     :func:`~onnx_lowrank.calibration.damage.measure_damage`); None: each layer alone."""
-    from .pipeline import _split  # the held-back split the report uses
-
     free = [p for p in plan if p.candidate]
     feeds = held_back_feeds(source.batches(batch, limit), cfg.holdout_every, cfg.damage_images, batch, fixed_batch)
     if not feeds:
@@ -56,7 +55,7 @@ def measure_layer_damage(model, source, samples, plan, batch: int, limit, fixed_
             continue
         at = (context or {}).get(p.layer.name)
         y_key = sample_key(p.layer.output, p.layer_id)
-        fit, held = _split(samples, y_key, cfg.holdout_every)
+        fit, held = split(samples, y_key, cfg.holdout_every)
         s = samples.rows[sample_key(p.layer.shortcut, p.layer_id)].astype(np.float64) if p.layer.shortcut else None
         act = Activation(p.layer.activation, dict(p.layer.activation_params))
         fits = candidate_fits(samples.rows[y_key], sorted(set(ranks) | ({at} if at else set())), act, fit, held,

@@ -12,7 +12,8 @@ from .budget import Budget, evaluate_against
 from .files import atomic_path
 from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
-from .pipeline import Compressor, input_specs
+from .calibration.batching import input_specs
+from .compressor import Compressor
 from .solver.ranks import RankSelectionError
 
 FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured", "latency_ms",

@@ -137,11 +137,11 @@ def test_write_failed_writes_then_raises(eval_npz, tmp_path):
     (dict(eval_data="EVAL", labels="nope", max_accuracy_drop=1), "'nope' is not an array"),
 ])
 def test_bad_budget_refused_before_calibration(eval_npz, tmp_path, monkeypatch, kwargs, words):
-    import onnx_lowrank.pipeline as pipeline
+    import onnx_lowrank.compressor as compressor
 
     def no_calibration(*args, **kw):
         raise AssertionError("calibrated before refusing")
-    monkeypatch.setattr(pipeline, "_collect_original", no_calibration)
+    monkeypatch.setattr(compressor, "collect_original", no_calibration)
     kwargs = {k: (str(eval_npz[0]) if v == "EVAL" else v) for k, v in kwargs.items()}
     with pytest.raises(LowRankError, match=words) as info:
         onnx_lowrank.compress(str(MODEL), str(CALIB), tmp_path / "m.onnx", **{**FAST, **kwargs})

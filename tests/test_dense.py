@@ -170,9 +170,14 @@ def test_nonlinear_beats_linear_after_gelu():
     assert errs["nonlinear"] < 0.9 * errs["linear"], errs
 
 
-def test_latency_objective_skips_dense_layers_with_reason():
-    with pytest.raises(LowRankError, match="MatMul / Gemm layers are compressed with --objective flops only"):
-        compress(gemm2d(), _data(20, [10]), speedup=None, ranks={"g1": 2}, objective="latency")
+def test_latency_objective_times_and_factorises_dense_layers(tmp_path):
+    """MatMul / Gemm layers are timed like Convs (alone, whole and as the dense scheme's chain)."""
+    res = compress(gemm2d(), _data(20, [10]), speedup=None, ranks={"g1": 2}, objective="latency", rank_multiple=1,
+                   latency_cache=str(tmp_path), latency_seconds=0.05, threads=1)
+    (g1,) = [lay for lay in res.report["layers"] if lay["name"] == "g1"]
+    assert g1["status"] == "factorised" and g1["rank"] == 2
+    assert g1["latency_before_ms"] > 0 and g1["latency_after_ms"] > 0
+    assert res.report["latency_original_ms"] > 0
 
 
 def test_cli_compress_mlp_deterministic(tmp_path):
@@ -205,7 +210,7 @@ def test_token_rows_are_sampled_on_the_last_axis():
     tensor and the positions sample_positions draws), for every image and layer id alike."""
     from onnx_lowrank.calibration.inputs import open_source
     from onnx_lowrank.calibration.sampling import SampledTensor, collect, sample_positions
-    from onnx_lowrank.pipeline import input_specs
+    from onnx_lowrank.calibration.batching import input_specs
 
     model = mlp3d()
     norm = normalise(model)

@@ -19,7 +19,11 @@ import pytest
 import onnx_lowrank
 from onnx_lowrank import latency
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.latency import LatencyTable, LayerSpec
+from onnx_lowrank.costs import table as latency_table
+from onnx_lowrank.costs.table import LatencyTable
+from onnx_lowrank.graph.rewrite import rewrite_convs
+from onnx_lowrank.graph.timing import DenseSpec, LayerSpec, layer_of
+from onnx_lowrank.schemes import CHANNEL, DENSE
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "mnist_vgg"
 MODEL, CALIB = DEMO / "mnist_vgg.onnx", DEMO / "calib.npz"
@@ -41,20 +45,22 @@ def test_layer_key_tells_every_field_apart():
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (0, 1, 1, 1), (1, 1)),
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (1, 1, 1, 1), (2, 2)),
                 LayerSpec(16, 32, 3, 3, 14, 14, (1, 1), (1, 1, 1, 1), (1, 1), "SAME_UPPER")]
+    dense = DenseSpec(16, 32, (14,))
+    variants += [dense, DenseSpec(16, 32, (15,)), DenseSpec(16, 32, (14,), bias=True), DenseSpec(16, 32, (14,), "Gemm")]
     keys = {base.key()} | {v.key() for v in variants}
     assert len(keys) == len(variants) + 1
-    assert LatencyTable.layer_key(base, 16) != LatencyTable.layer_key(base, 8)
+    assert LatencyTable.layer_key(base.key(), 16) != LatencyTable.layer_key(base.key(), 8)
 
 
 def test_environment_and_cache_location(monkeypatch, tmp_path):
-    env1, env2 = latency.environment(1), latency.environment(2)
+    env1, env2 = latency_table.environment(1), latency_table.environment(2)
     assert env1 != env2 and ort.__version__ in env1 and "threads=1" in env1
     monkeypatch.delenv("ONNX_LOWRANK_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert latency.cache_dir() == tmp_path / "xdg" / "onnx-lowrank"
+    assert latency_table.cache_dir() == tmp_path / "xdg" / "onnx-lowrank"
     monkeypatch.setenv("ONNX_LOWRANK_CACHE", str(tmp_path / "c"))
-    assert latency.cache_dir() == tmp_path / "c"
-    assert latency.cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert latency_table.cache_dir() == tmp_path / "c"
+    assert latency_table.cache_dir(tmp_path / "given") == tmp_path / "given"
 
 
 def test_cache_and_table_round_trip(tmp_path):
@@ -64,10 +70,10 @@ def test_cache_and_table_round_trip(tmp_path):
     back = LatencyTable.load(tmp_path / "t.json")
     assert back.env == "env A" and back.entries == t.entries
     # The cache is per environment, and merges rather than overwrites.
-    latency.save_cache(tmp_path / "cache", LatencyTable("env A", {"k": entry}))
-    latency.save_cache(tmp_path / "cache", LatencyTable("env A", {"k2": entry}))
-    assert set(latency.load_cache(tmp_path / "cache", "env A").entries) == {"k", "k2"}
-    assert latency.load_cache(tmp_path / "cache", "env B").entries == {}
+    latency_table.save_cache(tmp_path / "cache", LatencyTable("env A", {"k": entry}))
+    latency_table.save_cache(tmp_path / "cache", LatencyTable("env A", {"k2": entry}))
+    assert set(latency_table.load_cache(tmp_path / "cache", "env A").entries) == {"k", "k2"}
+    assert latency_table.load_cache(tmp_path / "cache", "env B").entries == {}
     (tmp_path / "bad.json").write_text("{\"format\": \"something else\"}")
     with pytest.raises(LowRankError):
         LatencyTable.load(tmp_path / "bad.json")
@@ -75,28 +81,40 @@ def test_cache_and_table_round_trip(tmp_path):
 
 def test_interpolation_between_timed_ranks_only():
     entry = {"original_ms": 2.0, "ranks_ms": {"16": 1.0, "48": 2.0}}
-    assert latency.interpolate(entry, [16, 32, 48, 64]) == {16: 1.0, 32: 1.5, 48: 2.0}
+    assert latency_table.interpolate(entry, [16, 32, 48, 64]) == {16: 1.0, 32: 1.5, 48: 2.0}
     assert latency.timed_ranks(list(range(16, 16 * 30 + 1, 16)), 8)[::7] == [16, 480]
     assert len(latency.timed_ranks(list(range(1, 100)), 8)) == 8
 
 
-def test_layer_models_compute_the_same_shape():
-    spec = LayerSpec(8, 16, 3, 3, 10, 12, (2, 2), (1, 1, 1, 1), (1, 1))
-    x = np.random.default_rng(0).random((1, 8, 10, 12), dtype=np.float32)
-    shapes = []
-    for r in (None, 4):
-        sess = ort.InferenceSession(latency.layer_model(spec, r).SerializeToString(), providers=["CPUExecutionProvider"])
-        (y,) = sess.run(None, {"x": x})
-        assert np.all(y >= 0)  # ReLU at the end
-        shapes.append(y.shape)
-    assert shapes == [(1, 16, 5, 6)] * 2
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("spec, scheme", [(LayerSpec(8, 16, 3, 3, 10, 12, (2, 2), (1, 1, 1, 1), (1, 1)), CHANNEL),
+                                          (DenseSpec(8, 16, (5,), bias=True), DENSE), (DenseSpec(8, 16, (), "Gemm"), DENSE)])
+def test_layer_models_compute_the_same_shape(spec, scheme):
+    """The one-layer model and its factorised version (the scheme's stand-in chain) agree in shape; the
+    layer found in the one-layer model is the spec's."""
+    base = spec.model()
+    lay = layer_of(base)
+    assert (lay.in_channels, lay.out_channels) == (spec.c, spec.d)
+    x = np.random.default_rng(0).random(spec.input_shape, dtype=np.float32)
+    ys = [_run(m, x) for m in (base, rewrite_convs(base, {lay.name: scheme.stand_in(lay, 4)}))]
+    assert ys[0].shape == ys[1].shape
+    if isinstance(spec, LayerSpec):
+        assert ys[0].shape == (1, 16, 5, 6) and np.all(ys[1] >= 0)  # ReLU at the end
+    else:
+        assert ys[0].shape == (*spec.input_shape[:-1], 16)
 
 
 def test_timing_is_positive_and_a_tiny_rank_is_faster_on_a_big_layer():
-    spec = LayerSpec(256, 256, 3, 3, 28, 28, (1, 1), (1, 1, 1, 1), (1, 1))
-    t = latency.time_layer(spec, [16], threads=1, seconds=0.5)
-    assert t["original_ms"] > 0 and t["ranks_ms"]["16"] > 0
-    assert t["ranks_ms"]["16"] < t["original_ms"]  # 14x fewer FLOPs
+    from onnx_lowrank.costs.latency import _timed
+
+    for spec, scheme in [(LayerSpec(256, 256, 3, 3, 28, 28, (1, 1), (1, 1, 1, 1), (1, 1)), CHANNEL),
+                         (DenseSpec(1024, 1024, (128,), bias=True), DENSE)]:
+        t = _timed(spec, scheme, [16], threads=1, seconds=0.5)
+        assert t["original_ms"] > 0 and t["ranks_ms"]["16"] > 0
+        assert t["ranks_ms"]["16"] < t["original_ms"]  # 14x (Conv) and 32x (MatMul) fewer FLOPs
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +251,7 @@ def _compress_with(fresh, speedup):
 def test_whole_model_check_corrects_the_layer_table(table, tmp_path, monkeypatch):
     """If layers save only 70 % of their timed savings inside the model, the first choice falls short of the
     target; the check must notice and choose again until the (stand-in) whole model reaches it."""
-    from onnx_lowrank.pipeline import Compressor
+    from onnx_lowrank.compressor import Compressor
 
     fresh, in_model_speedup = _fake_whole_model(table, tmp_path, 0.7)
     monkeypatch.setattr(Compressor, "_stand_in_speedup", lambda self, ranks, cfg: in_model_speedup(ranks))
@@ -263,7 +281,7 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
     """The table says the target is out of reach; the whole model decides: reachable when layers save more
     inside it (factor 1.2), a one-line error with the measured maximum when they do not (factor 1)."""
     from onnx_lowrank.errors import LowRankError
-    from onnx_lowrank.pipeline import Compressor
+    from onnx_lowrank.compressor import Compressor
 
     path, rep0 = table
     table_max = json.loads(path.read_text())  # only to find a target the table cannot reach
@@ -289,7 +307,7 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
 def test_next_request_scales_then_interpolates_between_checks():
     """Hand-derived: before a bracket the request is scaled by wanted / measured saving; with one check
     on each side of the target it is interpolated linearly between the closest two."""
-    from onnx_lowrank.pipeline import _next_request
+    from onnx_lowrank.costs.latency import _next_request
 
     one = [{"request": 10.0, "measured": 5.0}]
     assert _next_request(one, want=8.0, saving=10.0, measured_saving=5.0) == pytest.approx(16.0)
@@ -301,9 +319,9 @@ def test_next_request_scales_then_interpolates_between_checks():
 
 
 def test_one_calibration_serves_both_objectives(table):
-    """The demo's classifier Gemm is a layer only under the FLOP objective: a Compressor made for the
-    latency objective samples it too, so run(objective="flops") can factorise it without recalibrating."""
-    from onnx_lowrank.pipeline import CompressConfig, Compressor
+    """A Compressor made for the latency objective also serves run(objective="flops") without recalibrating.
+    The demo's classifier Gemm (break-even rank 9) is kept: below the rank multiple 16."""
+    from onnx_lowrank.compressor import CompressConfig, Compressor
 
     path, _ = table
     comp = Compressor(str(MODEL), str(CALIB), CompressConfig(latency_table=str(path), threads=1, max_images=40,

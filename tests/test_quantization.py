@@ -16,7 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
-import onnx_lowrank.pipeline as pipeline
+import onnx_lowrank.solve as solve
+from onnx_lowrank.compressor import Compressor
+from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.solver.balance import Balanced, balance
 from onnx_lowrank.solver.reconstruction import Factorisation
 
@@ -71,7 +73,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def compressor():
-    return pipeline.Compressor(str(MODEL), str(CALIB), pipeline.CompressConfig(objective="flops", rank_multiple=1))
+    return Compressor(str(MODEL), str(CALIB), CompressConfig(objective="flops", rank_multiple=1))
 
 
 def _accuracies(model, tmp, name, data):
@@ -91,9 +93,9 @@ def test_int8_of_the_balanced_4x_model_within_0_3_points(compressor, data, tmp_p
 
 
 def test_skewed_factorisation_breaks_int8_unless_balanced(compressor, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "balance", lambda f, yh: Balanced(_skew(f), np.zeros(f.rank)))
+    monkeypatch.setattr(solve, "balance", lambda f, yh: Balanced(_skew(f), np.zeros(f.rank)))
     skewed = compressor.run(speedup=4.0, method="linear").model
-    monkeypatch.setattr(pipeline, "balance", lambda f, yh: balance(_skew(f), yh))
+    monkeypatch.setattr(solve, "balance", lambda f, yh: balance(_skew(f), yh))
     rebalanced = compressor.run(speedup=4.0, method="linear").model
     monkeypatch.undo()
     plain = compressor.run(speedup=4.0, method="linear").model

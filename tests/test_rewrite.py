@@ -17,7 +17,8 @@ import onnx_lowrank
 from onnx_lowrank.graph.layers import find_conv_layers
 from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
 from onnx_lowrank.graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
-from onnx_lowrank.pipeline import LayerPlan, _stages
+from onnx_lowrank.plan import LayerPlan
+from onnx_lowrank.schemes import CHANNEL
 from onnx_lowrank.solver.reconstruction import Factorisation
 
 from builders import conv_chain, run
@@ -169,8 +170,8 @@ def test_full_rank_orthogonal_factorisation_is_identity(cfg):
         d = lay.out_channels
         q = _random_orthogonal(rng, d)
         # M = Q Q^T = I, but both new Convs have every channel mixed.
-        plan = LayerPlan(lay, i, rank=d, factorisation=Factorisation(q, q, np.zeros(d)))
-        replacements[lay.name] = _stages(plan)
+        plan = LayerPlan(lay, i, CHANNEL, rank=d, factorisation=Factorisation(q, q, np.zeros(d)))
+        replacements[lay.name] = plan.stages()
     new = rewrite_convs(norm, replacements)
     onnx.checker.check_model(new, full_check=True)
     convs = [n for n in new.graph.node if n.op_type == "Conv"]
@@ -181,7 +182,7 @@ def test_full_rank_orthogonal_factorisation_is_identity(cfg):
 
 
 def test_stage_attrs_built_by_hand_match_original():
-    """Replicate the pipeline's stages with the public pieces (no LayerPlan): same result."""
+    """Replicate the plan's stages with the public pieces (no LayerPlan): same result."""
     cfg = dict(c=4, d=8, k=(3, 3), hw=(11, 10), strides=[2, 2], pads=[0, 1, 2, 1], dil=[1, 2])
     model, feed, _ = _conv_model(cfg, seed=3)
     expected = run(model, feed)[0]
@@ -215,8 +216,8 @@ def test_low_rank_chain_outputs_M_y_plus_b(cfg, rank):
     d = lay.out_channels
     rng = np.random.default_rng(rank)
     P, Q, b = rng.standard_normal((d, rank)), rng.standard_normal((d, rank)), rng.standard_normal(d)
-    plan = LayerPlan(lay, 0, rank=rank, factorisation=Factorisation(P, Q, b))
-    new = rewrite_convs(norm, {lay.name: _stages(plan)})
+    plan = LayerPlan(lay, 0, CHANNEL, rank=rank, factorisation=Factorisation(P, Q, b))
+    new = rewrite_convs(norm, {lay.name: plan.stages()})
     onnx.checker.check_model(new, full_check=True)
     final, got = run(_expose(new, [conv_out]), feed)
     want = np.einsum("de,nehw->ndhw", P @ Q.T, y) + b[None, :, None, None]
@@ -256,7 +257,7 @@ def test_rewrite_keeps_shared_input_and_other_consumers():
     expected = run(model, feed)
     norm, (lay,) = _layers(model, feed)
     q = _random_orthogonal(rng, 6)
-    new = rewrite_convs(norm, {"conv": _stages(LayerPlan(lay, 0, rank=6, factorisation=Factorisation(q, q, np.zeros(6))))})
+    new = rewrite_convs(norm, {"conv": LayerPlan(lay, 0, CHANNEL, rank=6, factorisation=Factorisation(q, q, np.zeros(6))).stages()})
     assert [o.name for o in new.graph.output] == ["output", "y"]
     got = run(new, feed)
     for g, e in zip(got, expected):

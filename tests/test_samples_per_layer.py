@@ -14,7 +14,9 @@ import pytest
 
 from builders import conv_chain
 
-from onnx_lowrank import pipeline
+from onnx_lowrank import samples
+from onnx_lowrank.compressor import Compressor
+from onnx_lowrank.config import CompressConfig
 
 WIDTHS = [4, 8, 64, 16]       # output channels d = 8, 64, 16
 POSITIONS = 36
@@ -27,13 +29,13 @@ def _data(n, seed=0):
 
 def _rows(n_images, **cfg):
     model = conv_chain(WIDTHS, size=6, seed=2, lowrank_bias=4)
-    comp = pipeline.Compressor(model, _data(n_images), pipeline.CompressConfig(**FAST, **cfg))
+    comp = Compressor(model, _data(n_images), CompressConfig(**FAST, **cfg))
     report = comp.run().report
     return {lay["name"]: lay["rows"] for lay in report["layers"]}, comp, report
 
 
 def test_auto_reaches_rows_per_channel_or_all_positions():
-    m = pipeline.ROWS_PER_CHANNEL
+    m = samples.ROWS_PER_CHANNEL
     rows, _, report = _rows(10)
     assert report["samples_per_image"] == "auto"
     for name, d in zip(["conv0", "conv1", "conv2"], WIDTHS[1:]):
@@ -47,7 +49,7 @@ def test_auto_reaches_rows_per_channel_or_all_positions():
 
 def test_auto_never_below_the_old_floor():
     rows, _, _ = _rows(40)                    # 32 fitted images: 16 x 8 rows would need only 4 per image
-    assert rows["conv0"] == 32 * pipeline.MIN_SAMPLES_PER_IMAGE
+    assert rows["conv0"] == 32 * samples.MIN_SAMPLES_PER_IMAGE
 
 
 @pytest.mark.parametrize("n, per_image", [(3, 3), (100, POSITIONS)])
@@ -89,5 +91,5 @@ def test_cli_help_states_the_auto_rule():
     from onnx_lowrank.cli import main
 
     text = " ".join(CliRunner().invoke(main, ["compress", "--help"]).output.split())
-    assert f"at least {pipeline.ROWS_PER_CHANNEL} fitted rows per output channel" in text
-    assert f"never fewer than {pipeline.MIN_SAMPLES_PER_IMAGE}" in text
+    assert f"at least {samples.ROWS_PER_CHANNEL} fitted rows per output channel" in text
+    assert f"never fewer than {samples.MIN_SAMPLES_PER_IMAGE}" in text

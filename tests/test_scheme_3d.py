@@ -199,19 +199,20 @@ def test_cli_scheme_option(tmp_path, monkeypatch):
 
 
 def test_latency_layer_model_of_the_3d_chain():
-    """The timed 3-D chain has the three kernels and the original's output shape (stride, pads, dilation)."""
+    """The timed 3-D chain (the scheme's stand-in in the one-layer model) has the three kernels and the
+    original's output shape (stride, pads, dilation); its timing key differs from the pair's."""
     import onnxruntime as ort
 
-    from onnx_lowrank import latency
-    from onnx_lowrank.latency import LayerSpec
+    from onnx_lowrank.graph.timing import LayerSpec, layer_of
 
-    spec = LayerSpec(8, 16, 3, 5, 13, 12, (2, 1), (0, 2, 1, 1), (1, 2), scheme="3d")
-    assert spec.key() != LayerSpec(8, 16, 3, 5, 13, 12, (2, 1), (0, 2, 1, 1), (1, 2)).key()
+    spec = LayerSpec(8, 16, 3, 5, 13, 12, (2, 1), (0, 2, 1, 1), (1, 2))
+    assert SCHEMES["3d"].timing_tag != SCHEMES["channel"].timing_tag
     x = np.random.default_rng(0).random((1, 8, 13, 12), dtype=np.float32)
-    outs = []
-    for r in (None, 4):
-        m = latency.layer_model(spec, r)
-        outs.append(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    base = spec.model()
+    lay = layer_of(base)
+    m = rewrite_convs(base, {lay.name: SCHEMES["3d"].stand_in(lay, 4)})
+    outs = [ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for mm in (base, m)]
     kernels = [list(helper.get_attribute_value(a)) for n in m.graph.node if n.op_type == "Conv"
                for a in n.attribute if a.name == "kernel_shape"]
     assert kernels == [[3, 1], [1, 5], [1, 1]]

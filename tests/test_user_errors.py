@@ -121,7 +121,7 @@ def stages(monkeypatch):
     """Names of the stages of work that ran: "load" (the model), "calibration", "evaluation"."""
     import onnx_lowrank.graph.loading as loading
     import onnx_lowrank.measure as measure
-    import onnx_lowrank.pipeline as pipeline
+    import onnx_lowrank.compressor as compressor
     import onnx_lowrank.sweep as sweep
 
     ran = []
@@ -135,9 +135,9 @@ def stages(monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
 
     spy(loading, "load_model", "load")
-    spy(pipeline, "load_model", "load")
+    spy(compressor, "load_model", "load")
     spy(sweep, "load_model", "load")
-    spy(pipeline, "_collect_original", "calibration")
+    spy(compressor, "collect_original", "calibration")
     spy(measure, "evaluate", "evaluation")
     return ran
 

@@ -34,6 +34,13 @@ class Scheme:
 
     #: Name used by ``--scheme`` and in the report.
     name = ""
+    #: Shown before a factorised layer's note in the printed report ("" for the plain pair).
+    label = ""
+
+    @property
+    def timing_tag(self) -> str:
+        """Appended to a layer's timing key: its chain is timed apart from other schemes'."""
+        return f"_{self.name}"
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         """Why this scheme cannot take the layer (None: it can). Called on layers the graph code accepts."""
@@ -83,6 +90,7 @@ class ChannelScheme(Scheme):
     """k x k Conv c -> d' then 1 x 1 Conv d' -> d (Zhang et al., method.md section 1)."""
 
     name = "channel"
+    timing_tag = ""  # the first scheme: its timings were stored before there were others
 
     def shape(self, layer: ConvLayer) -> ConvShape:
         return ConvShape(layer.in_channels, layer.out_channels, layer.kernel[0], layer.kernel[1], layer.positions)

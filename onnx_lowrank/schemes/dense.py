@@ -19,6 +19,7 @@ from .base import Scheme
 
 class DenseScheme(Scheme):
     name = "dense"
+    timing_tag = ""  # MatMul / Gemm timing keys are apart already
 
     def shape(self, layer: DenseLayer) -> ConvShape:
         return ConvShape(layer.in_channels, layer.out_channels, 1, 1, layer.positions)

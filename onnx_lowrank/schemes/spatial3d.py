@@ -47,6 +47,7 @@ def _input_width(layer: ConvLayer, pads: list[int]) -> int:
 
 class ThreeDScheme(Scheme):
     name = "3d"
+    label = "3-D"
 
     def skip_reason(self, layer: ConvLayer) -> str | None:
         if len(layer.kernel) != 2 or min(layer.kernel) < 2:

@@ -246,4 +246,9 @@ def measured_ranks(candidates: list[int], most: int) -> list[int]:
     return [candidates[i] for i in pos]
 
 
+def damage_rows(free: list, damage: dict[str, dict[int, float]] | None) -> list[dict[int, float]] | None:
+    """Each plan's damage table, in order (None without tables; a layer never measured: no damage)."""
+    return None if damage is None else [damage.get(p.layer.name) or {0: 0.0} for p in free]
+
+
 ALLOCATORS: dict[str, Allocator] = {a.name: a for a in (EnergyAllocator(), SensitivityAllocator())}

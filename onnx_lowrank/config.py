@@ -1,0 +1,121 @@
+"""Every knob of a compression (:class:`CompressConfig`) and its validation.
+
+The choices of ``--objective`` and ``--scheme`` are the keys of their registries (costs/ and
+schemes/), so adding a cost model or a scheme adds its option value here without an edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .calibration.damage import METRICS
+from .calibration.inputs import ImagePreprocess
+from .costs import COST_MODELS
+from .errors import LowRankError
+from .schemes import SCHEME_CHOICES
+from .solver.allocation import ALLOCATORS
+from .solver.candidates import FITS
+
+METHODS = ("linear", "nonlinear")
+DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
+
+
+@dataclass
+class CompressConfig:
+    """Every knob of :func:`~onnx_lowrank.api.compress`; the CLI options map one to one onto these fields."""
+
+    speedup: float | None = 2.0
+    ranks: dict[str, int] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    method: str = "nonlinear"
+    asymmetric: bool = True
+    samples_per_image: int | str = "auto"
+    max_images: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    schedule: tuple = DEFAULT_SCHEDULE
+    holdout_every: int = 5
+    threads: int | None = None
+    cache_dir: str | None = None
+    preprocess: ImagePreprocess | None = None
+    balance: bool = True
+    #: What --speedup counts: a key of costs.COST_MODELS ("latency": measured on onnxruntime; "flops": FLOPs).
+    objective: str = "latency"
+    #: Chosen ranks are multiples of this (onnxruntime's NCHWc block); 1 = any rank.
+    rank_multiple: int = 16
+    #: A latency table file: used if it exists (every timing must be in it), else written.
+    latency_table: str | None = None
+    #: Where measured layer timings are cached (default: $ONNX_LOWRANK_CACHE or ~/.cache/onnx-lowrank).
+    latency_cache: str | None = None
+    #: Seconds of timing per layer (all its candidate ranks together).
+    latency_seconds: float = 1.0
+    #: A key of schemes.SCHEME_CHOICES: "channel" (k x k then 1 x 1), "3d" (k x 1, 1 x k, 1 x 1; layers it
+    #: cannot split keep the channel pair) or "auto" (3-D ranks, then per layer whichever of 3-D and the
+    #: pair at equal FLOPs fits the held-back images better).
+    scheme: str = "channel"
+    #: How ranks are chosen within the budget (solver/allocation.py ALLOCATORS): "energy" keeps the most
+    #: response energy (method.md section 5); "sensitivity" least summed measured damage to the outputs.
+    allocation: str = "energy"
+    #: The damage measure of "sensitivity" (calibration/damage.py METRICS): "nmse", "kl" or "auto" (KL for
+    #: probability outputs, else NMSE).
+    damage_metric: str = "auto"
+    #: How each candidate rank is fitted to measure its damage: "linear" (PCA) or "nonlinear" (the real fit).
+    damage_fit: str = "linear"
+    #: Held-back images the damage is measured on (at most).
+    damage_images: int = 64
+    #: Sensitivity passes: the first measures each layer with the others at the energy allocation's ranks,
+    #: each further pass with the others at the previous pass's choice (0: each layer alone, unchanged others).
+    damage_passes: int = 1
+
+
+def with_overrides(config: CompressConfig | None, overrides: dict) -> CompressConfig:
+    """A checked copy of ``config`` (or the defaults) with some fields set."""
+    cfg = replace(config) if config else CompressConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown option {k!r}")
+        setattr(cfg, k, v)
+    check_config(cfg)
+    return cfg
+
+
+def _one_of(option: str, value, choices) -> None:
+    if value not in choices:
+        raise LowRankError(f"--{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def check_config(cfg: CompressConfig) -> None:
+    _one_of("method", cfg.method, METHODS)
+    if cfg.speedup is not None and not (isinstance(cfg.speedup, (int, float)) and cfg.speedup > 1.0):
+        raise LowRankError(f"--speedup must be a number greater than 1 (got {cfg.speedup}); "
+                           "2 means twice as fast, or half the FLOPs with --objective flops")
+    k = cfg.samples_per_image
+    if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        raise LowRankError(f"--samples-per-image must be 'auto' or an integer of at least 1, not {k!r}")
+    _one_of("scheme", cfg.scheme, SCHEME_CHOICES)
+    choice = SCHEME_CHOICES[cfg.scheme]
+    if choice.objective is not None and cfg.objective != choice.objective:
+        raise LowRankError(f"--scheme {cfg.scheme} needs --objective {choice.objective} ({choice.why_objective})")
+    _one_of("objective", cfg.objective, COST_MODELS)
+    _one_of("allocation", cfg.allocation, ALLOCATORS)
+    _one_of("damage-metric", cfg.damage_metric, (*METRICS, "auto"))
+    _one_of("damage-fit", cfg.damage_fit, FITS)
+    for name in ("damage_images", "damage_passes"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "damage_images" else 0):
+            raise LowRankError(f"{name} must be an integer of at least {1 if name == 'damage_images' else 0}, "
+                               f"not {v!r}")
+    if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
+        raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
+    if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):
+        raise LowRankError(f"latency_seconds must be positive, not {cfg.latency_seconds!r}")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        raise LowRankError("--max-images must be at least 1")
+    if cfg.batch_size < 1:
+        raise LowRankError("--batch-size must be at least 1")
+    if cfg.seed < 0:
+        raise LowRankError(f"--seed must be 0 or more, not {cfg.seed}")
+    for name, r in cfg.ranks.items():
+        if not isinstance(r, int) or r < 1:
+            raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
