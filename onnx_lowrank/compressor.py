@@ -53,7 +53,8 @@ class Compressor:
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
-                  "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes")
+                  "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
+                  "safety_net")
 
     def __init__(self, model, data, config: CompressConfig | None = None):
         cfg = self.config = config or CompressConfig()

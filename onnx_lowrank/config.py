@@ -67,6 +67,9 @@ class CompressConfig:
     #: Sensitivity passes: the first measures each layer with the others at the energy allocation's ranks,
     #: each further pass with the others at the previous pass's choice (0: each layer alone, unchanged others).
     damage_passes: int = 1
+    #: A layer whose nonlinear or asymmetric fit is worse on the held-back images than the linear (or the
+    #: symmetric linear) fit keeps the better one, and its note says so.
+    safety_net: bool = True
 
 
 def with_overrides(config: CompressConfig | None, overrides: dict) -> CompressConfig:

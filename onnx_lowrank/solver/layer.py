@@ -26,8 +26,10 @@ class LayerSolution:
 
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
-                method: str = "nonlinear", schedule=None) -> LayerSolution:
+                method: str = "nonlinear", schedule=None, safety_net: bool = True) -> LayerSolution:
     """Fit ``act(P Q^T yhat + b + shat) ~ act(y + s)`` on the ``fit`` rows.
+
+    ``safety_net``: keep the linear (or the symmetric linear) fit where it is better on the ``held`` rows.
 
     ``y``, ``s``: the original model's pre-activation response and shortcut (targets); ``yh``, ``sh``:
     what the compressed model feeds the channel step (``None``: symmetric, the originals). ``fit`` /
@@ -60,11 +62,11 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     rel_lin = err(lin) if used == "nonlinear" else rel
     # Safety net: on held-back rows the nonlinear (or asymmetric) fit can lose to a simpler one when it
     # overfits the fitted rows (few rows per channel, e.g. MiniLM's feed-forward layers): keep the better.
-    simpler = [(rel_lin, lin, "linear", "the nonlinear fit")] if used == "nonlinear" else []
-    if asym:
+    simpler = [(rel_lin, lin, "linear", "the nonlinear fit")] if used == "nonlinear" and safety_net else []
+    if asym and safety_net:
         sym = linear_reconstruction(lin_target[fit], rank)
-        simpler.append((err(sym), sym, "linear", "the asymmetric fit" if used == "linear" else "the fits on "
-                        "the approximated inputs"))
+        simpler.append((err(sym), sym, "linear", "the asymmetric fit" if used == "linear" else "the nonlinear "
+                        "fit on the approximated inputs"))
     note = ""
     for e, fz, how, what in simpler:
         if rel is not None and e is not None and e < rel:
