@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--rank-multiple", type=int, default=16)
     ap.add_argument("--damage-passes", type=int, default=1)
+    ap.add_argument("--damage-fit", default="linear", choices=["linear", "nonlinear"])
+    ap.add_argument("--damage-metric", default="auto", choices=["auto", "nmse", "kl"])
     args = ap.parse_args()
     demo = args.model == "demo"
     speedup = args.speedup or (4.0 if demo else 1.5)
@@ -97,7 +99,8 @@ def main() -> None:
     rows, paths = [], {"original": model}
     for alloc in ALLOCATIONS:
         t0 = time.perf_counter()
-        res = comp.run(speedup=speedup, allocation=alloc, damage_passes=args.damage_passes)
+        res = comp.run(speedup=speedup, allocation=alloc, damage_passes=args.damage_passes,
+                       damage_fit=args.damage_fit, damage_metric=args.damage_metric)
         seconds = time.perf_counter() - t0
         path = cache / f"{args.model}.{objective}.{speedup:g}x.{alloc}.onnx"
         save_model_atomic(res.model, path)
@@ -133,7 +136,8 @@ def write(args, rows, what, speedup, objective, setup_s, lat) -> None:
           r["compress_s"], len(r["ranks"])] for r in rows])
     md = common.header(f"Allocation: energy vs sensitivity, {args.model}, {speedup:g}x {objective}")
     md += (f"- {args.calib if args.model != 'demo' else 500} calibration inputs, --threads {args.threads}, "
-           f"--rank-multiple {args.rank_multiple}, damage passes {args.damage_passes}; setup (calibration, "
+           f"--rank-multiple {args.rank_multiple}, damage: {args.damage_fit} fits, metric {args.damage_metric}, "
+           f"{args.damage_passes} pass(es); setup (calibration, "
            f"latency tables) {setup_s:.0f}s; original {lat['original']['median_ms']:.2f} ms median "
            f"({args.runs} interleaved runs, machine shared with other jobs)\n\n")
     md += table + "\n\n"
