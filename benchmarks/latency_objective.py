@@ -149,7 +149,7 @@ def _write(rows, args, runs):
         f"Variants: objective/rank multiple. Speed-ups are medians of {runs} interleaved rounds (original and "
         "the three variants timed together, batch 1, `measure.bench`). table = the latency objective's "
         "prediction from the timed layers alone (measured original minus the per-layer savings); predicted = "
-        "the whole-model check of the ranks kept (stand-in weights, see `pipeline._latency_ranks`; checks = "
+        "the whole-model check of the ranks kept (stand-in weights, see `costs/latency.py`; checks = "
         "how many were run); errors = predicted / measured compressed latency - 1. Light models: synthetic calibration, linear solver "
         "(random weights: fidelity meaningless).\n\n"
         + markdown_table(["model", "threads", "target", "variant", "FLOPs x", "table x", "predicted x", "measured x",

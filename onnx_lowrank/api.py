@@ -26,7 +26,8 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
              eval_data=None, labels: str | None = None, max_accuracy_drop: float | None = None,
              min_agreement: float | None = None, eval_output: str | None = None, write_failed: bool = False,
              report: str | Path | None = None, measure: bool = False,
-             on_result: Callable[[CompressionResult], None] | None = None, **overrides) -> CompressionResult:
+             on_result: Callable[[CompressionResult], None] | None = None, samples=None, shards: int | None = None,
+             executor: str = "local", workers: int | None = None, **overrides) -> CompressionResult:
     """Compress ``model`` (path or ModelProto) with calibration ``data``; write ``output`` (and ``report``) if given.
 
     ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed dicts
@@ -42,6 +43,11 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     speed-up within the budget (``report["search"]`` lists the tries). ``measure`` times the
     original and compressed models into the report. ``on_result`` is called with the result
     before anything is written (the CLI prints its table there).
+
+    ``samples``: paths of samples files from ``onnx-lowrank calibrate`` (one whole calibration, or all
+    parts of a sharded one, merged) used instead of a calibration pass; ``data`` is still read by the
+    asymmetric pass. ``shards``: calibrate in that many image ranges on ``executor`` ("local" worker
+    processes or "ray" tasks, ``workers`` at a time); the result is the same as in one process.
 
     Everything that can be checked is checked before calibration: budget values, output paths,
     the evaluation data and labels.
@@ -61,7 +67,15 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     if budget:   # the evaluation data and the output it is compared on, checked before any work
         budget.check_model(source_model)
         budget.inputs(input_specs(source_model))
-    compressor = Compressor(source_model, data, cfg)
+    if samples is not None:
+        from .calibration.samples import load_parts
+
+        samples = load_parts([samples] if isinstance(samples, (str, Path)) else list(samples))
+    elif shards is not None and shards > 1:
+        from .shards import calibrate
+
+        samples = calibrate(source_model, data, cfg, shards, executor, workers)
+    compressor = Compressor(source_model, data, cfg, samples=samples)
     broken = None
     if auto:
         result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)

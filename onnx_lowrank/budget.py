@@ -16,7 +16,7 @@ import numpy as np
 from . import progress
 from .calibration.inputs import load_npz, open_source
 from .errors import BudgetExceeded, LowRankError
-from .measure import evaluate
+from .fidelity import evaluate
 from .solver.ranks import RankSelectionError
 
 

@@ -11,10 +11,11 @@ import click
 
 from . import progress
 from .config import METHODS
-from .cli_options import (image_options as _image_options, objective_options as _objective_options,
-                          parse_ranks as _parse_ranks, parse_samples as _parse_samples,
+from .cli_options import (executor_options as _executor_options, image_options as _image_options,
+                          objective_options as _objective_options, parse_ranks as _parse_ranks,
+                          samples_files as _samples_files, parse_samples as _parse_samples,
                           parse_schedule as _parse_schedule, preprocess as _preprocess,
-                          shapes_option as _shapes_option)
+                          shapes_option as _shapes_option, max_memory_option as _max_memory_option)
 from .errors import LowRankError
 from .files import json_default as _json_default
 
@@ -59,11 +60,18 @@ def main():
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
+@click.argument("more_samples", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration inputs: .npz (keys = input names, first axis = sample), .npy (single input), "
                    "a folder of images, or 'synthetic' (random inputs: latency experiments only).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model [default: MODEL with .lowrank.onnx beside it].")
+@click.option("--samples", "samples", type=click.Path(path_type=Path), metavar="FILE...",
+              help="Samples from `onnx-lowrank calibrate` instead of a calibration pass: one file, or every "
+                   "--shard part (e.g. --samples part*.npz), merged; --calib is still read by the asymmetric pass.")
+@click.option("--shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Calibrate in N image ranges on --executor (same result as one process).")
+@_executor_options
 @click.option("--speedup", default=None, metavar="S|auto",
               help="Target whole-model speed-up: measured latency (--objective latency) or FLOPs, e.g. 3 = three "
                    "times faster; 'auto' (with a budget) finds the largest within the budget [default: 2, or none "
@@ -80,6 +88,7 @@ def main():
               help="Random output positions sampled per image and layer; 'auto' takes, per layer, enough for "
                    "at least 16 fitted rows per output channel (never fewer than 10, never more than the layer has).")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration images.")
+@_max_memory_option
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per onnxruntime call during calibration.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the sampled positions (same seed, same output).")
@@ -98,10 +107,10 @@ def main():
                    "speed-up.")
 @_shapes_option
 @_image_options
-def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
-             batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, allocation, damage_metric, measure,
-             input_shapes, **image):
+def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
+             max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
+             write_failed, objective, rank_multiple, latency_table, scheme, allocation,
+             damage_metric, measure, input_shapes, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -124,9 +133,18 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    sample_paths = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
                            "('synthetic' for latency experiments only)")
+    if sample_paths and shards:
+        raise LowRankError("--samples and --shards exclude each other: the samples are already calibrated")
+    if executor == "ray":
+        from .executors import require_ray
+
+        if not shards:
+            raise LowRankError("compress --executor ray runs calibration shards: give --shards N")
+        require_ray()
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -142,7 +160,7 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     cfg = CompressConfig(speedup=speedup, ranks=ranks_d, exclude=list(exclude), method=method,
                          asymmetric=asymmetric, schedule=_parse_schedule(schedule),
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
-                         batch_size=batch_size, input_shapes=shapes, threads=threads,
+                         max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme,
                          allocation=allocation, damage_metric=damage_metric)
@@ -150,7 +168,8 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
         run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
+            samples=sample_paths, shards=shards, executor=executor, workers=workers)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
@@ -250,7 +269,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     \b
       onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
     """
-    from .measure import evaluate
+    from .fidelity import evaluate
     from .report import format_eval
 
     progress.set_enabled(not quiet and not as_json)
@@ -278,6 +297,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--samples-per-image", default="auto", show_default=True, metavar="N|auto",
               help="As for compress.")
 @click.option("--max-images", type=int, default=None)
+@_max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
@@ -285,10 +305,11 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
               help="Writes PREFIX.csv and PREFIX.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_objective_options
+@_executor_options
 @_shapes_option
-def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation, damage_metric,
-          input_shapes):
+def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation,
+          damage_metric, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -315,11 +336,16 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     check_writable(csv_path, "--out")
     check_writable(png_path, "--out")
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
-                         max_images=max_images, seed=seed, input_shapes=parse_input_shapes(input_shapes),
+                         max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme,
                          allocation=allocation, damage_metric=damage_metric)
-    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads)
+    if executor == "ray":
+        from .executors import require_ray
+
+        require_ray()
+    rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
+               workers=workers)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"
     write_together([(csv_path, lambda tmp: write_csv(rows, tmp)), (png_path, lambda tmp: plot(rows, tmp, title=title))])
     cols = ["speedup_target", "speedup_theoretical", "speedup_predicted", "speedup_measured", "top1_agreement", "nmse",
@@ -328,5 +354,10 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     click.echo(f"wrote {out_prefix}.csv and {out_prefix}.png")
 
 
+from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is a second copy of the module: the package's `main` has every command.
+    from onnx_lowrank.cli import main as package_main
+
+    package_main()

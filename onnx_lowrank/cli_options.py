@@ -7,12 +7,20 @@ from pathlib import Path
 
 import click
 
+from .config import DEFAULT_MAX_MEMORY
 from .errors import LowRankError
 
 
 def shapes_option(f):
     return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
                         help="Concrete shape for an input with symbolic dims, e.g. input:1x3x224x224 (repeatable).")(f)
+
+
+def max_memory_option(f):
+    return click.option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, metavar="SIZE",
+                        help="Bound on the calibration samples kept in memory, all layers together (e.g. 512M, 8G): "
+                             "with more, every layer samples fewer positions per image (the report gives the rows). "
+                             "The process needs this plus the model and onnxruntime's own memory.")(f)
 
 
 def image_options(f):
@@ -128,3 +136,24 @@ def parse_ranks(spec: str | None) -> dict[str, int]:
             raise LowRankError(f"rank for {name!r} must be a positive integer, not {r!r}")
         ranks[name] = r
     return ranks
+
+
+def executor_options(f):
+    opts = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where independent work runs: local worker processes, or Ray tasks (pip install "
+                          "'onnx-lowrank[ray]'; the cluster of RAY_ADDRESS, else a local one)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Worker processes at a time [default: calibrate / compress: one per shard, at most the "
+                          "cores; sweep: 1, in this process]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def samples_files(samples, extra) -> list[Path] | None:
+    """--samples FILE plus the further files a shell glob (--samples part*.npz) leaves as arguments."""
+    if extra and not samples:
+        raise LowRankError(f"unexpected argument(s) {' '.join(map(str, extra))}: compress takes one MODEL")
+    return [samples, *extra] if samples else None

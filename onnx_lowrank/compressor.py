@@ -18,10 +18,12 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.batching import batching, fixed_batch, input_specs
+from .calibration.checks import check_source, review_samples
+from .calibration.samples import Samples, check_samples, fingerprint, model_hash, shard_range
 from .calibration.inputs import open_source
 from .calibration.runtime import make_session
 from .calibration.sampling import probe_shapes, sample_key
-from .config import CompressConfig, check_config, with_overrides
+from .config import CompressConfig, check_config, parse_size, with_overrides
 from .costs import COST_MODELS
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
@@ -31,7 +33,8 @@ from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
-from .samples import check_enough, collect_original, positions_per_image
+from .samples import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings, tensors,
+                      within_memory)
 from .schemes import SCHEME_CHOICES
 from .sensitivity import measure_layer_damage
 from .solver.allocation import ALLOCATORS
@@ -56,7 +59,11 @@ class Compressor:
                   "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
                   "safety_net")
 
-    def __init__(self, model, data, config: CompressConfig | None = None):
+    def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
+                 shard: tuple[int, int] | None = None):
+        """``samples``: responses sampled beforehand (``onnx-lowrank calibrate``, merged shards) instead of a
+        calibration pass; ``shard=(i, n)``: only calibrate the i-th of n image ranges (see :mod:`.shards`)
+        into ``self.samples``, nothing else (no cost measurement; such a Compressor cannot run)."""
         cfg = self.config = config or CompressConfig()
         check_config(cfg)
         self._t0 = time.perf_counter()
@@ -77,18 +84,42 @@ class Compressor:
         candidates = [p for p in plan if p.candidate]
         if not candidates:
             raise LowRankError(no_candidate_message(plan))
-        check_enough(self.source.total(self.limit))
+        check_enough(self.source.known_total(self.limit))
+        if self.source.in_memory:   # data that cannot teach anything: refused before any work
+            check_source(self.source, self.limit)
         unknown = [p.layer for p in candidates if p.layer.activation_unknown]
         if unknown:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._costs: dict = {}
         self._damage: dict = {}
-        self.costs(plan, cfg)  # measured costs (a latency table that does not fit) fail before calibrating
-        self.positions = positions_per_image(candidates, self.source.total(self.limit), cfg)
-        self.samples = collect_original(norm, self.value_types, self.source, candidates, self.batch, self.limit,
-                                        self.positions, cfg)
+        self.shard = shard
+        if shard is None:   # measured costs (a latency table that does not fit) fail before calibrating
+            self.costs(plan, cfg)
+        counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
+        total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
+        wanted = positions_per_image(candidates, total, cfg)
+        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory))
+        self.memory = {"max_memory_bytes": parse_size(cfg.max_memory), "rows_limited_by_memory": self.positions != wanted,
+                       "samples_bytes": sample_bytes(candidates, self.positions, total) if total else None}
+        self._sampled_keys = [t.key for p in candidates for t in tensors(p)]
+        self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}
+        if samples is not None:
+            self.samples = check_samples(samples, self.fingerprint)
+        else:
+            first, stop = shard_range(total, self.batch, shard) if shard else (0, self.limit)
+            self.samples = collect_original(norm, self.value_types, self.source, candidates, self.batch,
+                                            None if stop is None else stop - first, self.positions, cfg, first)
+            self.samples.fingerprint, self.samples.shard = self.fingerprint, shard
+        check_enough(total if shard else self.samples.images)
+        if shard is None:   # a shard's images alone may all be alike: parts are reviewed once merged
+            review_samples(self.samples, {p.layer.name: sample_key(p.layer.output, p.layer_id) for p in candidates})
         self._setup_seconds = time.perf_counter() - self._t0
+
+    def samples_fingerprint(self) -> dict:
+        """What a samples file must agree on to stand for this Compressor's calibration (counts the data)."""
+        return fingerprint(model_hash(self.source_model), sampling_settings(self.config, self.batch),
+                           self.positions, self._sampled_keys, self.source.total(self.limit))
 
     def timing_feed(self) -> dict:
         """One calibration input at batch 1 (the model's own batch if it is fixed): what latency is timed on."""
@@ -126,6 +157,8 @@ class Compressor:
         return self._damage[key]
 
     def run(self, **overrides) -> CompressionResult:
+        if self.shard is not None:
+            raise RuntimeError("a shard's Compressor only calibrates: merge the parts' samples and pass them")
         bad = set(overrides) - set(self.RUN_FIELDS)
         if bad:
             raise TypeError(f"these options need a new Compressor: {sorted(bad)}")
@@ -161,7 +194,8 @@ class Compressor:
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
-        return CompressionResult(new_model, build_report(plan, self.flops, cfg, self.samples.images, seconds, costs))
+        report = build_report(plan, self.flops, cfg, self.samples.images, seconds, costs)
+        return CompressionResult(new_model, {**report, **self.memory})
 
 
 def _probe_unknown_shapes(model, layers: list[ConvLayer], flops: dict[str, int], value_types, first_batch) -> None:

@@ -17,6 +17,11 @@ from .solver.allocation import ALLOCATORS
 from .solver.candidates import FITS
 
 METHODS = ("linear", "nonlinear")
+#: Default bound on the calibration samples kept in memory, all layers together (bytes or "512M", "4G").
+#: A fixed default, not a share of the free memory: the rows sampled, hence the output file, must not
+#: depend on what else the machine is doing (and shards on different machines must agree).
+DEFAULT_MAX_MEMORY = "2G"
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 DEFAULT_SCHEDULE = ((25, 0.01), (25, 1.0))
 
 
@@ -54,6 +59,9 @@ class CompressConfig:
     #: cannot split keep the channel pair) or "auto" (3-D ranks, then per layer whichever of 3-D and the
     #: pair at equal FLOPs fits the held-back images better).
     scheme: str = "channel"
+    #: Bound on the calibration samples kept (all layers): with more, every layer's positions per image are
+    #: scaled down together, and the report says so (bytes, or a size such as "512M", "4G").
+    max_memory: int | str = DEFAULT_MAX_MEMORY
     #: How ranks are chosen within the budget (solver/allocation.py ALLOCATORS): "energy" keeps the most
     #: response energy (method.md section 5); "sensitivity" least summed measured damage to the outputs.
     allocation: str = "energy"
@@ -70,6 +78,23 @@ class CompressConfig:
     #: A layer whose nonlinear or asymmetric fit is worse on the held-back images than the linear (or the
     #: symmetric linear) fit keeps the better one, and its note says so.
     safety_net: bool = True
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a size such as "512M" / "4G" / "1.5G" (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+        try:
+            n = float(text[:-1] if unit else text)
+        except ValueError:
+            n = -1
+        if n > 0:
+            return int(n * _UNITS[unit])
+    raise LowRankError(f"--max-memory takes a size such as 512M or 4G (bytes if no unit), not {value!r}")
 
 
 def with_overrides(config: CompressConfig | None, overrides: dict) -> CompressConfig:
@@ -117,6 +142,7 @@ def check_config(cfg: CompressConfig) -> None:
         raise LowRankError("--max-images must be at least 1")
     if cfg.batch_size < 1:
         raise LowRankError("--batch-size must be at least 1")
+    parse_size(cfg.max_memory)
     if cfg.seed < 0:
         raise LowRankError(f"--seed must be 0 or more, not {cfg.seed}")
     for name, r in cfg.ranks.items():

@@ -34,7 +34,9 @@ def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, cos
         ranks = [fixed.get(i) for i in range(len(free))]
         ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
     else:
-        ranks = costs.choose(free, spectra, fixed, fixed_flops, sum(flops.values()), cfg, damage)
+        # Only given when measured: a cost model that cannot share a budget by damage keeps its signature.
+        extra = {} if damage is None else {"damage": damage}
+        ranks = costs.choose(free, spectra, fixed, fixed_flops, sum(flops.values()), cfg, **extra)
     times = costs.layer_times(free, ranks, fixed, cfg) or [(None, None)] * len(free)
     chosen = {}
     for p, r, spec, (before, after) in zip(free, ranks, spectra, times):

@@ -12,6 +12,7 @@ import numpy as np
 from . import progress
 from .calibration.inputs import FeedSource
 from .calibration.sampling import SampledTensor, collect, sample_key
+from .config import parse_size
 from .errors import LowRankError
 from .graph.dense import is_dense
 
@@ -61,6 +62,31 @@ def positions_per_image(plan, total_images: int | None, cfg) -> dict[int, int]:
     return out
 
 
+def sample_bytes(plan, positions: dict[int, int], images: int) -> int:
+    """Memory the original model's samples take: float32 rows of d channels, the shortcut's too."""
+    return sum(4 * positions[p.layer_id] * images * p.layer.out_channels * len(tensors(p)) for p in plan)
+
+
+def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int) -> dict[int, int]:
+    """``positions`` scaled down together (keeping each layer's share) until the samples fit ``max_bytes``.
+
+    Unknown image counts (a stream that is not counted) cannot be bounded in advance: returned as they are.
+    """
+    if not images or sample_bytes(plan, positions, images) <= max_bytes:
+        return positions
+    scale = max_bytes / sample_bytes(plan, positions, images)
+    out = {i: max(1, int(k * scale)) for i, k in positions.items()}
+    while sample_bytes(plan, out, images) > max_bytes and any(k > 1 for k in out.values()):
+        out = {i: max(1, k - 1) for i, k in out.items()}
+    need = sample_bytes(plan, out, images)
+    if need > max_bytes:
+        raise LowRankError(f"--max-memory {max_bytes / 2 ** 20:.0f}M cannot hold one sampled position per image of "
+                           f"{images} images ({need / 2 ** 20:.0f}M): raise --max-memory or lower --max-images")
+    progress.log(f"note: calibration samples limited to --max-memory {max_bytes / 2 ** 20:.0f}M: positions per "
+                 f"image scaled by {scale:.2f} (the report gives the rows per layer)")
+    return out
+
+
 def tensors(p) -> list[SampledTensor]:
     """What a layer needs sampled: its output, and the shortcut added to it (shaped like it)."""
     last = is_dense(p.layer)
@@ -71,10 +97,22 @@ def tensors(p) -> list[SampledTensor]:
 
 
 def collect_original(model, value_types, source: FeedSource, plan, batch: int, limit: int | None,
-                     positions: dict[int, int], cfg):
+                     positions: dict[int, int], cfg, first: int = 0):
+    """The original model's responses at ``limit`` images from global index ``first`` on (a shard), with a
+    digest of each image's inputs (calibration/checks.py)."""
     wanted = [t for p in plan for t in tensors(p)]
-    with progress.bar("calibration", source.total(limit), "img") as update:
-        return collect(model, value_types, source, wanted, batch, cfg.seed, positions, limit, update, cfg.threads)
+    known = source.known_total()
+    count = limit if known is None else max(0, min(known - first, limit if limit is not None else known))
+    with progress.bar("calibration", count, "img") as update:
+        return collect(model, value_types, source, wanted, batch, cfg.seed, positions, limit, update, cfg.threads,
+                       first=first, inspect=True)
+
+
+def sampling_settings(cfg, batch: int) -> dict:
+    """The settings that decide which rows calibration samples (a samples file must agree on all of them)."""
+    return {"seed": cfg.seed, "samples_per_image": cfg.samples_per_image, "max_images": cfg.max_images,
+            "batch_size": batch, "holdout_every": cfg.holdout_every, "max_memory": parse_size(cfg.max_memory), "input_shapes": cfg.input_shapes,
+            "preprocess": cfg.preprocess}
 
 
 def split(samples, key: str, holdout_every: int) -> tuple[np.ndarray, np.ndarray]:

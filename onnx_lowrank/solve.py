@@ -56,8 +56,12 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
             solved.append(_solve(p, samples, None, cfg, plain))
-            update(1)
+            update(1, _item(p))
     return solved
+
+
+def _item(p: LayerPlan) -> str:
+    return f"{p.layer.name}, {p.layer.out_channels} -> {p.rank}"
 
 
 def _plain(name: str) -> str:
@@ -139,10 +143,11 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
     solved: dict[int, LayerPlan] = {}
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads) as prop, \
-            progress.bar("asymmetric solve", len(stops), "segment") as update:
-        for stop, approx in prop.run(stops, update):
+            progress.bar("asymmetric solve", len(chosen), "layer") as update:
+        for stop, approx in prop.run(stops):
             for i, p in enumerate(by_stop[stop]):
                 q = solved[p.layer_id] = _solve(p, samples, approx, cfg, plain)
+                update(1, _item(q))
                 f = q.factorisation
                 prop.transform(q.layer.output, lambda maps, q=q, f=f: q.scheme.propagate(f, maps),
                                source=q.alternative.tensor if q.alternative else None,

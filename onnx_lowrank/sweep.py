@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from . import progress
@@ -22,25 +23,35 @@ FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predict
 
 
 def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | None = None,
-          runs: int = 30, threads: int | None = None, batch: int = 1) -> list[dict]:
-    """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels)."""
+          runs: int = 30, threads: int | None = None, batch: int = 1, executor: str = "local",
+          workers: int | None = None) -> list[dict]:
+    """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels).
+
+    Calibration (and the latency table) happen here once. With ``workers`` > 1 or ``executor="ray"``, each
+    speed-up is compressed by a worker from the shipped samples and table files (``calib`` must be readable
+    there: the asymmetric pass reads it); evaluation and timing stay on this machine.
+    """
     source = load_model(model) if isinstance(model, (str, Path)) else model
     specs = input_specs(source)
     budget = Budget(eval_data, labels, preprocess=config.preprocess)
     budget.check_model(source)   # the evaluation data and labels are checked before calibration, not after it
     budget.inputs(specs)
     compressor = Compressor(source, calib, config)
+    remote = executor != "local" or (workers or 1) > 1
+    results = _remote_results(compressor, calib, speedups, executor, workers) if remote else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-sweep-") as tmp:
         original = os.path.join(tmp, "original.onnx")
         save_model_atomic(compressor.source_model, original)
         feeds = synthetic_feeds(original, batch=batch, shape_overrides=config.input_shapes or None)
-        for s in speedups:
+        for i, s in enumerate(speedups):
             progress.log(f"sweep: --speedup {s:g}")
             try:
-                res = compressor.run(speedup=s)
+                res = results[i] if remote else compressor.run(speedup=s)
             except RankSelectionError as err:
-                rows.append({"speedup_target": s, "status": f"unreachable (at most {err.max_speedup:.3g}x)"})
+                res = err.max_speedup
+            if isinstance(res, float):
+                rows.append({"speedup_target": s, "status": f"unreachable (at most {res:.3g}x)"})
                 continue
             path = os.path.join(tmp, f"s{s:g}.onnx")
             save_model_atomic(res.model, path)
@@ -60,6 +71,80 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
                 "status": "ok",
             })
     return rows
+
+
+def _remote_results(compressor: Compressor, calib, speedups: list[float], executor: str,
+                    workers: int | None) -> list:
+    """Each speed-up compressed by a worker: the samples and the latency table travel as files' bytes."""
+    from .executors import get_executor, worker_threads
+
+    ex = get_executor(executor, workers)
+    cfg = replace(compressor.config, threads=compressor.config.threads or worker_threads(workers or len(speedups)))
+    files = {"samples.npz": _file_bytes(lambda p: _samples_for_workers(compressor).save(p))}
+    if cfg.objective == "latency":
+        table = _latency_for_workers(compressor, speedups)
+        files["latency.json"] = _file_bytes(table.save)
+    if isinstance(calib, (str, os.PathLike)):
+        calib = str(Path(calib).resolve())
+    model = compressor.source_model.SerializeToString()
+    progress.status(f"sweep: {len(speedups)} compression(s) on the {ex.name} executor")
+    return ex.map(_compress_task, [(model, calib, cfg, s, files) for s in speedups])
+
+
+def _samples_for_workers(compressor: Compressor):
+    samples = compressor.samples
+    if not samples.fingerprint:
+        samples.fingerprint = compressor.samples_fingerprint()
+    return samples
+
+
+def _latency_for_workers(compressor: Compressor, speedups: list[float]):
+    """Every timing the speed-ups need, measured here (layers and whole-model checks), as one table."""
+    from threadpoolctl import threadpool_limits
+
+    from .plan import make_plan
+    from .rank_choice import choose_ranks
+
+    lat = None
+    for s in speedups:
+        cfg = replace(compressor.config, speedup=s)
+        plan = make_plan(compressor.layers, compressor.flops, cfg)
+        lat = compressor.costs(plan, cfg)
+        with threadpool_limits(limits=1, user_api="blas"):
+            try:
+                choose_ranks(plan, compressor.samples, compressor.flops, cfg, lat)
+            except RankSelectionError:
+                pass
+    return lat.table
+
+
+def _file_bytes(write) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-ship-") as tmp:
+        path = os.path.join(tmp, "f")
+        write(path)
+        return Path(path).read_bytes()
+
+
+def _compress_task(args):
+    """In a worker: compress at one speed-up from shipped samples (and latency table); never times anything."""
+    import onnx
+
+    from .calibration.samples import Samples
+    from .executors import NO_TIMING
+
+    model, calib, cfg, speedup, files = args
+    os.environ[NO_TIMING] = "1"
+    progress.set_enabled(False)
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-task-") as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        if "latency.json" in files:
+            cfg = replace(cfg, latency_table=os.path.join(tmp, "latency.json"))
+        samples = Samples.load(os.path.join(tmp, "samples.npz"))
+        try:
+            return Compressor(onnx.load_from_string(model), calib, cfg, samples=samples).run(speedup=speedup)
+        except RankSelectionError as err:   # exceptions with their own arguments do not unpickle: a number
+            return err.max_speedup
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:

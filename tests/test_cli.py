@@ -45,10 +45,11 @@ def _net() -> onnx.ModelProto:
     return m
 
 
-def _matmul_model() -> onnx.ModelProto:
-    rng = np.random.default_rng(23)
-    nodes = [helper.make_node("MatMul", ["input", "w"], ["output"], name="mm")]
-    return model_from(nodes, {"w": rng.standard_normal((6, 4)).astype(np.float32)}, ["N", 6], "output", ["N", 4])
+def _no_layer_model() -> onnx.ModelProto:
+    """A MatMul of two computed tensors (as attention's) is no layer: nothing to factorise."""
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["input", "r"], ["output"], name="mm")]
+    return model_from(nodes, {}, [6, 6], "output", [6, 6])
 
 
 def _calib(n=12, shape=(3, 12, 12), key="input", seed=0) -> dict:
@@ -82,8 +83,8 @@ def _setup(case: str, d: Path) -> list[str]:
     elif case == "text_file":
         model.write_text("this is not an onnx model\nreally not\n")
     elif case == "no_conv":
-        onnx.save_model(_matmul_model(), str(model))
-        np.savez(d / "calib.npz", input=np.zeros((4, 6), np.float32))
+        onnx.save_model(_no_layer_model(), str(model))
+        np.savez(d / "calib.npz", input=np.zeros((6, 6), np.float32))
         return ["compress", "model.onnx", "--calib", "calib.npz", "--report", "r.json"]
     else:
         onnx.save_model(net, str(model))
@@ -130,7 +131,7 @@ IN_PROCESS_CASES = [
 # What each error's message must mention (a sanity check that it is the right error).
 EXPECTED_WORDS = {
     "missing_model": "not found", "random_bytes": "not a readable ONNX model",
-    "text_file": "not a readable ONNX model", "no_conv": "--objective flops", "bad_keys": "input",
+    "text_file": "not a readable ONNX model", "no_conv": "no Conv layer", "bad_keys": "input",
     "bad_shape": "shape", "bad_rank_dims": "dims", "speedup_1000": "impossible", "speedup_half": "--speedup",
     "missing_calib": "--calib", "missing_calib_file": "not found", "unknown_rank_layer": "conv9",
     "rank_too_big": "17", "bad_input_shape": "--input-shape", "output_is_input": "--output",
@@ -201,7 +202,7 @@ def _error_params(cases):
 # Errors found only once calibration has run (an unreachable speed-up needs the layer FLOPs and
 # ranks): in a log, the phase lines that ran come before the error line.
 LATE_ERRORS = {"speedup_1000"}
-PHASE_LINE = re.compile(r"^[a-z ]+: (started( \(\d+ \w+\))?|done, \d+ \w+ in \d+\.\d s)$")
+PHASE_LINE = re.compile(r"^[a-z ]+: (started( \(\d+ \w+\))?|done, \d+ \w+ in \d+\.\d s, peak \d+ MB)$")
 
 
 def _check_user_error(returncode, stderr, case):
@@ -325,6 +326,11 @@ def test_progress_is_logged_per_phase_when_stderr_is_not_a_terminal(runs):
         if ": started (" in line:
             name, total = line.split(": started (")
             assert any(p.startswith(f"{name}: done, {total.split()[0]} ") for p in phases), phases
+    # one line per solved layer, counting up to the announced total, each naming the layer and its rank
+    solving = [line for line in lines if re.match(r"asymmetric solve: layer \d+ of \d+ \(", line)]
+    n = int(next(p for p in phases if p.startswith("asymmetric solve: started")).split("(")[1].split()[0])
+    assert [int(line.split()[3]) for line in solving] == list(range(1, n + 1)), solving
+    assert all(re.search(r"\(\S+, \d+ -> \d+\), \d+\.\d s", line) for line in solving), solving
     assert not any(PHASE_LINE.match(line) for line in runs.results["folder"].stderr.splitlines())
 
 

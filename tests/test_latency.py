@@ -176,9 +176,10 @@ def test_latency_objective_meets_the_predicted_target_with_block_ranks(table):
     assert ranks and all(r % 16 == 0 for r in ranks)
     predicted = _predicted_from_table(path, rep)
     assert rep["latency_table_ms"] == pytest.approx(predicted, rel=1e-9)
-    # The ranks kept are those of a whole-model check that reached the target (within 3 %), or the fastest.
+    # The ranks kept are those of a whole-model check that reached the target (within 3 %), or the fastest;
+    # at most 5 checks (the README's promise; a noisy machine needs the fifth).
     checks = [c["checked_speedup"] for c in rep["latency_checks"]]
-    assert 1 <= len(checks) <= 4 and rep["predicted_latency_speedup"] in checks
+    assert 1 <= len(checks) <= 5 and rep["predicted_latency_speedup"] in checks
     reached = [c for c in checks if c >= 2.0 * 0.97]
     assert rep["predicted_latency_speedup"] == (min(reached) if reached else max(checks))
     # The first layer (1 -> 32) has break-even rank 7 < 16: kept whole, and the report says why.
@@ -190,8 +191,7 @@ def test_layer_that_does_not_pay_on_the_runtime_is_kept_whole(table, tmp_path):
     """Edit the table so that the biggest layer is slower factorised at every rank: it must stay whole."""
     path, rep = table
     data = json.loads(path.read_text())
-    # The last Conv (the classifier Gemm after it is a layer too, kept whole under the latency objective).
-    i = max(j for j, lay in enumerate(rep["layers"]) if not lay["reason"].startswith("MatMul / Gemm"))
+    i = max(j for j, lay in enumerate(rep["layers"]) if lay["op"] == "Conv")  # the last Conv (a Gemm follows)
     last = rep["layers"][i]
     key = next(k for k in data["entries"] if k.startswith(f"c{last['in_channels']}_d{last['out_channels']}_"))
     e = data["entries"][key]

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.measure import bench, evaluate, synthetic_feeds
+from onnx_lowrank.fidelity import evaluate
+from onnx_lowrank.measure import bench, synthetic_feeds
 from onnx_lowrank.report import format_bench, format_eval
 
 

@@ -120,7 +120,7 @@ def test_duplicate_node_names_each_get_their_own_factors(tmp_path):
 def stages(monkeypatch):
     """Names of the stages of work that ran: "load" (the model), "calibration", "evaluation"."""
     import onnx_lowrank.graph.loading as loading
-    import onnx_lowrank.measure as measure
+    import onnx_lowrank.fidelity as fidelity
     import onnx_lowrank.compressor as compressor
     import onnx_lowrank.sweep as sweep
 
@@ -138,7 +138,7 @@ def stages(monkeypatch):
     spy(compressor, "load_model", "load")
     spy(sweep, "load_model", "load")
     spy(compressor, "collect_original", "calibration")
-    spy(measure, "evaluate", "evaluation")
+    spy(fidelity, "evaluate", "evaluation")
     return ran
 
 
@@ -339,7 +339,7 @@ def test_phase_lines_only_when_stderr_is_not_a_terminal(monkeypatch, tty):
             update(1)
     with pytest.raises(ValueError):
         with progress.bar("solve", 3, "layer") as update:
-            update(1)
+            update(1, "conv1, 64 -> 16")
             raise ValueError
     progress.set_enabled(False)
     with progress.bar("quiet phase", 2, "img") as update:
@@ -350,8 +350,11 @@ def test_phase_lines_only_when_stderr_is_not_a_terminal(monkeypatch, tty):
         assert "calibration" in err.getvalue() and not any("started" in line or "done," in line for line in lines)
     else:     # started / done with count and seconds; a failed phase has no done line; quiet has none
         assert lines[0] == "calibration: started (7 img)"
-        assert re.fullmatch(r"calibration: done, 7 img in \d+\.\d s", lines[1])
-        assert lines[2:] == ["solve: started (3 layer)"]
+        assert re.fullmatch(r"calibration: done, 7 img in \d+\.\d s, peak \d+ MB", lines[1])
+        # an item gets its own line: which one, how far, time so far and the rest estimated
+        assert lines[2] == "solve: started (3 layer)"
+        assert re.fullmatch(r"solve: layer 1 of 3 \(conv1, 64 -> 16\), \d+\.\d s, ETA \d+ s", lines[3])
+        assert lines[4:] == []
 
 
 def _writer(text, fail=False):

@@ -3,8 +3,9 @@
 Every source becomes a :class:`FeedSource`: something that yields feed dicts (model input name
 to a batch array) as many times as asked, so the several passes over the calibration set see the
 same images in the same order. Accepted: ``.npz`` (keys are input names, first axis is the
-sample), ``.npy`` (single-input models), a folder of images with preprocessing, any iterable of
-feed dicts, and onnxruntime's ``CalibrationDataReader``.
+sample), ``.npy`` (single-input models), a folder of images with preprocessing, and (see
+:mod:`.streams`, read batch by batch, never listed) any iterable of feed dicts, onnxruntime's
+``CalibrationDataReader`` and functions returning either.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,19 +45,44 @@ class ImagePreprocess:
 
 
 class FeedSource:
-    """Re-iterable batches of feed dicts, cut or re-batched to a requested batch size."""
+    """Re-iterable batches of feed dicts, cut or re-batched to a requested batch size.
 
-    def __init__(self, make_iter: Callable[[], Iterator[dict]], description: str, count: int | None = None):
+    ``make_iter(start)`` opens one pass over the data; a ``seekable`` source begins it at sample
+    ``start`` itself (arrays, image folders), any other is read from its beginning and the first
+    ``start`` samples are dropped as they come. ``count`` is the number of samples when the source
+    knows it; else :meth:`total` counts them once in a pass that keeps nothing.
+    """
+
+    def __init__(self, make_iter: Callable[..., Iterator[dict]], description: str, count: int | None = None,
+                 seekable: bool = False, in_memory: bool = False):
         self._make_iter = make_iter
         self.description = description
         self.count = count
+        self.seekable = seekable
+        self.in_memory = in_memory  # arrays already in memory: a pass over them costs nothing
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feed dicts of ``batch_size`` samples (the last may be smaller), at most ``limit`` samples."""
+    def _feeds(self, start: int) -> Iterator[dict]:
+        if self.seekable:
+            yield from self._make_iter(start)
+            return
+        skipped = 0
+        for feed in self._make_iter():
+            n = _batch_len(feed)
+            if skipped + n <= start:
+                skipped += n
+                continue
+            if skipped < start:
+                feed = {k: v[start - skipped:] for k, v in feed.items()}
+                skipped = start
+            yield feed
+
+    def batches(self, batch_size: int, limit: int | None = None, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of ``batch_size`` samples (the last may be smaller), at most ``limit`` samples counted
+        from sample ``start``. Only the feeds of the batch being built are held: nothing is listed."""
         pending: list[dict] = []
         held = 0
         seen = 0
-        for feed in self._make_iter():
+        for feed in self._feeds(start):
             n = _batch_len(feed)
             if limit is not None and seen + n > limit:
                 feed = {k: v[: limit - seen] for k, v in feed.items()}
@@ -66,21 +92,34 @@ class FeedSource:
             seen += n
             pending.append(feed)
             held += n
+            del feed
             while held >= batch_size:
                 merged = _concat(pending)
+                pending = []
                 yield {k: v[:batch_size] for k, v in merged.items()}
-                rest = {k: v[batch_size:] for k, v in merged.items()}
                 held -= batch_size
-                pending = [rest] if held else []
+                if held:
+                    pending = [{k: v[batch_size:] for k, v in merged.items()}]
+                del merged
             if limit is not None and seen >= limit:
                 break
         if held:
             yield _concat(pending)
 
-    def total(self, limit: int | None = None) -> int | None:
+    def known_total(self, limit: int | None = None) -> int | None:
+        """The sample count if known without reading the data (for progress bars), else None."""
         if self.count is None:
             return None
         return min(self.count, limit) if limit is not None else self.count
+
+    def total(self, limit: int | None = None) -> int:
+        """The sample count; a source that does not know it is read once to count (nothing is kept)."""
+        if self.count is None:
+            from .. import progress
+
+            progress.status(f"counting the samples of the {self.description} (one pass that keeps nothing)")
+            self.count = sum(_batch_len(f) for f in self._feeds(0))
+        return self.known_total(limit)
 
 
 def _batch_len(feed: dict) -> int:
@@ -122,23 +161,9 @@ def open_source(data, inputs: list[InputSpec], preprocess: ImagePreprocess | Non
         raise LowRankError(f"unsupported {role} data {path}: give a .npz, a .npy or a folder of images")
     if isinstance(data, dict):
         return _arrays_source(data, inputs, "arrays", role)
-    if hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
-        feeds = []
-        while True:
-            f = data.get_next()
-            if f is None:
-                break
-            feeds.append(f)
-        if hasattr(data, "rewind"):
-            try:
-                data.rewind()
-            except NotImplementedError:
-                pass
-        return _feeds_source(feeds, inputs, "CalibrationDataReader", role)
-    if isinstance(data, Iterable):
-        return _feeds_source(list(data), inputs, "iterable of feed dicts", role)
-    raise LowRankError(f"cannot use {type(data).__name__} as {role} data: give a path, a dict of arrays, "
-                       "an iterable of feed dicts or a CalibrationDataReader")
+    from .streams import stream_source  # readers, factories and iterables: read batch by batch
+
+    return stream_source(data, inputs, role)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -163,23 +188,8 @@ def _arrays_source(arrays: dict, inputs: list[InputSpec], desc: str, role: str) 
     n = _batch_len(feed)
     if n == 0:
         raise LowRankError(f"the {desc} {role} data holds no samples (first axis has length 0)")
-    return FeedSource(lambda: iter([feed]), desc, n)
-
-
-def _feeds_source(feeds: list, inputs: list[InputSpec], desc: str, role: str) -> FeedSource:
-    if not feeds:
-        raise LowRankError(f"the {desc} gave no samples")
-    checked = []
-    for f in feeds:
-        if not isinstance(f, dict):
-            raise LowRankError(f"the {desc} gave a {type(f).__name__}, expected a dict of input name -> array")
-        checked.append(_check_feed({k: np.asarray(v) for k, v in f.items()}, inputs, desc, role))
-    _note_ignored({k: None for f in checked for k in f}, inputs, desc, role)
-    checked = [{i.name: f[i.name] for i in inputs} for f in checked]
-    n = sum(_batch_len(f) for f in checked)
-    if n == 0:
-        raise LowRankError(f"the {desc} gave no samples")
-    return FeedSource(lambda: iter(checked), desc, n)
+    return FeedSource(lambda start: iter([{k: v[start:] for k, v in feed.items()}]), desc, n, seekable=True,
+                      in_memory=True)
 
 
 def _note_ignored(feed: dict, inputs: list[InputSpec], desc: str, role: str) -> None:
@@ -278,11 +288,11 @@ def _image_folder(path: Path, inputs: list[InputSpec], pp: ImagePreprocess) -> F
             a = a.transpose(2, 0, 1)
         return a.astype(spec.dtype)
 
-    def make_iter():
-        for p in files:
+    def make_iter(start: int):
+        for p in files[start:]:
             yield {spec.name: load(p)[None]}
 
-    return FeedSource(make_iter, f"{len(files)} images in {path}", len(files))
+    return FeedSource(make_iter, f"{len(files)} images in {path}", len(files), seekable=True)
 
 
 def _resize_crop(img, size: tuple[int, int], resize: int | None):

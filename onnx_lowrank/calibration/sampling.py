@@ -23,6 +23,7 @@ from onnx import helper
 from ..graph.subgraph import last_use, node_reads, segment, with_outputs
 from ..errors import LowRankError
 from .inputs import FeedSource
+from .samples import Samples
 from .runtime import make_session, run
 
 
@@ -78,13 +79,6 @@ def gather(batch: np.ndarray, first_image: int, layer_id: int, seed: int, k: int
     return picked.transpose(0, 2, 1).reshape(-1, c)
 
 
-@dataclass
-class Samples:
-    rows: dict[str, np.ndarray]     # sample key -> (n_samples, channels)
-    image: dict[str, np.ndarray]    # sample key -> image index of each row
-    images: int
-
-
 def _broadcast(t: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(t, like.shape) if t.shape != like.shape else t
 
@@ -102,11 +96,21 @@ def per_layer(k: int | Mapping[int, int], layer_id: int) -> int:
 class _Sampler:
     """Accumulates sampled rows batch by batch, the same way in both passes."""
 
-    def __init__(self, tensors: list[SampledTensor], seed: int, k: int | Mapping[int, int]):
+    def __init__(self, tensors: list[SampledTensor], seed: int, k: int | Mapping[int, int], first: int = 0):
         self.tensors, self.seed, self.k = tensors, seed, k
         self.rows: dict[str, list] = {t.key: [] for t in tensors}
         self.imgs: dict[str, list] = {t.key: [] for t in tensors}
-        self.seen = 0
+        self.first = self.seen = first  # global image index: positions and the held-back split follow it
+        self.digests: list[np.ndarray] = []
+        self.flat: list[np.ndarray] = []
+
+    def inspect(self, feed: dict) -> None:
+        """Per image: a digest of its inputs and whether each is constant (see calibration/checks.py)."""
+        from .checks import image_digests
+
+        d, f = image_digests(feed)
+        self.digests.append(d)
+        self.flat.append(f)
 
     def add(self, n: int, get: Callable[[str], np.ndarray]) -> None:
         for t in self.tensors:
@@ -123,26 +127,35 @@ class _Sampler:
         self.seen += n
 
     def result(self) -> Samples:
-        if self.seen == 0:
-            raise LowRankError("the calibration data holds no samples")
+        if self.seen == self.first:
+            raise LowRankError("the calibration data holds no samples" + (f" from image {self.first} on"
+                                                                           if self.first else ""))
         return Samples({k: np.concatenate(v) for k, v in self.rows.items()},
-                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.seen)
+                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.seen - self.first, self.first,
+                       np.concatenate(self.digests) if self.digests else None,
+                       np.concatenate(self.flat) if self.flat else None)
 
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
             batch_size: int, seed: int, samples_per_image: int | Mapping[int, int], max_images: int | None = None,
-            progress: Callable | None = None, threads: int | None = None) -> Samples:
+            progress: Callable | None = None, threads: int | None = None, first: int = 0,
+            inspect: bool = False) -> Samples:
     """Run the model once over the data and sample each tensor at its layer's positions.
 
-    ``samples_per_image``: positions per image, for every layer or per layer id.
+    ``samples_per_image``: positions per image, for every layer or per layer id. ``first``: the images
+    from this global index on (a shard), at most ``max_images`` of them. ``inspect``: also keep a digest
+    of each image's inputs (to refuse data that cannot teach anything).
     """
     names = list(dict.fromkeys(n for t in tensors for n in t.reads))
     sess = make_session(with_outputs(model, names, value_types), threads)
-    sampler = _Sampler(tensors, seed, samples_per_image)
-    for feed in source.batches(batch_size, max_images):
+    sampler = _Sampler(tensors, seed, samples_per_image, first)
+    for feed in source.batches(batch_size, max_images, start=first):
         outs = dict(zip(names, run(sess, names, feed)))
         n = _batch_count(feed)
         sampler.add(n, outs.__getitem__)
+        if inspect:
+            sampler.inspect(feed)
+        del outs
         if progress:
             progress(n)
     return sampler.result()
@@ -224,7 +237,7 @@ class Propagator:
         for b, feed in enumerate(self.source.batches(self.batch_size, self.max_images)):
             self._batches.append(_batch_count(feed))
             for name, a in feed.items():
-                self._save(b, name, a)
+                self._save(b, name, np.array(a))  # a copy: the cache never keeps the reader's arrays alive
                 self._types[name] = helper.np_dtype_to_tensor_dtype(a.dtype)
         live = {i.name for i in g.input if i.name not in inits}
         prev = -1

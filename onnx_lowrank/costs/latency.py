@@ -22,6 +22,7 @@ from ..latency import measure_model, time_layer, timed_ranks
 from ..solver.allocation import ALLOCATORS, damage_rows
 from ..solver.ranks import LayerCosts, RankSelectionError, candidate_ranks
 from .base import CostModel, Costs
+from ..executors import refuse_timing_on_worker
 from .table import LatencyTable, cache_dir, environment, interpolate, load_cache, model_key, save_cache
 
 
@@ -84,6 +85,8 @@ class LatencyCosts(Costs):
         if key not in self.table.entries:
             # A table file fixes the layer timings; a check it lacks (another --speedup) is measured and added.
             cached = None if self.frozen else load_cache(self.cache, self.table.env).entries.get(key)
+            if cached is None:
+                refuse_timing_on_worker(f"a whole-model check of the latency table {self.source}")
             self.table.entries[key] = cached or {"speedup": float(self.measure(ranks))}
             if cached is None and not self.frozen:
                 save_cache(self.cache, LatencyTable(self.table.env, {key: self.table.entries[key]}))
@@ -129,6 +132,7 @@ def measure_latency(model, value_types, plan: list, feed: dict, cfg) -> LatencyC
     cache = load_cache(where, env)
     todo = [k for k in wanted if k not in cache.entries]
     if mkey not in cache.entries or todo:
+        refuse_timing_on_worker("layer timings")
         progress.status(f"latency: timing the model and {len(todo)} layer shape(s) on onnxruntime ({env}); "
                      f"about {cfg.latency_seconds:g} s each, cached in {where}")
     if mkey not in cache.entries:

@@ -1,0 +1,67 @@
+"""--max-memory: the samples kept are bounded, each layer keeps its share, the report says so.
+
+The truth is the sampled arrays themselves (their bytes), and row counts counted by hand: 10 images,
+2 held back, 36 positions per 6 x 6 map; d = 8, 64, 16 channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders import conv_chain
+
+from onnx_lowrank.compressor import Compressor
+from onnx_lowrank.config import CompressConfig, parse_size
+from onnx_lowrank.errors import LowRankError
+
+WIDTHS = [4, 8, 64, 16]
+FAST = dict(method="linear", speedup=None, ranks={"conv0": 2, "conv1": 8, "conv2": 4})
+
+
+def _compressor(**cfg):
+    data = {"input": np.random.default_rng(0).standard_normal((10, 4, 6, 6)).astype(np.float32)}
+    return Compressor(conv_chain(WIDTHS, size=6, seed=2, lowrank_bias=4), data, CompressConfig(**FAST, **cfg))
+
+
+@pytest.mark.parametrize("text,value", [("512M", 512 * 2 ** 20), ("4G", 4 * 2 ** 30), ("1.5g", 3 * 2 ** 29),
+                                        ("300KB", 300 * 1024), ("2GiB", 2 * 2 ** 30), (1000, 1000), ("1000", 1000)])
+def test_sizes_parse(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-1G", 0, True, "4X", ""])
+def test_bad_sizes_are_refused_with_the_option_name(bad):
+    with pytest.raises(LowRankError, match="--max-memory"):
+        _compressor(max_memory=bad)
+
+
+def _kept_bytes(comp) -> int:
+    return sum(a.nbytes for a in comp.samples.rows.values())
+
+
+def test_default_does_not_bind_on_small_data():
+    comp = _compressor()
+    report = comp.run().report
+    assert report["rows_limited_by_memory"] is False
+    # 'auto' on 8 fitted images: ceil(16 d / 8) = 2 d positions, capped at 36: 16, 36, 32 per image
+    assert [lay["rows"] for lay in report["layers"]] == [8 * 16, 8 * 36, 8 * 32]
+    assert report["samples_bytes"] == _kept_bytes(comp)
+
+
+def test_a_small_cap_scales_every_layer_down_and_holds():
+    free = _kept_bytes(_compressor())
+    cap = free // 3
+    comp = _compressor(max_memory=cap)
+    report = comp.run().report
+    assert report["rows_limited_by_memory"] is True and report["max_memory_bytes"] == cap
+    assert _kept_bytes(comp) <= cap
+    assert report["samples_bytes"] == _kept_bytes(comp)
+    rows = [lay["rows"] for lay in report["layers"]]
+    assert all(r < full for r, full in zip(rows, [8 * 16, 8 * 36, 8 * 32]))
+    assert all(r >= 8 for r in rows)          # at least one position per fitted image
+
+
+def test_a_cap_too_small_for_one_position_per_image_is_an_error():
+    with pytest.raises(LowRankError, match="--max-memory .* one sampled position per image"):
+        _compressor(max_memory=100)
