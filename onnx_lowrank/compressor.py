@@ -33,8 +33,8 @@ from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
-from .samples import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings, tensors,
-                      within_memory)
+from .sampling_plan import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings,
+                            tensors, within_memory)
 from .schemes import SCHEME_CHOICES
 from .sensitivity import measure_layer_damage
 from .solver.allocation import ALLOCATORS

@@ -7,7 +7,7 @@ from dataclasses import replace
 from . import progress
 from .calibration.sampling import sample_key
 from .plan import LayerPlan
-from .samples import split
+from .sampling_plan import split
 from .solve import energy
 from .solver.reconstruction import response_spectrum
 

@@ -10,7 +10,7 @@ import math
 
 from .solver.allocation import ALLOCATORS, damage_at
 from .graph.dense import is_dense
-from .samples import held_back
+from .sampling_plan import held_back
 from .schemes import SCHEMES
 
 

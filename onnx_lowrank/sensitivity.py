@@ -14,7 +14,7 @@ from . import progress
 from .calibration.damage import DamageCache, held_back_feeds, measure_damage
 from .calibration.sampling import sample_key
 from .costs.table import cache_dir
-from .samples import split
+from .sampling_plan import split
 from .solver.activations import Activation
 from .solver.allocation import measured_ranks
 from .solver.candidates import candidate_fits

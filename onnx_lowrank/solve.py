@@ -17,7 +17,7 @@ from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .plan import LayerPlan
-from .samples import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
+from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
 from .solver.balance import balance
 
 

@@ -15,6 +15,9 @@ REPORT_KEYS = ("latency_original_ms", "latency_table_ms", "table_latency_speedup
 class Costs:
     """The costs of one model's layers under one configuration."""
 
+    #: The measured timings as a latency table (costs/table.py), for cost models that measure.
+    table = None
+
     def choose(self, free: list, spectra: list, fixed: dict[int, int], fixed_flops: int, total_flops: int,
                cfg, damage: dict[str, dict[int, float]] | None = None) -> list[int | None]:
         """A rank (None: kept whole) for each free plan, to reach ``cfg.speedup``; ``fixed``: hand-set ranks by index.
@@ -45,6 +48,8 @@ class CostModel:
     name = ""
     #: One line for ``--help``.
     help = ""
+    #: Its costs are measured (``Costs.table``): workers of a sweep are given them instead of measuring.
+    measures = False
 
     def key(self, cfg) -> tuple:
         """The fields of the configuration its costs depend on: a Compressor measures once per key."""
