@@ -53,9 +53,14 @@ def _check(layers: Sequence[Options], budget: float) -> float:
             if not (math.isfinite(c) and math.isfinite(d)):
                 raise ValueError(f"option costs and damages must be finite, got ({c}, {d})")
     cheapest = sum(min(c for c, _ in opts) for opts in layers)
-    if cheapest > budget * (1 + 1e-12) + 1e-12:
+    if cheapest > budget + _tolerance(budget):
         raise AllocationError(budget, cheapest)
     return cheapest
+
+
+def _tolerance(budget: float) -> float:
+    """Round-off allowed over a budget (sums of float costs)."""
+    return 1e-9 * max(1.0, abs(float(budget)))
 
 
 def allocate(layers: Sequence[Options], budget: float, method: str = "dp", resolution: int = 4000) -> list[int]:
@@ -76,9 +81,20 @@ def allocate_dp(layers: Sequence[Options], budget: float, resolution: int = 4000
     """
     cheapest = _check(layers, budget)
     slack = max(0.0, float(budget) - cheapest)
-    if unit is None:
-        unit = slack / resolution if slack > 0 else 1.0
-    cap = int(math.floor(slack / unit + 1e-9))
+    # Costs above each layer's cheapest are counted in grid steps: a share of the slack times the
+    # resolution (divided in this order so that a tiny slack cannot overflow), or multiples of ``unit``.
+    scale, steps = (slack, resolution) if unit is None else (unit, 1)
+    cap = (resolution if slack > 0 else 0) if unit is None else int(math.floor(slack / unit + 1e-9))
+
+    tol = _tolerance(budget)
+
+    def units(extra: float) -> int | None:
+        if extra > slack + tol:
+            return None  # cannot fit whatever the others do
+        if extra <= 0 or scale <= 0:
+            return 0
+        return min(cap, int(math.ceil(extra / scale * steps - 1e-9)))
+
     dp = np.zeros(cap + 1)  # dp[b]: least damage of the layers so far within b units
     back = []
     for opts in layers:
@@ -88,11 +104,11 @@ def allocate_dp(layers: Sequence[Options], budget: float, resolution: int = 4000
         order = sorted(range(len(opts)), key=lambda k: (opts[k][0], k))  # cheaper first wins ties
         for k in order:
             c, d = opts[k]
-            units = int(math.ceil((c - low) / unit - 1e-9))
-            if units > cap:
+            u = units(c - low)
+            if u is None or u > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[units:] = dp[:cap + 1 - units] + d
+            cand[u:] = dp[:cap + 1 - u] + d
             better = cand < new
             new[better], arg[better] = cand[better], k
         dp = new
@@ -102,7 +118,7 @@ def allocate_dp(layers: Sequence[Options], budget: float, resolution: int = 4000
     for opts, arg in zip(reversed(layers), reversed(back)):
         k = int(arg[b])
         choice.append(k)
-        b -= int(math.ceil((opts[k][0] - min(c for c, _ in opts)) / unit - 1e-9))
+        b -= units(opts[k][0] - min(c for c, _ in opts))
     return choice[::-1]
 
 

