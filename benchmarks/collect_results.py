@@ -46,6 +46,11 @@ ORDER = [
     ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
     ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
     ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
+    ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
+    ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
+    ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
+     "measured 1.5x"),
+    ("allocation_notes", "Issue 15: what the damage measurements miss"),
 ]
 
 PREAMBLE = """# Benchmark results

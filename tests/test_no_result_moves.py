@@ -45,7 +45,9 @@ EXPECTED = {
 }
 
 #: Few images, few samples and a short schedule: the nonlinear asymmetric path runs in seconds.
-FAST = dict(threads=1, max_images=10, samples_per_image=4, schedule=((3, 0.01), (3, 1.0)), seed=0)
+# safety_net=False: the per-layer safety net (issue 15) deliberately moves results where a simpler fit is
+# better on the held-back images; these hashes guard everything else.
+FAST = dict(threads=1, max_images=10, samples_per_image=4, schedule=((3, 0.01), (3, 1.0)), seed=0, safety_net=False)
 SETTINGS = {
     "mnist_vgg": dict(FAST, speedup=2.0, max_images=40, samples_per_image=16),
     "ppocr_rec": dict(FAST, speedup=1.5, samples_per_image=16, exclude=["p2o.MatMul.24"]),  # 6625-wide classifier: slow eigh
