@@ -53,9 +53,9 @@ def _compressor(model: str, threads: int, latency_seconds: float) -> tuple[Compr
             held = ([{"input": z["input"][i:i + 500]} for i in range(0, len(z["input"]), 500)], z["label"])
         return comp, held
     path = light_models.materialise(model, CACHE)
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    name = runtime.session(path, runtime.TIMING).get_inputs()[0].name
     data = [{name: light_models.random_input(1, seed=i)} for i in range(8)]
     cfg = CompressConfig(threads=threads, method="linear", asymmetric=False, samples_per_image=20,
                          latency_seconds=latency_seconds, latency_table=str(tables / f"{model}_t{threads}.json"))

@@ -67,7 +67,7 @@ def _child(cli_args: list[str], timings_path: str, cprofile: str | None) -> int:
         (pl, "load_model", "load"), (pl, "normalise", "normalise"), (pl, "infer_value_types", "shape inference"),
         (pl, "_collect_original", "calibration pass (original model)"), (pl, "_choose_ranks", "rank selection"),
         (pl, "_solve_asymmetric", "asymmetric total"), (sampling.Propagator, "transform", "propagation: transform"),
-        (sampling.Propagator, "_sample", "propagation: sampling"), (sampling, "make_session", "ORT session creation"),
+        (sampling.Propagator, "_sample", "propagation: sampling"), (sampling, "session", "ORT session creation"),
         (pl, "nonlinear_reconstruction", "solver: nonlinear"), (pl, "linear_reconstruction", "solver: linear init"),
         (rec, "_top_eigvecs", "solver: eigh (in fit)"), (pl, "rewrite_convs", "rewrite"), (pl, "_validate", "validate"),
         (loading, "save_model_atomic", "save"),

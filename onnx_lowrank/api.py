@@ -8,7 +8,6 @@ the measured speed-up, and the model and report written together or not at all.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -122,24 +121,21 @@ def _check_outputs(model, output, report) -> None:
 
 
 def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:
-    """Bench original vs compressed (interleaved, about 3 s) into the report; predicted beside it."""
+    """Bench original vs compressed into the report, predicted beside it: interleaved rounds until the
+    median per-round speed-up is stable (runtime.timing), with its spread."""
     from .measure import bench
 
-    feed = compressor.timing_feed()
-    t0 = time.perf_counter()
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=3, warmup=1)
-    per_round = max(time.perf_counter() - t0, 1e-6) / 4
-    runs = int(min(200, max(5, 3.0 / per_round)))
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=runs, warmup=1)
+    b = bench([compressor.model, result.model], compressor.timing_feed(), threads=threads, warmup=1)
+    spread = b["speedup_spread"][1]
     rep = result.report
     rep["latency_measured"] = {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-                               "runs": runs, "threads": threads}
+                               "runs": b["rounds"], "threads": threads, "speedup_iqr": spread["iqr"],
+                               "speedup_ci95": spread["ci95"], "stable": b["stable"]}
     rep["measured_latency_speedup"] = b["speedup"][1]
     if rep.get("predicted_latency_speedup"):
-        # Predicted speed-ups applied to this run's original time, against this run's compressed time.
         for key, speedup in (("latency_prediction_error", "predicted_latency_speedup"),
                              ("latency_table_error", "table_latency_speedup")):
-            rep[key] = b["models"][0]["median_ms"] / rep[speedup] / b["models"][1]["median_ms"] - 1
+            rep[key] = b["speedup"][1] / rep[speedup] - 1
 
 
 def _write_json(path: str, obj) -> None:

@@ -23,7 +23,6 @@ from threadpoolctl import threadpool_limits
 
 from . import progress
 from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_source
-from .calibration.runtime import make_session
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
@@ -33,6 +32,7 @@ from .graph.rewrite import ConvStage, add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .latency import (LatencyTable, LayerSpec, cache_dir, compare_models, environment, interpolate, load_cache,
                       measure_model, model_key, save_cache, time_layer, timed_ranks)
+from .runtime import CALIBRATION, session
 from .schemes import SCHEMES, ChannelScheme, Scheme
 from .schemes.dense import DenseScheme
 from .schemes.spatial3d import explicit_pads
@@ -828,7 +828,7 @@ def _validate(model: onnx.ModelProto) -> None:
     try:
         if model.ByteSize() < 1_800_000_000:
             onnx.checker.check_model(model, full_check=True)
-        make_session(model)
+        session(model, CALIBRATION)
     except Exception as exc:  # an internal failure: say so plainly rather than write a broken file
         raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc
 

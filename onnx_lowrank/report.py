@@ -51,8 +51,10 @@ def format_report(report: dict) -> str:
                         else "") + ")")
     if report.get("measured_latency_speedup"):
         m = report["latency_measured"]
-        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms (median of {m['runs']} "
-                     f"interleaved runs), {report['measured_latency_speedup']:.2f}x"
+        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms, "
+                     f"{report['measured_latency_speedup']:.2f}x (median of {m['runs']} interleaved rounds"
+                     + (f", IQR {m['speedup_iqr'][0]:.2f}-{m['speedup_iqr'][1]:.2f}" if m.get("speedup_iqr") else "")
+                     + ("" if m.get("stable", True) else ", not stable at the time cap") + ")"
                      + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
                         if report.get("latency_prediction_error") is not None else ""))
     lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
