@@ -15,6 +15,7 @@ from .budget import Budget, evaluate_against, search_speedup, violation
 from .errors import BudgetExceeded, LowRankError
 from .files import check_writable, json_default, write_together
 from .graph import loading
+from .graph.external import has_big_tensors, has_external_data, uses_external_data
 from .graph.loading import model_writer
 from .pipeline import CompressConfig, CompressionResult, Compressor, _config, input_specs
 
@@ -75,6 +76,10 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
         if budget.has_limits:
             result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
                                        "passed": broken is None}
+    external = uses_external_data(result.model) or has_external_data(compressor.source_model)
+    if external and has_big_tensors(result.model):
+        # over the size limit or loaded with external data: written as OUT plus OUT.data (graph/external.py)
+        result.report["external_data"] = f"{Path(output).name}.data" if output is not None else True
     if on_result is not None:
         on_result(result)
     if broken and not write_failed:
@@ -82,7 +87,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
                              result=result)
     if output is not None:
         # Model and report appear together or not at all.
-        write_together([(output, model_writer(result.model))]
+        write_together([(output, model_writer(result.model, external))]
                        + ([(report, lambda tmp: _write_json(tmp, result.report))] if report else []))
     if broken:
         raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)",

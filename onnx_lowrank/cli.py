@@ -261,14 +261,16 @@ def compress(model, calib, output, speedup, ranks, exclude, method, asymmetric, 
     show = None if quiet else (lambda result: click.echo(format_report(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
-        run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show)
+        res = run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
+                  min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure,
+                  on_result=show)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
         raise
     if not quiet:
-        click.echo(wrote)
+        data_file = res.report.get("external_data")
+        click.echo(wrote + (f" (weights in {Path(output).parent / data_file})" if isinstance(data_file, str) else ""))
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):

@@ -57,6 +57,10 @@ def format_report(report: dict) -> str:
                      + ("" if m.get("stable", True) else ", not stable at the time cap") + ")"
                      + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
                         if report.get("latency_prediction_error") is not None else ""))
+    if report.get("external_data"):
+        where = report["external_data"]
+        lines.append("weights    : kept as external data" + (f", written to {where} beside the model"
+                                                             if isinstance(where, str) else ""))
     lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
                  "squared error of the layer's target on held-back calibration images"
                  + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))

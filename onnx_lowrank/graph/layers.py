@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from scipy.special import erf, expit
 
 from ..solver.activations import Activation
+from .external import tensor_array
 from .subgraph import consumers
 
 # Activations the solver knows, by ONNX op type.
@@ -110,10 +110,10 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
             continue
         name = node.name or node.output[0]
         w_name = node.input[1]
-        weight = numpy_helper.to_array(inits[w_name]) if w_name in inits else None
+        weight = tensor_array(inits[w_name]) if w_name in inits else None
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+            bias = tensor_array(inits[node.input[2]]) if node.input[2] in inits else None
         layer = ConvLayer(name=name, node_index=idx, input=node.input[0], output=node.output[0],
                           weight=weight, bias=bias, attrs=conv_attrs(node), group=int(_attr(node, "group", 1)))
         shape = value_types.get(node.output[0], (None, None))[1]
@@ -207,7 +207,7 @@ def _match_single_op(layer: ConvLayer, act: onnx.NodeProto, inits) -> bool:
     elif op == "PRelu":
         if act.input[1] not in inits:
             return False
-        slope = numpy_helper.to_array(inits[act.input[1]]).astype(np.float64).reshape(-1)
+        slope = tensor_array(inits[act.input[1]]).astype(np.float64).reshape(-1)
         if slope.size not in (1, layer.out_channels):
             return False
         kind, params = "prelu", {"slope": slope if slope.size > 1 else float(slope[0])}
@@ -278,7 +278,7 @@ def _evaluate(nodes: list[onnx.NodeProto], t: str, inits) -> np.ndarray | None:
     env = {t: _GRID}
 
     def val(name):
-        return env[name] if name in env else float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        return env[name] if name in env else float(tensor_array(inits[name]).reshape(-1)[0])
 
     with np.errstate(all="ignore"):
         for n in nodes:
@@ -325,7 +325,7 @@ _EVAL = {
 
 def _const_scalar(name: str, inits) -> float | None:
     if name in inits:
-        return float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        return float(tensor_array(inits[name]).reshape(-1)[0])
     return None
 
 

@@ -5,10 +5,8 @@ through here, so a session is set up the same way wherever it serves the same pu
 speed-up is measured by the same loop.
 """
 
-from .large import is_large, large_model_bytes, model_source, save_with_external_data
 from .sessions import CALIBRATION, ORT_ERRORS, PROFILES, TIMING, Profile, one_line, run, session, time_models
 from .timing import Rounds, Spread, interleave, median_interval
 
 __all__ = ["CALIBRATION", "TIMING", "PROFILES", "Profile", "ORT_ERRORS", "session", "run", "one_line", "time_models",
-           "Rounds", "Spread", "interleave", "median_interval", "is_large", "large_model_bytes",
-           "model_source", "save_with_external_data"]
+           "Rounds", "Spread", "interleave", "median_interval"]

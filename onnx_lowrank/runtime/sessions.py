@@ -20,6 +20,7 @@ Any error onnxruntime raises while loading or running becomes a one-line :class:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import onnx
@@ -27,7 +28,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import LowRankError
-from .large import model_source
+from ..graph.external import session_file, uses_external_data
 from .timing import Rounds, interleave
 
 __all__ = ["Profile", "CALIBRATION", "TIMING", "PROFILES", "ORT_ERRORS", "session", "run", "one_line", "time_models"]
@@ -79,19 +80,31 @@ def session(model: onnx.ModelProto | str | os.PathLike, profile: Profile, thread
             profile_prefix: str | None = None) -> ort.InferenceSession:
     """A CPU session of ``model`` (a ModelProto or a file path) set up by ``profile``.
 
-    A file is loaded by onnxruntime itself, with its external data beside it; a ModelProto too
-    big to serialise in one piece goes through a temporary file with external data (see large.py).
+    A file is loaded by onnxruntime itself, with its external data beside it; so is a ModelProto
+    whose weights are kept in data files or that is too big to serialise in one piece (it is
+    written beside its data first: graph/external.py). Others are passed as bytes.
     """
     what = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
     if not isinstance(model, onnx.ModelProto) and not os.path.isfile(model):
         raise LowRankError(f"model not found: {model}; check the path")
     opts = profile.options(threads, profile_prefix)
     try:
-        with model_source(model) as source:
+        with _source(model) as source:
             return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as err:
         raise LowRankError(f"onnxruntime cannot load {what}: {one_line(err)}; check that it is a valid ONNX model") \
             from err
+
+
+@contextmanager
+def _source(model):
+    if not isinstance(model, onnx.ModelProto):
+        yield str(model)
+    elif uses_external_data(model):
+        with session_file(model) as path:
+            yield path
+    else:
+        yield model.SerializeToString()
 
 
 def run(sess: ort.InferenceSession, names: list[str] | None, feed: dict, what: str = "the model") -> list:
