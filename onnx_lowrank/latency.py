@@ -41,6 +41,7 @@ from onnx import TensorProto, helper
 from . import progress
 from .errors import LowRankError
 from .files import atomic_path
+from .graph.external import identity_bytes
 from .runtime import time_models
 from .solver.spatial import split_conv_attributes
 
@@ -196,7 +197,7 @@ def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: 
 
 
 def model_key(model: onnx.ModelProto, feed: dict) -> str:
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h = hashlib.sha256(identity_bytes(model))
     for name in sorted(feed):
         h.update(f"{name}:{list(np.shape(feed[name]))}".encode())
     return "model_" + h.hexdigest()[:20]

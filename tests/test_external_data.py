@@ -131,3 +131,16 @@ def test_save_with_external_data_round_trips(models, tmp_path):
     again = onnx.load(str(path))
     assert {t.name: numpy_helper.to_array(t).tobytes() for t in again.graph.initializer} == \
         {t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}
+
+
+def test_latency_key_does_not_depend_on_where_the_weights_are_kept(models):
+    from onnx_lowrank.latency import model_key
+
+    _, _, ext, _ = models
+    a, b = load_model(ext), load_model(ext)
+    where = [{e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"} for m in (a, b)]
+    assert where[0] != where[1]  # two links in two folders
+    feed = {"input": np.zeros((1, 3, 12, 12), np.float32)}
+    assert model_key(a, feed) == model_key(b, feed)
+    b.graph.initializer[0].name = "renamed"
+    assert model_key(a, feed) != model_key(b, feed)

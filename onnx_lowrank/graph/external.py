@@ -31,7 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LowRankError
 
-__all__ = ["large_model_bytes", "is_large", "has_external_data", "uses_external_data", "has_big_tensors", "tensor_array",
+__all__ = ["large_model_bytes", "is_large", "has_external_data", "uses_external_data", "has_big_tensors", "identity_bytes",
+           "tensor_array",
            "attach_external_data", "externalise", "save_with_external_data", "session_file"]
 
 #: Below protobuf's 2 GB with room for the graph itself.
@@ -89,6 +90,20 @@ def has_big_tensors(model: onnx.ModelProto) -> bool:
     """Whether writing with external data would put anything in a data file."""
     return any(_external(t) or (t.HasField("raw_data") and len(t.raw_data) >= MIN_EXTERNAL_BYTES)
                for t in _tensors(model))
+
+
+def identity_bytes(model: onnx.ModelProto) -> bytes:
+    """Serialised model for hashing: as written, except that data files are named by their own name,
+    not by where this process keeps them (so that latency tables find the model again)."""
+    if not has_external_data(model):
+        return model.SerializeToString(deterministic=True)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # small: the weights are external
+    for t in _tensors(m):
+        if _external(t):
+            info = _info(t)
+            _set_info(t, dict(info, location=os.path.basename(info["location"])))
+    return m.SerializeToString(deterministic=True)
 
 
 def tensor_array(t: TensorProto) -> np.ndarray:
@@ -155,7 +170,9 @@ def externalise(model: onnx.ModelProto) -> None:
                and len(t.raw_data) >= MIN_EXTERNAL_BYTES]
     if not tensors:
         return
-    path = os.path.join(_work_dir(), f"{uuid.uuid4().hex[:12]}.data")
+    folder = os.path.join(_work_dir(), uuid.uuid4().hex[:12])
+    os.makedirs(folder)
+    path = os.path.join(folder, "weights.data")
     with open(path, "wb") as f:
         for t in tensors:
             offset = _pad(f)
