@@ -36,6 +36,8 @@ ORDER = [
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
+    ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
+    ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
 ]
 
 PREAMBLE = """# Benchmark results
