@@ -26,7 +26,7 @@ from .calibration.inputs import FeedSource, ImagePreprocess, InputSpec, open_sou
 from .calibration.sampling import Propagator, SampledTensor, collect, probe_shapes, sample_key
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
-from .graph.external import uses_external_data
+from .graph.external import release_mapped_pages, uses_external_data
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import infer_value_types, load_model, normalise, real_inputs, with_input_shapes
 from .graph.rewrite import ConvStage, add_branches, rewrite_convs
@@ -821,7 +821,9 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
 
 
 def _stages(p: LayerPlan) -> list[ConvStage]:
-    return p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced, p.split)
+    stages = p.scheme.stages(p.layer, p.rank, p.factorisation, p.balanced, p.split)
+    release_mapped_pages()  # weights kept on disk: the old ones need not stay in memory (graph/external.py)
+    return stages
 
 
 def _validate(model: onnx.ModelProto) -> None:

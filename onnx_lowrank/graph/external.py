@@ -17,10 +17,12 @@ tiny model takes the same path in tests.
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +35,8 @@ from ..errors import LowRankError
 
 __all__ = ["large_model_bytes", "is_large", "has_external_data", "uses_external_data", "has_big_tensors", "identity_bytes",
            "tensor_array",
-           "attach_external_data", "externalise", "save_with_external_data", "session_file"]
+           "attach_external_data", "externalise", "save_with_external_data", "session_file", "release_mapped_pages",
+           "WeightFile"]
 
 #: Below protobuf's 2 GB with room for the graph itself.
 DEFAULT_LARGE_MODEL_BYTES = 1_800_000_000
@@ -42,6 +45,7 @@ DEFAULT_LARGE_MODEL_BYTES = 1_800_000_000
 MIN_EXTERNAL_BYTES = 1024
 _ALIGN = 4096
 _work: list[str] = []
+_maps: list[weakref.ref] = []  # the memory maps handed out (arrays are unhashable: no WeakSet)
 
 
 def large_model_bytes() -> int:
@@ -115,7 +119,43 @@ def tensor_array(t: TensorProto) -> np.ndarray:
     shape = tuple(int(d) for d in t.dims)
     if _nbytes(t) == 0:
         return np.zeros(shape, dtype)
-    return np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    array = np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    _maps.append(weakref.ref(array))
+    return array
+
+
+def release_mapped_pages() -> None:
+    """Drop the resident pages of every weight mapped so far (they are re-read from the file if used
+    again): once a model's new weights are computed, its old ones need not stay in memory."""
+    alive = [r for r in _maps if r() is not None]
+    _maps[:] = alive
+    for ref in alive:
+        m = getattr(ref(), "_mmap", None)
+        if m is not None and not m.closed:
+            m.madvise(mmap.MADV_DONTNEED)
+
+
+class WeightFile:
+    """New weights of a model that keeps its weights on disk, appended to one data file of the work
+    folder as they are made: the rewritten proto stays small and holds no second copy."""
+
+    def __init__(self):
+        folder = os.path.join(_work_dir(), uuid.uuid4().hex[:12])
+        os.makedirs(folder)
+        self.path = os.path.join(folder, "weights.data")
+        open(self.path, "wb").close()
+
+    def tensor(self, array: np.ndarray, name: str) -> TensorProto:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.nbytes < MIN_EXTERNAL_BYTES:
+            return numpy_helper.from_array(array, name)
+        with open(self.path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            offset = _pad(f)
+            f.write(array.tobytes())
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape, data_location=TensorProto.EXTERNAL)
+        _set_info(t, {"location": self.path, "offset": str(offset), "length": str(array.nbytes)})
+        return t
 
 
 def _work_dir() -> str:
@@ -170,9 +210,7 @@ def externalise(model: onnx.ModelProto) -> None:
                and len(t.raw_data) >= MIN_EXTERNAL_BYTES]
     if not tensors:
         return
-    folder = os.path.join(_work_dir(), uuid.uuid4().hex[:12])
-    os.makedirs(folder)
-    path = os.path.join(folder, "weights.data")
+    path = WeightFile().path
     with open(path, "wb") as f:
         for t in tensors:
             offset = _pad(f)
