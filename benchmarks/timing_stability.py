@@ -3,7 +3,7 @@
 Light VGG-19 (random He weights, materialised by light_models.py), 2 threads: the same compression is
 made twice (identical ranks, byte-identical models) and each is measured the way ``compress --measure``
 does (``api.measure_speedup`` -> ``measure.bench`` -> ``runtime.interleave``: alternating rounds until
-the median per-round speed-up is known within 2 %, at least 10 rounds and 1 s, at most 60 s more).
+the median per-round speed-up is known within 2 %, at least 10 rounds and 1 s, at most 15 s more).
 Repeated ``--repeats`` times. For comparison, the estimator ``--measure`` used before (ratio of the
 medians of 5 rounds, as timed for a slow model under its 3-s budget) is computed from the first 5
 rounds of the same data.
@@ -70,20 +70,25 @@ def main() -> None:
     rows, pairs = [], []
     for rep in range(args.repeats):
         pair = []
-        for k, res in enumerate(results):
-            with timing_lock(args.lock):
+        with timing_lock(args.lock):  # the two compressions back to back, nothing else timed meanwhile
+            for k, res in enumerate(results):
                 t0 = time.perf_counter()
                 b = measure_speedup(comp, res, args.threads)
                 wall = time.perf_counter() - t0
-            m = res.report["latency_measured"]
-            pair.append(res.report["measured_latency_speedup"])
-            rows.append([rep + 1, k + 1, f"{res.report['measured_latency_speedup']:.3f}",
-                         f"{m['speedup_iqr'][0]:.3f}-{m['speedup_iqr'][1]:.3f}",
-                         f"{m['speedup_ci95'][0]:.3f}-{m['speedup_ci95'][1]:.3f}", m["runs"],
-                         "yes" if m["stable"] else "no (time cap)", f"{m['original_ms']:.1f} -> {m['compressed_ms']:.1f}",
-                         f"{old_estimate(b):.3f}", f"{wall:.0f}"])
-            print(rows[-1], flush=True)
+                m = res.report["latency_measured"]
+                pair.append(res.report["measured_latency_speedup"])
+                rows.append([rep + 1, k + 1, f"{res.report['measured_latency_speedup']:.3f}",
+                             f"{m['speedup_iqr'][0]:.3f}-{m['speedup_iqr'][1]:.3f}",
+                             f"{m['speedup_ci95'][0]:.3f}-{m['speedup_ci95'][1]:.3f}", m["runs"],
+                             "yes" if m["stable"] else "no (time cap)",
+                             f"{m['original_ms']:.1f} -> {m['compressed_ms']:.1f}", f"{old_estimate(b):.3f}",
+                             f"{wall:.0f}"])
+                print(rows[-1], flush=True)
         pairs.append(pair)
+        _write(args, same, rows, pairs)
+
+
+def _write(args, same: bool, rows: list, pairs: list) -> None:
     diffs = [abs(a / b - 1) for a, b in pairs]
     allx = [x for p in pairs for x in p]
     olds = [float(r[8]) for r in rows]
@@ -92,7 +97,7 @@ def main() -> None:
     md += (f"`--speedup {args.speedup:g}` (FLOP objective, linear solver, synthetic calibration), compressed twice: "
            f"identical ranks, {'byte-identical' if same else 'NOT byte-identical'} models. Each measured as "
            "`compress --measure` does: interleaved alternating rounds until the 95 % interval of the median "
-           "per-round speed-up lies within 2 % of it (at least 10 rounds and 1 s; at most 60 s more). "
+           "per-round speed-up lies within 2 % of it (at least 10 rounds and 1 s; at most 15 s more, `--measure`'s cap). "
            "IQR = quartiles of the per-round speed-ups; 95 % CI = order-statistic interval of their median. "
            "'old' = ratio of the medians of the first 5 rounds, the estimator `--measure` used for a slow "
            "model before. The machine (2 cores) was shared with other jobs (about 6 helpers compressing and "
@@ -103,6 +108,7 @@ def main() -> None:
            f"{', '.join(f'{100 * d:.1f} %' for d in diffs)} (target: within 5 %). All {len(allx)} measurements: "
            f"{min(allx):.3f}-{max(allx):.3f}x (spread {100 * (max(allx) / min(allx) - 1):.1f} %); the old estimator on "
            f"the same rounds: {min(olds):.3f}-{max(olds):.3f}x (spread {100 * (max(olds) / min(olds) - 1):.1f} %).\n")
+    md += f"\n{len(pairs)} of {args.repeats} repeats done when this was written.\n"
     write_result(f"timing_stability_{args.model}_t{args.threads}", md)
 
 
