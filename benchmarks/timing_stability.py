@@ -3,7 +3,7 @@
 Light VGG-19 (random He weights, materialised by light_models.py), 2 threads: the same compression is
 made twice (identical ranks, byte-identical models) and each is measured the way ``compress --measure``
 does (``api.measure_speedup`` -> ``measure.bench`` -> ``runtime.interleave``: alternating rounds until
-the median per-round speed-up is known within 2 %, at least 10 rounds and 1 s, at most 15 s more).
+the median per-round speed-up is known within 2 %, at least 10 rounds and 1 s, at most 15 s unless 10 rounds take longer).
 Repeated ``--repeats`` times. For comparison, the estimator ``--measure`` used before (ratio of the
 medians of 5 rounds, as timed for a slow model under its 3-s budget) is computed from the first 5
 rounds of the same data.
@@ -97,7 +97,7 @@ def _write(args, same: bool, rows: list, pairs: list) -> None:
     md += (f"`--speedup {args.speedup:g}` (FLOP objective, linear solver, synthetic calibration), compressed twice: "
            f"identical ranks, {'byte-identical' if same else 'NOT byte-identical'} models. Each measured as "
            "`compress --measure` does: interleaved alternating rounds until the 95 % interval of the median "
-           "per-round speed-up lies within 2 % of it (at least 10 rounds and 1 s; at most 15 s more, `--measure`'s cap). "
+           "per-round speed-up lies within 2 % of it (at least 10 rounds and 1 s; at most 15 s, `--measure`'s cap, unless 10 rounds take longer). "
            "IQR = quartiles of the per-round speed-ups; 95 % CI = order-statistic interval of their median. "
            "'old' = ratio of the medians of the first 5 rounds, the estimator `--measure` used for a slow "
            "model before. The machine (2 cores) was shared with other jobs (about 6 helpers compressing and "

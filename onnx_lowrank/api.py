@@ -125,7 +125,7 @@ def _check_outputs(model, output, report) -> None:
         check_writable(report, "report")
 
 
-#: ``--measure``'s time cap past its first 10 rounds and 1 s (``bench`` allows 60 s): compressing is the job.
+#: ``--measure``'s time cap, unless its first 10 rounds take longer (``bench`` allows 60 s): compressing is the job.
 MEASURE_SECONDS = 15.0
 
 

@@ -324,7 +324,7 @@ def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: in
               help="Timed rounds; each round runs every model once [default: until each speed-up's median is "
                    "known within 2 % (95 % confidence), at least 10 rounds, then at most --max-seconds].")
 @click.option("--max-seconds", type=float, default=60.0, show_default=True,
-              help="Time cap of the rounds after the first 10 when --runs is not given.")
+              help="Time cap of the rounds (the first 10 always run) when --runs is not given.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Real inputs (.npz/.npy/image folder) instead of random ones.")
 @click.option("--profile", is_flag=True, help="Add a per-op-type time breakdown from onnxruntime's profiler.")

@@ -182,7 +182,7 @@ def bench(
     one feed dict (synthetic) or a list of them (real data, cycled). ``runs``: exactly that many
     rounds; ``None``: rounds until each speed-up (a lone model: its time) has its median known
     within ``tolerance`` on either side at 95 % confidence, at least ``min_runs`` rounds and
-    ``min_seconds``, and past those at most ``max_seconds``. ``speedup[i]`` is the median over rounds of model 0's time / model
+    ``min_seconds``, and then at most ``max_seconds`` in all. ``speedup[i]`` is the median over rounds of model 0's time / model
     i's time; ``speedup_spread[i]`` its quartiles and confidence interval. ``model_paths`` may hold
     in-memory ModelProtos.
     """
