@@ -51,6 +51,8 @@ ORDER = [
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
+    ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
+    ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -41,13 +41,13 @@ def main():
     ap.add_argument("--speedup", type=float, default=4.0)
     args = ap.parse_args()
     progress.set_enabled(False)
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
     with np.load(DEMO / "heldout.npz") as h:
         x, labels = h["input"], h["label"]
 
     def run(model):
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = runtime.session(model, runtime.TIMING)
         return np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
 
     ref = run(load_model(str(DEMO / "mnist_vgg.onnx")))

@@ -8,7 +8,6 @@ the measured speed-up, and the model and report written together or not at all.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -17,6 +16,7 @@ from .budget import Budget, evaluate_against, search_speedup, violation
 from .errors import BudgetExceeded, LowRankError
 from .files import check_writable, json_default, write_together
 from .graph import loading
+from .graph.external import has_big_tensors, has_external_data, uses_external_data
 from .graph.loading import model_writer
 from .calibration.batching import input_specs
 from .compressor import CompressionResult, Compressor
@@ -99,6 +99,10 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
         if budget.has_limits:
             result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
                                        "passed": broken is None}
+    external = uses_external_data(result.model) or has_external_data(compressor.source_model)
+    if external and has_big_tensors(result.model):
+        # over the size limit or loaded with external data: written as OUT plus OUT.data (graph/external.py)
+        result.report["external_data"] = f"{Path(output).name}.data" if output is not None else True
     if on_result is not None:
         on_result(result)
     if broken and not write_failed:
@@ -106,7 +110,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
                              result=result)
     if output is not None:
         # Model and report appear together or not at all.
-        write_together([(output, model_writer(result.model))]
+        write_together([(output, model_writer(result.model, external))]
                        + ([(report, lambda tmp: _write_json(tmp, result.report))] if report else []))
     if broken:
         raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)",
@@ -165,25 +169,28 @@ def _check_outputs(model, output, report) -> None:
         check_writable(report, "--report")
 
 
-def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:
-    """Bench original vs compressed (interleaved, about 3 s) into the report; predicted beside it."""
+#: ``--measure``'s time cap, unless its first 10 rounds take longer (``bench`` allows 60 s): compressing is the job.
+MEASURE_SECONDS = 15.0
+
+
+def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> dict:
+    """Bench original vs compressed into the report, predicted beside it: interleaved rounds until the
+    median per-round speed-up is stable (runtime.timing), with its spread. Returns the ``bench`` result."""
     from .measure import bench
 
-    feed = compressor.timing_feed()
-    t0 = time.perf_counter()
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=3, warmup=1)
-    per_round = max(time.perf_counter() - t0, 1e-6) / 4
-    runs = int(min(200, max(5, 3.0 / per_round)))
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=runs, warmup=1)
+    b = bench([compressor.model, result.model], compressor.timing_feed(), threads=threads, warmup=1,
+              max_seconds=MEASURE_SECONDS)
+    spread = b["speedup_spread"][1]
     rep = result.report
     rep["latency_measured"] = {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-                               "runs": runs, "threads": threads}
+                               "runs": b["rounds"], "threads": threads, "speedup_iqr": spread["iqr"],
+                               "speedup_ci95": spread["ci95"], "stable": b["stable"]}
     rep["measured_latency_speedup"] = b["speedup"][1]
     if rep.get("predicted_latency_speedup"):
-        # Predicted speed-ups applied to this run's original time, against this run's compressed time.
         for key, speedup in (("latency_prediction_error", "predicted_latency_speedup"),
                              ("latency_table_error", "table_latency_speedup")):
-            rep[key] = b["models"][0]["median_ms"] / rep[speedup] / b["models"][1]["median_ms"] - 1
+            rep[key] = b["speedup"][1] / rep[speedup] - 1
+    return b
 
 
 def _write_json(path: str, obj) -> None:

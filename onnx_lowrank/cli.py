@@ -174,15 +174,17 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
     show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
-        run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
-            samples=sample_paths, shards=shards, executor=executor, workers=workers, recover=recover_epochs)
+        res = run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
+                  min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure,
+                  on_result=show, samples=sample_paths, shards=shards, executor=executor, workers=workers,
+                  recover=recover_epochs)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
         raise
     if not quiet:
-        click.echo(wrote)
+        data_file = res.report.get("external_data")
+        click.echo(wrote + (f" (weights in {Path(output).parent / data_file})" if isinstance(data_file, str) else ""))
 
 
 def _recovery_lines(report: dict) -> str:
@@ -238,17 +240,22 @@ def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: in
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed runs.")
-@click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds; each round runs every model once.")
+@click.option("--runs", type=int, default=None,
+              help="Timed rounds; each round runs every model once [default: until each speed-up's median is "
+                   "known within 2 % (95 % confidence), at least 10 rounds, then at most --max-seconds].")
+@click.option("--max-seconds", type=float, default=60.0, show_default=True,
+              help="Time cap of the rounds (the first 10 always run) when --runs is not given.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Real inputs (.npz/.npy/image folder) instead of random ones.")
 @click.option("--profile", is_flag=True, help="Add a per-op-type time breakdown from onnxruntime's profiler.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_shapes_option
-def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, input_shapes):
+def bench(models, threads, batch, runs, max_seconds, warmup, data, profile, as_json, quiet, input_shapes):
     """CPU latency of one or more models with onnxruntime, runs interleaved so noise hits all alike.
 
-    Reports median / min / max per model and each model's speed-up against the first.
+    Reports median / min / max per model and each model's speed-up against the first: the median of
+    per-round ratios, with their interquartile range and the median's 95 % confidence interval.
 
     \b
       onnx-lowrank bench model.onnx model.lowrank.onnx --threads 1 --runs 100
@@ -263,6 +270,7 @@ def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, i
             raise LowRankError(f"model file not found: {m} (check the path)")
     feeds = _feeds_for(models[0], data, batch, 0, parse_input_shapes(input_shapes), limit=batch * 16)
     res = run([str(m) for m in models], feeds, threads=threads, runs=runs, warmup=warmup, profile=profile,
+              max_seconds=max_seconds,
               progress=not quiet and not as_json)
     click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_bench(res))
 
@@ -314,7 +322,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--max-images", type=int, default=None)
 @_max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
+@click.option("--runs", type=int, default=None,
+              help="Interleaved latency rounds per speed-up [default: until the median speed-up is stable, as bench].")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
 @click.option("--out", "out_prefix", default="sweep", show_default=True, metavar="PREFIX",
               help="Writes PREFIX.csv and PREFIX.png.")

@@ -21,18 +21,19 @@ from .calibration.batching import batching, fixed_batch, input_specs
 from .calibration.checks import check_source, review_samples
 from .calibration.samples import Samples, check_samples, fingerprint, model_hash, shard_range
 from .calibration.inputs import open_source
-from .calibration.runtime import make_session
 from .calibration.sampling import probe_shapes, sample_key
 from .config import CompressConfig, check_config, parse_size, with_overrides
 from .costs import COST_MODELS
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
+from .graph.external import release_mapped_pages, uses_external_data
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import infer_value_types, load_model, normalise, with_input_shapes
 from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
+from .runtime import CALIBRATION, session
 from .sampling_plan import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings,
                             tensors, within_memory)
 from .schemes import SCHEME_CHOICES
@@ -190,7 +191,7 @@ class Compressor:
                                self.limit, self.positions, cfg)
         by_id = {p.layer_id: p for p in solved}
         plan = [by_id.get(p.layer_id, p) for p in plan]
-        new_model = rewrite_convs(self.model, {p.layer.name: p.stages() for p in solved}) if solved \
+        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in solved}) if solved \
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
@@ -228,11 +229,17 @@ def _shape_known(value_types, name: str) -> bool:
     return s is not None and all(isinstance(v, int) for v in s[1:])
 
 
+def _stages(p) -> list:
+    stages = p.stages()
+    release_mapped_pages()  # weights kept on disk: the old ones need not stay in memory (graph/external.py)
+    return stages
+
+
 def _validate(model: onnx.ModelProto) -> None:
     """The model we write must pass the full checker and load in onnxruntime."""
     try:
-        if model.ByteSize() < 1_800_000_000:
+        if not uses_external_data(model):  # the checker reads weights in the proto only
             onnx.checker.check_model(model, full_check=True)
-        make_session(model)
+        session(model, CALIBRATION)
     except Exception as exc:  # an internal failure: say so plainly rather than write a broken file
         raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc

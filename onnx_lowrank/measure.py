@@ -10,15 +10,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from onnx_lowrank.calibration.runtime import ORT_ERRORS as _ORT_ERRORS
-from onnx_lowrank.calibration.runtime import one_line as _one_line
+from onnx_lowrank import runtime
+from onnx_lowrank.runtime import timing
 from onnx_lowrank.errors import LowRankError
 
 __all__ = ["synthetic_feeds", "bench"]
@@ -43,46 +43,17 @@ _INT_HIGH = 10
 # Probabilities are clipped here before the log so that a zero in the candidate gives a large, finite KL.
 
 
-def _session(model_path, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """CPU session configured like a deployment: full graph optimisation, no inter-op parallelism.
-
-    Intra-op threads do not spin between runs: sessions are timed interleaved, and a spinning pool
-    left by the session run just before steals the cores from the next one (with 2 threads on 2
-    cores, four interleaved ResNet-50 sessions each took 51 ms with spinning, 28 ms without, and
-    27 ms alone: benchmarks/spinning.py), which would corrupt every ratio at more than one thread.
-
-    ``model_path`` may also be an in-memory ``onnx.ModelProto`` (a model just compressed).
-    """
-    source = model_path
-    if hasattr(model_path, "SerializeToString"):
-        source, model_path = model_path.SerializeToString(), "<in-memory model>"
-    elif not os.path.isfile(model_path):
-        raise LowRankError(f"model not found: {model_path}; check the path")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-    except _ORT_ERRORS as err:
-        raise LowRankError(
-            f"onnxruntime cannot load {model_path}: {_one_line(err)}; check that it is a valid ONNX model"
-        ) from err
+def _session(model, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session set up like a deployment (``runtime.TIMING``); ``model`` is a path or an in-memory ModelProto."""
+    return runtime.session(model, runtime.TIMING, threads, profile_prefix)
 
 
-def _run(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list:
-    try:
-        return sess.run(names, feed)
-    except _ORT_ERRORS as err:
-        raise LowRankError(
-            f"onnxruntime failed to run {path}: {_one_line(err)}; check the input shapes and dtypes"
-        ) from err
+def _run(sess: ort.InferenceSession, path, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list:
+    return runtime.run(sess, names, feed, _label(path))
+
+
+def _label(model) -> str:
+    return "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def _feed_for(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,7 +64,7 @@ def _feed_for(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray]
     missing = [n for n in names if n not in feed]
     if missing:
         raise LowRankError(
-            f"{path} needs input(s) {', '.join(missing)} that the feeds do not provide "
+            f"{_label(path)} needs input(s) {', '.join(missing)} that the feeds do not provide "
             f"(given: {', '.join(feed) or 'none'}); feed every model input"
         )
     return {n: np.asarray(feed[n]) for n in names}
@@ -189,23 +160,34 @@ def _batch_of(feed: dict[str, np.ndarray]) -> int | None:
 
 
 def bench(
-    model_paths: list[str],
+    model_paths: list,
     feeds: dict[str, np.ndarray] | list[dict],
     threads: int | None = None,
-    runs: int = 50,
+    runs: int | None = None,
     warmup: int = 5,
     profile: bool = False,
     progress: bool = False,
+    min_runs: int = timing.MIN_ROUNDS,
+    min_seconds: float = timing.MIN_SECONDS,
+    tolerance: float = timing.TOLERANCE,
+    max_seconds: float = timing.MAX_SECONDS,
 ) -> dict:
     """Latency of each model on the CPU provider, interleaved so that machine noise hits all alike.
 
-    Each round runs every model once, the order rotated per round. ``feeds`` is one feed dict
-    (synthetic) or a list of them (real data, cycled). ``speedup[i]`` = median of model 0 / median of i.
+    Each round runs every model once, the order rotated per round (runtime.timing). ``feeds`` is
+    one feed dict (synthetic) or a list of them (real data, cycled). ``runs``: exactly that many
+    rounds; ``None``: rounds until each speed-up (a lone model: its time) has its median known
+    within ``tolerance`` on either side at 95 % confidence, at least ``min_runs`` rounds and
+    ``min_seconds``, and then at most ``max_seconds`` in all. ``speedup[i]`` is the median over rounds of model 0's time / model
+    i's time; ``speedup_spread[i]`` its quartiles and confidence interval. ``model_paths`` may hold
+    in-memory ModelProtos.
     """
     if not model_paths:
         raise LowRankError("no models to benchmark; give at least one model path")
-    if runs < 1:
+    if runs is not None and runs < 1:
         raise LowRankError(f"runs must be at least 1, got {runs}")
+    if min_runs < 1 or not max_seconds > 0 or not tolerance > 0:
+        raise LowRankError("min_runs must be at least 1, max_seconds and tolerance positive")
     if warmup < 0:
         raise LowRankError(f"warmup must be 0 or more, got {warmup}")
     if threads is not None and threads < 1:
@@ -216,49 +198,43 @@ def bench(
 
     sessions = [_session(p, threads) for p in model_paths]
     per_model_feeds = [[_feed_for(s, p, f) for f in feed_list] for s, p in zip(sessions, model_paths)]
+    labels = [_label(p) for p in model_paths]
+    runners = [lambda r, s=s, f=f, w=w: runtime.run(s, None, f[r % len(f)], w)
+               for s, f, w in zip(sessions, per_model_feeds, labels)]
     n = len(model_paths)
-    times: list[list[float]] = [[] for _ in range(n)]
-    total = n * (warmup + runs) * (2 if profile else 1)
+    fixed = dict(min_rounds=runs, max_rounds=runs, tolerance=None) if runs is not None else \
+        dict(min_rounds=min_runs, min_seconds=min_seconds, seconds=max_seconds, tolerance=tolerance)
+    total = n * (warmup + runs) * (2 if profile else 1) if runs is not None else None
     with _progress_bar(progress, total, "bench") as bar:
-        for i, (sess, path) in enumerate(zip(sessions, model_paths)):
-            for r in range(warmup):
-                _run(sess, path, per_model_feeds[i][r % len(feed_list)])
-                bar.update(1)
-        for r in range(runs):
-            feed_index = r % len(feed_list)
-            for k in range(n):
-                i = (r + k) % n
-                feed = per_model_feeds[i][feed_index]
-                start = time.perf_counter()
-                _run(sessions[i], model_paths[i], feed)
-                times[i].append((time.perf_counter() - start) * 1000.0)
-                bar.update(1)
-        del sessions
+        rounds = timing.interleave(runners, warmup=warmup, on_run=lambda: bar.update(1), **fixed)
+        del sessions, runners
         profiles = None
         if profile:
             profiles = [
-                _profile_model(path, threads, per_model_feeds[i], runs, warmup, bar)
+                _profile_model(path, threads, per_model_feeds[i], rounds.rounds, warmup, bar)
                 for i, path in enumerate(model_paths)
             ]
 
     models = []
-    for i, path in enumerate(model_paths):
-        t = times[i]
+    for i, label in enumerate(labels):
+        t = rounds.ms[i]
         entry = {
-            "path": path,
+            "path": label,
             "median_ms": float(statistics.median(t)),
             "min_ms": float(min(t)),
             "max_ms": float(max(t)),
             "mean_ms": float(statistics.fmean(t)),
             "runs": len(t),
+            "times_ms": list(t),
         }
         if profiles is not None:
             entry["profile"] = profiles[i]
         models.append(entry)
-    base = models[0]["median_ms"]
-    speedup = [base / m["median_ms"] if m["median_ms"] > 0 else float("inf") for m in models]
-    speedup[0] = 1.0
-    return {"models": models, "speedup": speedup, "threads": threads, "batch": _batch_of(feed_list[0])}
+    spreads = [None] + [rounds.speedup(i).as_dict() for i in range(1, n)]
+    speedup = [1.0] + [s["median"] for s in spreads[1:]]
+    return {"models": models, "speedup": speedup, "speedup_spread": spreads, "rounds": rounds.rounds,
+            "stable": rounds.stable if runs is None else None, "seconds": rounds.seconds,
+            "threads": threads, "batch": _batch_of(feed_list[0])}
 
 
 def _profile_model(

@@ -153,10 +153,16 @@ def format_report(report: dict) -> str:
                         else "") + ")")
     if report.get("measured_latency_speedup"):
         m = report["latency_measured"]
-        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms (median of {m['runs']} "
-                     f"interleaved runs), {report['measured_latency_speedup']:.2f}x"
+        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms, "
+                     f"{report['measured_latency_speedup']:.2f}x (median of {m['runs']} interleaved rounds"
+                     + (f", IQR {m['speedup_iqr'][0]:.2f}-{m['speedup_iqr'][1]:.2f}" if m.get("speedup_iqr") else "")
+                     + ("" if m.get("stable", True) else ", not stable at the time cap") + ")"
                      + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
                         if report.get("latency_prediction_error") is not None else ""))
+    if report.get("external_data"):
+        where = report["external_data"]
+        lines.append("weights    : kept as external data" + (f", written to {where} beside the model"
+                                                             if isinstance(where, str) else ""))
     lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
                  "squared error of the layer's target on held-back calibration images"
                  + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))
@@ -179,6 +185,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _interval(spread: dict | None, key: str) -> str:
+    if not spread:
+        return "-"
+    lo, hi = spread[key]
+    return f"{lo:.2f}-{hi:.2f}" if math.isfinite(lo) and math.isfinite(hi) else "?"
+
+
 def format_bench(result: dict) -> str:
     """Terminal table of a ``bench`` result, plus one per-op table per profiled model."""
     threads = result.get("threads")
@@ -186,6 +199,7 @@ def format_bench(result: dict) -> str:
         f"threads: {threads if threads is not None else 'onnxruntime default'}   "
         f"batch: {result.get('batch') if result.get('batch') is not None else '-'}"
     ]
+    spreads = result.get("speedup_spread") or [None] * len(result["models"])
     rows = [
         [
             m["path"],
@@ -195,10 +209,17 @@ def format_bench(result: dict) -> str:
             f"{m['mean_ms']:.3f}",
             str(m["runs"]),
             f"{s:.2f}x",
+            _interval(sp, "iqr"),
+            _interval(sp, "ci95"),
         ]
-        for m, s in zip(result["models"], result["speedup"])
+        for m, s, sp in zip(result["models"], result["speedup"], spreads)
     ]
-    lines += table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup"], rows)
+    lines += table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup", "IQR", "95% CI"], rows)
+    if result.get("rounds") is not None:
+        how = {True: "stopped when every median was known within the tolerance",
+               False: "stopped at the time cap before the medians were stable: rerun on a quieter machine",
+               None: "fixed count"}[result.get("stable")]
+        lines.append(f"{result['rounds']} interleaved rounds ({how}); speed-up = median of per-round ratios")
     for m in result["models"]:
         if "profile" not in m:
             continue

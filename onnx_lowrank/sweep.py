@@ -18,13 +18,13 @@ from .compressor import Compressor
 from .costs import COST_MODELS
 from .solver.ranks import RankSelectionError
 
-FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured", "latency_ms",
-          "latency_original_ms", "top1_agreement", "top5_overlap", "nmse", "accuracy_reference", "accuracy_candidate",
+FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured",
+          "speedup_measured_q1", "speedup_measured_q3", "latency_rounds", "latency_ms", "latency_original_ms", "top1_agreement", "top5_overlap", "nmse", "accuracy_reference", "accuracy_candidate",
           "accuracy_drop_points", "layers_factorised", "status"]
 
 
 def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | None = None,
-          runs: int = 30, threads: int | None = None, batch: int = 1, executor: str = "local",
+          runs: int | None = None, threads: int | None = None, batch: int = 1, executor: str = "local",
           workers: int | None = None) -> list[dict]:
     """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels).
 
@@ -64,6 +64,9 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
                 "speedup_theoretical": res.report["speedup_theoretical"],
                 "speedup_predicted": res.report["predicted_latency_speedup"],
                 "speedup_measured": b["speedup"][1],
+                "speedup_measured_q1": b["speedup_spread"][1]["iqr"][0],
+                "speedup_measured_q3": b["speedup_spread"][1]["iqr"][1],
+                "latency_rounds": b["rounds"],
                 "latency_ms": b["models"][1]["median_ms"],
                 "latency_original_ms": b["models"][0]["median_ms"],
                 **{k: ev[k] for k in ("top1_agreement", "top5_overlap", "nmse", "accuracy_reference",

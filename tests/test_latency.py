@@ -213,8 +213,12 @@ def test_cli_reports_measured_and_predicted_speedup(table, tmp_path):
     assert res.returncode == 0, res.stderr
     rep = json.loads(rep_path.read_text())
     assert rep["measured_latency_speedup"] > 0 and rep["predicted_latency_speedup"] > 1
-    assert rep["latency_measured"]["original_ms"] > 0 and rep["latency_measured"]["compressed_ms"] > 0
-    assert "predicted" in res.stdout and "measured" in res.stdout and "multiples of 16" in res.stdout
+    m = rep["latency_measured"]
+    assert m["original_ms"] > 0 and m["compressed_ms"] > 0 and m["runs"] >= 10
+    assert m["speedup_iqr"][0] <= rep["measured_latency_speedup"] <= m["speedup_iqr"][1]
+    assert m["speedup_ci95"][0] <= rep["measured_latency_speedup"] <= m["speedup_ci95"][1]
+    assert "predicted" in res.stdout and "multiples of 16" in res.stdout
+    assert f"median of {m['runs']} interleaved rounds, IQR" in res.stdout
 
 
 def _fake_whole_model(table, tmp_path, factor):

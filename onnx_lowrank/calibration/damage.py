@@ -22,7 +22,7 @@ from ..graph.dense import is_dense
 from ..graph.layers import ConvLayer
 from ..graph.probe import PROBE_B, PROBE_W, probe_model
 from ..solver.reconstruction import Factorisation
-from .runtime import make_session, run
+from ..runtime import CALIBRATION, run, session
 
 __all__ = ["METRICS", "held_back_feeds", "measure_damage", "DamageCache", "resolve_metric"]
 
@@ -123,7 +123,7 @@ def measure_damage(model: onnx.ModelProto, candidates: list[tuple[ConvLayer, dic
     layer named there holds its fit while one layer takes its candidates, and the table gives the
     damage *added* by each candidate over keeping that layer whole (rank 0 is not used): the damage is
     then measured where the allocation will land, interactions between layers included to first order."""
-    ref_sess = make_session(model, threads)
+    ref_sess = session(model, CALIBRATION, threads)
     out_name = ref_sess.get_outputs()[0].name
     refs = [run(ref_sess, [out_name], feed)[0].astype(np.float64) for feed in feeds]
     chosen = resolve_metric(metric, refs[0])
@@ -132,7 +132,7 @@ def measure_damage(model: onnx.ModelProto, candidates: list[tuple[ConvLayer, dic
     for layer, fits in candidates:
         others = [(lay, f.M, f.b) for lay, f in ((lay, context.get(lay.name)) for lay, _ in candidates)
                   if f is not None and lay.name != layer.name]
-        sess = make_session(probe_model(model, layer, others), threads)
+        sess = session(probe_model(model, layer, others), CALIBRATION, threads)
         table = {}
         for r, f in ([(0, None)] if context else []) + list(fits.items()):
             weights = _probe_weights(layer, f)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from scipy.special import erf, expit
 
 from ..solver.activations import REGISTRY, RUNTIME, Activation, OpNode
+from .external import tensor_array
 from .subgraph import consumers
 
 
@@ -108,10 +108,10 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
             continue
         name = node.name or node.output[0]
         w_name = node.input[1]
-        weight = numpy_helper.to_array(inits[w_name]) if w_name in inits else None
+        weight = tensor_array(inits[w_name]) if w_name in inits else None
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+            bias = tensor_array(inits[node.input[2]]) if node.input[2] in inits else None
         layer = ConvLayer(name=name, node_index=idx, input=node.input[0], output=node.output[0],
                           weight=weight, bias=bias, attrs=conv_attrs(node), group=int(_attr(node, "group", 1)))
         shape = value_types.get(node.output[0], (None, None))[1]
@@ -198,7 +198,7 @@ def _op_node(node: onnx.NodeProto, inits) -> OpNode:
     """The node as the activation registry reads it (attributes decoded, constant inputs as arrays)."""
     attrs = {a.name: _text(v) if isinstance(v := onnx.helper.get_attribute_value(a), bytes) else v
              for a in node.attribute}
-    inputs = tuple(None if not name else numpy_helper.to_array(inits[name]) if name in inits else RUNTIME
+    inputs = tuple(None if not name else tensor_array(inits[name]) if name in inits else RUNTIME
                    for name in node.input)
     return OpNode(node.op_type, attrs, inputs)
 
@@ -264,7 +264,7 @@ def _evaluate(nodes: list[onnx.NodeProto], t: str, inits) -> np.ndarray | None:
     env = {t: _GRID}
 
     def val(name):
-        return env[name] if name in env else float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        return env[name] if name in env else float(tensor_array(inits[name]).reshape(-1)[0])
 
     with np.errstate(all="ignore"):
         for n in nodes:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..calibration.inputs import FeedSource
-from ..calibration.runtime import make_session, run
+from ..runtime import CALIBRATION, run, session
 from ..errors import LowRankError
 
 
@@ -27,7 +27,7 @@ class Teacher:
             for name in extra:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         self.outputs = outputs
-        self.session = make_session(model, threads)
+        self.session = session(model, CALIBRATION, threads)
 
     def __call__(self, feed: dict[str, np.ndarray], batch: int = 32) -> list[np.ndarray]:
         n = len(next(iter(feed.values())))
