@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .costs import COST_MODELS
-from .files import atomic_path
+from .files import save_figure
 
 
 def damage_plot(report: dict, path: str | Path, title: str = "") -> None:
@@ -42,11 +42,7 @@ def damage_plot(report: dict, path: str | Path, title: str = "") -> None:
     if len(layers) <= 20:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _ints(d: dict) -> dict[int, float]:
