@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_path
+from .costs import COST_MODELS
+from .files import save_figure
 
 
 def damage_plot(report: dict, path: str | Path, title: str = "") -> None:
@@ -18,7 +19,7 @@ def damage_plot(report: dict, path: str | Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latency = report.get("objective") == "latency"
+    unit = COST_MODELS[report["objective"]].unit if report.get("objective") in COST_MODELS else "FLOPs"
     layers = [lay for lay in report["layers"] if lay.get("damage_by_rank") and lay.get("saving_by_rank")]
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     floor = 1e-9
@@ -34,18 +35,14 @@ def damage_plot(report: dict, path: str | Path, title: str = "") -> None:
         if lay["rank"] is not None and lay["rank"] in sav:
             ax.plot([sav[lay["rank"]]], [max(lay["damage"], floor)], "*", ms=12, color=line.get_color())
     ax.set_yscale("log")
-    ax.set_xlabel("latency saved (ms)" if latency else "FLOPs saved")
+    ax.set_xlabel(f"{unit} saved")
     ax.set_ylabel("damage to the outputs (" + report.get("damage_metric", "") + ", log)")
     ax.set_title(title or "accuracy cost against saving per layer (stars: chosen ranks)")
     ax.grid(alpha=0.3)
     if len(layers) <= 20:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _ints(d: dict) -> dict[int, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import progress
 from .budget import Budget, evaluate_against
-from .files import atomic_path
+from .files import atomic_path, save_figure
 from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
 from .calibration.batching import input_specs
@@ -187,8 +187,4 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

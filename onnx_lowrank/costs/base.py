@@ -48,6 +48,8 @@ class CostModel:
     name = ""
     #: One line for ``--help``.
     help = ""
+    #: What its costs count (axis labels).
+    unit = ""
     #: Its costs are measured (``Costs.table``): workers of a sweep are given them instead of measuring.
     measures = False
 

@@ -31,6 +31,7 @@ class FlopCosts(Costs):
 
 class FlopModel(CostModel):
     name = "flops"
+    unit = "FLOPs"
     help = "--speedup is the FLOP reduction"
 
     def costs(self, compressor, plan, cfg) -> Costs:

@@ -242,6 +242,7 @@ def _next_request(tried: list[dict], want: float, saving: float, measured_saving
 
 class LatencyModel(CostModel):
     name = "latency"
+    unit = "latency (ms)"
     measures = True
     help = ("--speedup is measured latency on this CPU (layers are timed on onnxruntime, cached)")
 
