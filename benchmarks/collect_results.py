@@ -39,12 +39,18 @@ ORDER = [
     ("streaming", "Issue 14: streaming calibration, 2,000 images of 416 x 416, 1 vs 2 workers"),
     ("ray_cost", "Issue 14: the optional Ray extra"),
     ("matmul_latency", "Issue 13: MatMul / Gemm layers timed under the latency objective"),
+    ("solver_speed", "Issue 17: z-step time and objective per activation"),
     ("recover_notes", "Issue 16: recovery by distillation, reading"),
     ("recover_demo_sweep", "Issue 16: recovery on the demo, learning-rate sweep"),
     ("recover_demo_long", "Issue 16: recovery on the demo, longer runs"),
     ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
     ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
     ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
+    ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
+    ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
+    ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
+     "measured 1.5x"),
+    ("allocation_notes", "Issue 15: what the damage measurements miss"),
 ]
 
 PREAMBLE = """# Benchmark results

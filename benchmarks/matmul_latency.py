@@ -72,7 +72,7 @@ def minilm_section(speedup: float, threads: int, repeats: int) -> str:
     fid = minilm.evaluate(out, model, runs=10, threads=threads)
     n_fact = sum(lay["status"] == "factorised" for lay in rep["layers"])
     md = common.header(f"MiniLM at --speedup {speedup:g}, latency objective, {threads} thread(s)")
-    md += (f"Machine shared with other jobs (timing under `flock /tmp/timing.lock`). Calibration: "
+    md += (f"Machine shared with other jobs. Calibration: "
            f"{rep['calibration_images']} sentences, 64 tokens; samples per sentence {FAST['samples_per_image']}, "
            f"schedule 2:0.01,2:1 (the GELU step is slow); compression took {seconds:.0f} s (timing included).\n\n")
     md += common.markdown_table(
@@ -101,8 +101,8 @@ def ppocr_section(speedup: float, threads: int) -> str:
     md = common.header(f"PP-OCRv4 recogniser at --speedup {speedup:g}, latency objective, {threads} thread(s): "
                        "MatMul layers")
     md += (f"60 rendered lines (48 x 320) for calibration; predicted whole-model speed-up "
-           f"{rep['predicted_latency_speedup']:.3f}x. Each MatMul is timed alone (its rank at the layer's "
-           "candidate ranks); 'at rank' is the time at the chosen rank, or the original's when kept.\n\n")
+           f"{rep['predicted_latency_speedup']:.3f}x. Each MatMul is timed alone, whole and factorised at a "
+           "few candidate ranks; 'at rank' is its time at the chosen rank, or the whole layer's when kept.\n\n")
     return md + common.markdown_table(HEAD, _dense_rows(rep)) + "\n"
 
 
@@ -112,8 +112,11 @@ def main():
     ap.add_argument("--ppocr-speedup", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--note", default="", help="a line about the machine's load, written under the first heading")
     args = ap.parse_args()
     md = minilm_section(args.speedup, args.threads, args.repeats)
+    if args.note:
+        md = md.replace("\n\n", f"\n\n{args.note}\n\n", 1)
     common.write_result("matmul_latency", md)
     md += "\n" + ppocr_section(args.ppocr_speedup, args.threads)
     common.write_result("matmul_latency", md)

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, markdown_table, write_result  # noqa: E402
 
-import onnx_lowrank.samples as samples  # noqa: E402
+import onnx_lowrank.sampling_plan as samples  # noqa: E402
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.graph.loading import load_model  # noqa: E402
 from onnx_lowrank import progress  # noqa: E402

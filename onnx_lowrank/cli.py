@@ -112,8 +112,8 @@ def main():
 @_image_options
 def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, recover_epochs=None,
-             **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, allocation,
+             damage_metric, measure, input_shapes, recover_epochs=None, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -169,7 +169,8 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
     show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
@@ -322,7 +323,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_executor_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation,
+          damage_metric, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -351,7 +353,8 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
                          max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
     if executor == "ray":
         from .executors import require_ray
 

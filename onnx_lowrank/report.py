@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 
+from .solver.allocation import ALLOCATORS, damage_at
 from .graph.dense import is_dense
-from .samples import held_back
+from .sampling_plan import held_back
 from .schemes import SCHEMES
+from .solver.reconstruction import STOP_TOL
 
 
 def table(header: list[str], rows: list[list], left: int = 1) -> list[str]:
@@ -62,6 +64,9 @@ def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: f
             "rows": p.rows,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
+            "damage": None if p.damage is None or p.rank is None else damage_at(p.damage, p.rank),
+            "damage_by_rank": p.damage,
+            "saving_by_rank": p.saving,
         })
     after = total_before - saved
     conv_after = conv_before - saved + dense_before - dense_after
@@ -80,7 +85,11 @@ def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: f
         "rank_multiple": cfg.rank_multiple,
         **costs.report(plan, cfg),
         "method": cfg.method,
+        # a stage of the nonlinear schedule ends once an iteration improves its objective by less than this
+        "solver_stop_tolerance": STOP_TOL if cfg.method == "nonlinear" else None,
         "scheme": cfg.scheme,
+        "allocation": cfg.allocation,
+        "damage_metric": cfg.damage_metric if ALLOCATORS[cfg.allocation].needs_damage else None,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,
@@ -117,7 +126,8 @@ def format_report(report: dict) -> str:
         note = lay["reason"] if lay["status"] == "skipped" else \
             _scheme_label(lay.get("scheme")) + \
             f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
-            (f"; {lay['note']}" if lay.get("note") else "")
+            (f"; {lay['note']}" if lay.get("note") else "") + \
+            (f"; damage {lay['damage']:.2g}" if lay.get("damage") is not None else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
                      _flops(lay["flops_after"]), _pct(lay["energy_kept"]), lay.get("rows") or "-", _pct(lay["rel_error"]), note))
@@ -132,7 +142,8 @@ def format_report(report: dict) -> str:
     if report["conv_flops_before"]:
         lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                      f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
-    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, multiples of {report.get('rank_multiple', 1)}"
+    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, {report.get('allocation', 'energy')} "
+                 f"allocation, multiples of {report.get('rank_multiple', 1)}"
                  + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
     if report.get("predicted_latency_speedup"):
         lines.append(f"latency    : {report['latency_original_ms']:.3f} -> {report['latency_predicted_ms']:.3f} ms "

@@ -15,6 +15,7 @@ from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
 from .calibration.batching import input_specs
 from .compressor import Compressor
+from .costs import COST_MODELS
 from .solver.ranks import RankSelectionError
 
 FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured", "latency_ms",
@@ -81,7 +82,7 @@ def _remote_results(compressor: Compressor, calib, speedups: list[float], execut
     ex = get_executor(executor, workers)
     cfg = replace(compressor.config, threads=compressor.config.threads or worker_threads(workers or len(speedups)))
     files = {"samples.npz": _file_bytes(lambda p: _samples_for_workers(compressor).save(p))}
-    if cfg.objective == "latency":
+    if COST_MODELS[cfg.objective].measures:  # workers read the timings instead of measuring them again
         table = _latency_for_workers(compressor, speedups)
         files["latency.json"] = _file_bytes(table.save)
     if isinstance(calib, (str, os.PathLike)):
