@@ -154,8 +154,8 @@ def resnet_case(images: int, schedule):
     import onnx
 
     inp = onnx.load(str(name), load_external_data=False).graph.input[0].name
-    return (f"light ResNet-50, {images} photo crops, --speedup 2, --schedule {schedule}", str(name), {inp: x},
-            CompressConfig(asymmetric=False, objective="flops", speedup=2.0,
+    return (f"light ResNet-50, {images} photo crops, --speedup 2, --max-memory 1G, --schedule {schedule}", str(name), {inp: x},
+            CompressConfig(asymmetric=False, objective="flops", speedup=2.0, max_memory="1G", batch_size=8,
                            schedule=tuple((int(a), float(b)) for a, b in (s.split(":") for s in schedule.split(",")))))
 
 

@@ -65,3 +65,25 @@ def test_a_small_cap_scales_every_layer_down_and_holds():
 def test_a_cap_too_small_for_one_position_per_image_is_an_error():
     with pytest.raises(LowRankError, match="--max-memory .* one sampled position per image"):
         _compressor(max_memory=100)
+
+
+def test_joining_the_sampled_pieces_holds_them_about_once():
+    """The peak while the per-batch pieces become one array per layer is the pieces plus one layer's
+    array, not twice the samples (measured by tracemalloc, which sees numpy's buffers)."""
+    import tracemalloc
+
+    from onnx_lowrank.calibration.sampling import _joined
+
+    sizes = [1 << 20] * 8   # 8 layers of 1 MiB each, in 16 pieces of 64 KiB
+    tracemalloc.start()
+    try:
+        pieces = {f"k{i}": [np.ones(s // 4 // 16, np.float32) for _ in range(16)] for i, s in enumerate(sizes)}
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        joined = _joined(pieces)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert pieces == {}
+    assert [a.nbytes for a in joined.values()] == sizes and all(np.all(a == 1) for a in joined.values())
+    assert peak <= max(sizes) + (64 << 10), f"peak {peak} bytes above the samples ({sum(sizes)}) plus one layer"

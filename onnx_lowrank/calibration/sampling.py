@@ -130,10 +130,18 @@ class _Sampler:
         if self.seen == self.first:
             raise LowRankError("the calibration data holds no samples" + (f" from image {self.first} on"
                                                                            if self.first else ""))
-        return Samples({k: np.concatenate(v) for k, v in self.rows.items()},
-                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.seen - self.first, self.first,
+        return Samples(_joined(self.rows), _joined(self.imgs), self.seen - self.first, self.first,
                        np.concatenate(self.digests) if self.digests else None,
                        np.concatenate(self.flat) if self.flat else None)
+
+
+def _joined(pieces: dict[str, list]) -> dict[str, np.ndarray]:
+    """Each key's per-batch pieces joined into one array, freeing them key by key (emptying ``pieces``): the
+    samples are held about once (plus one key's), not twice as a join of every key before any is freed."""
+    out = {}
+    for k in list(pieces):
+        out[k] = np.concatenate(pieces.pop(k))
+    return out
 
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
