@@ -87,3 +87,26 @@ def test_joining_the_sampled_pieces_holds_them_about_once():
     assert pieces == {}
     assert [a.nbytes for a in joined.values()] == sizes and all(np.all(a == 1) for a in joined.values())
     assert peak <= max(sizes) + (64 << 10), f"peak {peak} bytes above the samples ({sum(sizes)}) plus one layer"
+
+
+def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkeypatch):
+    """Samples + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
+    from onnx_lowrank.calibration import sampling
+
+    held: list[int] = []
+    save = sampling.Propagator._save
+
+    def spy(self, b, name, a):
+        save(self, b, name, a)
+        held.append(self._mem_bytes)
+
+    monkeypatch.setattr(sampling.Propagator, "_save", spy)
+    free = _compressor()
+    kept = _kept_bytes(free)
+    unbounded = free.run().model.SerializeToString()
+    assert max(held) > 4096   # with the default cap the cache holds more than the tight cap below leaves
+    held.clear()
+    tight = _compressor(max_memory=kept + 4096)
+    assert _kept_bytes(tight) == kept   # the samples fit: only the cache is squeezed
+    assert tight.run().model.SerializeToString() == unbounded
+    assert held and max(held) <= 4096
