@@ -38,6 +38,8 @@ ORDER = [
     ("minilm", "Issue 8: MiniLM MatMul layers factorised at 1.5x and 2x fewer MatMul FLOPs"),
     ("streaming", "Issue 14: streaming calibration, 2,000 images of 416 x 416, 1 vs 2 workers"),
     ("ray_cost", "Issue 14: the optional Ray extra"),
+    ("memory_cap", "Issue 17: peak memory of a compress (light ResNet-50, --max-memory)"),
+    ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),
 ]
 
 PREAMBLE = """# Benchmark results

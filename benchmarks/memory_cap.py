@@ -63,7 +63,8 @@ def run_cli(model: Path, images: Path, cap: str, out_dir: Path, schedule: str | 
     wall = time.perf_counter() - t0
     text = (out_dir / f"log.{cap}.txt").read_text()
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"compress --max-memory {cap} failed:\n{text[-3000:]}")
+        raise SystemExit(f"compress --max-memory {cap} failed (exit {os.waitstatus_to_exitcode(status)}, peak "
+                         f"{usage.ru_maxrss / 1024:.0f} MB):\n{text[-3000:]}")
     report = json.loads(rep.read_text())
     phases = {m.group(1): (float(m.group(2)), float(m.group(3)))
               for m in re.finditer(r"^(.+?): done, .*? in ([\d.]+) s, peak (\d+) MB", text, re.M)}

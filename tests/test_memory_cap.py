@@ -110,3 +110,37 @@ def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkey
     assert _kept_bytes(tight) == kept   # the samples fit: only the cache is squeezed
     assert tight.run().model.SerializeToString() == unbounded
     assert held and max(held) <= 4096
+
+
+@pytest.mark.parametrize("expected", [None, 42, 50, 7])
+def test_rows_kept_in_final_arrays_are_the_rows_joined_from_pieces(expected):
+    """Knowing the image count (exact, too high or too low) changes how rows are kept, never which:
+    the truth is the rows gathered batch by batch and joined."""
+    import tracemalloc
+
+    from onnx_lowrank.calibration.sampling import SampledTensor, _Sampler, gather
+
+    rng = np.random.default_rng(3)
+    sizes = [4] * 10 + [2]
+    batches = [rng.standard_normal((n, 32, 16, 16)).astype(np.float32) for n in sizes]
+    starts = np.cumsum([0] + sizes[:-1])
+    tensors = [SampledTensor("a", 0), SampledTensor("a", 1)]
+    k = {0: 40, 1: 300}   # 300 > 256 positions: every position of layer 1
+    truth = {t.key: np.concatenate([gather(b, seen, t.layer_id, 0, k[t.layer_id]) for b, seen in
+                                    zip(batches, starts)]) for t in tensors}
+    sampler = _Sampler(tensors, 0, k, expected=expected)
+    tracemalloc.start()
+    try:
+        for b in batches:
+            sampler.add(len(b), lambda name, b=b: b)
+        got = sampler.result()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.images == 42 and set(got.rows) == set(truth)
+    for key in truth:
+        np.testing.assert_array_equal(got.rows[key], truth[key])
+        np.testing.assert_array_equal(got.image[key], np.repeat(np.arange(42), len(truth[key]) // 42))
+    kept = sum(a.nbytes for a in truth.values())
+    if expected == 42:   # exactly known: the rows are never held twice (slack: one batch's gathering)
+        assert peak <= kept + 4 * batches[0].nbytes < 2 * kept, (peak, kept)
