@@ -51,6 +51,10 @@ def write_images(folder: Path, n: int, chunk: int = 50) -> None:
 
 
 def run_cli(model: Path, images: Path, cap: str, out_dir: Path, schedule: str | None) -> dict:
+    return finish(start_cli(model, images, cap, out_dir, schedule))
+
+
+def start_cli(model: Path, images: Path, cap: str, out_dir: Path, schedule: str | None) -> tuple:
     out, rep = out_dir / f"out.{cap}.onnx", out_dir / f"report.{cap}.json"
     cmd = [sys.executable, "-m", "onnx_lowrank.cli", "compress", str(model), "--calib", str(images),
            "--mean", MEAN, "--std", STD, "--objective", "flops", "--speedup", "2", "--no-measure",
@@ -59,7 +63,12 @@ def run_cli(model: Path, images: Path, cap: str, out_dir: Path, schedule: str | 
     t0 = time.perf_counter()
     with open(out_dir / f"log.{cap}.txt", "w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
+    return p, t0, cmd, cap, out_dir, rep, model, images
+
+
+def finish(started: tuple) -> dict:
+    p, t0, cmd, cap, out_dir, rep, model, images = started
+    _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     text = (out_dir / f"log.{cap}.txt").read_text()
     if os.waitstatus_to_exitcode(status):
@@ -84,14 +93,18 @@ def main():
     ap.add_argument("--caps", default="2G,512M,4G", help="--max-memory values, one run each (first: default)")
     ap.add_argument("--schedule", default="2:0.01,2:1",
                     help="nonlinear schedule ('' = the default 25:0.01,25:1); same arrays, fewer iterations")
+    ap.add_argument("--together", action="store_true",
+                    help="run the caps at the same time (peaks are per process; wall times then load each other)")
     args = ap.parse_args()
     model = materialise("resnet50")
     runs = []
     with tempfile.TemporaryDirectory(prefix="memcap-") as tmp:
         folder = Path(tmp) / "images"
         write_images(folder, args.images)
-        for cap in args.caps.split(","):
-            r = run_cli(model, folder, cap, Path(tmp), args.schedule)
+        caps = args.caps.split(",")
+        started = [start_cli(model, folder, cap, Path(tmp), args.schedule) for cap in caps] if args.together else []
+        for i, cap in enumerate(caps):
+            r = finish(started[i]) if args.together else run_cli(model, folder, cap, Path(tmp), args.schedule)
             print(f"--max-memory {cap}: {r['wall_s']:.0f} s, peak {r['peak_mb']:.0f} MB, samples "
                   f"{(r['samples_bytes'] or 0) / 2**20:.0f} MiB, limited {r['rows_limited_by_memory']}", flush=True)
             runs.append(r)
@@ -99,7 +112,8 @@ def main():
     (RESULTS / "memory_cap.json").write_text(json.dumps(runs, indent=2))
     md = header(f"Peak memory of a compress: light ResNet-50, {args.images} images of 224 x 224 (issue 17)")
     md += (f"Each run: `python -m {runs[0]['cmd']}` with the --max-memory shown, in a fresh process; machine "
-           "shared with other jobs (2 cores): wall times are noisy, memory is not. Images: PNG crops of the "
+           "shared with other jobs (2 cores): wall times are noisy, memory is not" + (" (the runs ran at the same time)"
+           if args.together else "") + ". Images: PNG crops of the "
            "scikit-image photographs, read from a folder a batch at a time. Peak = the child's ru_maxrss (os.wait4).\n\n")
     md += markdown_table(
         ["--max-memory", "peak RSS MB", "samples kept MiB", "rows limited by memory", "wall s", "images",

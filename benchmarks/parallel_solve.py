@@ -142,7 +142,7 @@ def mnist_case():
         CompressConfig(asymmetric=False, objective="flops", speedup=2.0)
 
 
-def resnet_case(images: int, schedule):
+def resnet_case(images: int, schedule, max_memory="1G"):
     from light_models import materialise
 
     from onnx_lowrank.config import CompressConfig
@@ -154,8 +154,8 @@ def resnet_case(images: int, schedule):
     import onnx
 
     inp = onnx.load(str(name), load_external_data=False).graph.input[0].name
-    return (f"light ResNet-50, {images} photo crops, --speedup 2, --max-memory 1G, --schedule {schedule}", str(name), {inp: x},
-            CompressConfig(asymmetric=False, objective="flops", speedup=2.0, max_memory="1G", batch_size=8,
+    return (f"light ResNet-50, {images} photo crops, --speedup 2, --max-memory {max_memory}, --schedule {schedule}", str(name), {inp: x},
+            CompressConfig(asymmetric=False, objective="flops", speedup=2.0, max_memory=max_memory, batch_size=8,
                            schedule=tuple((int(a), float(b)) for a, b in (s.split(":") for s in schedule.split(",")))))
 
 
@@ -165,6 +165,7 @@ def main():
     ap.add_argument("--cases", default="mnist,resnet50")
     ap.add_argument("--resnet-images", type=int, default=50)
     ap.add_argument("--resnet-schedule", default="2:0.01,2:1")
+    ap.add_argument("--resnet-max-memory", default="1G", help="fewer rows: shorter solves")
     args = ap.parse_args()
     from onnx_lowrank import progress
 
@@ -172,7 +173,8 @@ def main():
     rows, raw = [], {}
     for case in args.cases.split(","):
         desc, model, data, cfg = mnist_case() if case == "mnist" else resnet_case(args.resnet_images,
-                                                                                   args.resnet_schedule)
+                                                                                   args.resnet_schedule,
+                                                                                   args.resnet_max_memory)
         chosen, samples = prepare(model, data, cfg)
         runs = []
         for r in range(args.repeats):
