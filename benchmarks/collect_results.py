@@ -53,6 +53,8 @@ ORDER = [
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
     ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
     ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
+    ("memory_cap", "Issue 17: peak memory of a compress (light ResNet-50, --max-memory)"),
+    ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -105,7 +105,7 @@ def collect_original(model, value_types, source: FeedSource, plan, batch: int, l
     count = limit if known is None else max(0, min(known - first, limit if limit is not None else known))
     with progress.bar("calibration", count, "img") as update:
         return collect(model, value_types, source, wanted, batch, cfg.seed, positions, limit, update, cfg.threads,
-                       first=first, inspect=True)
+                       first=first, inspect=True, images=count)
 
 
 def sampling_settings(cfg, batch: int) -> dict:

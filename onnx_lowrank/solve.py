@@ -13,6 +13,7 @@ import numpy as np
 
 from . import progress
 from .calibration.sampling import Propagator, SampledTensor, collect, sample_key
+from .config import parse_size
 from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
@@ -58,6 +59,12 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
             solved.append(_solve(p, samples, None, cfg, plain))
             update(1, _item(p))
     return solved
+
+
+def cache_budget(samples, cfg) -> int:
+    """Bytes of feature maps the asymmetric pass may cache in memory: what the samples leave of
+    --max-memory, so that the two together stay within it (the rest goes to a temporary folder)."""
+    return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()))
 
 
 def _item(p: LayerPlan) -> str:
@@ -142,7 +149,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         by_stop.setdefault(stop, []).append(p)
     solved: dict[int, LayerPlan] = {}
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
-                    cfg.cache_dir, cfg.threads) as prop, \
+                    cfg.cache_dir, cfg.threads, cache_budget(samples, cfg)) as prop, \
             progress.bar("asymmetric solve", len(chosen), "layer") as update:
         for stop, approx in prop.run(stops):
             for i, p in enumerate(by_stop[stop]):

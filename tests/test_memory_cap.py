@@ -65,3 +65,82 @@ def test_a_small_cap_scales_every_layer_down_and_holds():
 def test_a_cap_too_small_for_one_position_per_image_is_an_error():
     with pytest.raises(LowRankError, match="--max-memory .* one sampled position per image"):
         _compressor(max_memory=100)
+
+
+def test_joining_the_sampled_pieces_holds_them_about_once():
+    """The peak while the per-batch pieces become one array per layer is the pieces plus one layer's
+    array, not twice the samples (measured by tracemalloc, which sees numpy's buffers)."""
+    import tracemalloc
+
+    from onnx_lowrank.calibration.sampling import _joined
+
+    sizes = [1 << 20] * 8   # 8 layers of 1 MiB each, in 16 pieces of 64 KiB
+    tracemalloc.start()
+    try:
+        pieces = {f"k{i}": [np.ones(s // 4 // 16, np.float32) for _ in range(16)] for i, s in enumerate(sizes)}
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        joined = _joined(pieces)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert pieces == {}
+    assert [a.nbytes for a in joined.values()] == sizes and all(np.all(a == 1) for a in joined.values())
+    assert peak <= max(sizes) + (64 << 10), f"peak {peak} bytes above the samples ({sum(sizes)}) plus one layer"
+
+
+def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkeypatch):
+    """Samples + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
+    from onnx_lowrank.calibration import sampling
+
+    held: list[int] = []
+    save = sampling.Propagator._save
+
+    def spy(self, b, name, a):
+        save(self, b, name, a)
+        held.append(self._mem_bytes)
+
+    monkeypatch.setattr(sampling.Propagator, "_save", spy)
+    free = _compressor()
+    kept = _kept_bytes(free)
+    unbounded = free.run().model.SerializeToString()
+    assert max(held) > 4096   # with the default cap the cache holds more than the tight cap below leaves
+    held.clear()
+    tight = _compressor(max_memory=kept + 4096)
+    assert _kept_bytes(tight) == kept   # the samples fit: only the cache is squeezed
+    assert tight.run().model.SerializeToString() == unbounded
+    assert held and max(held) <= 4096
+
+
+@pytest.mark.parametrize("expected", [None, 42, 50, 7])
+def test_rows_kept_in_final_arrays_are_the_rows_joined_from_pieces(expected):
+    """Knowing the image count (exact, too high or too low) changes how rows are kept, never which:
+    the truth is the rows gathered batch by batch and joined."""
+    import tracemalloc
+
+    from onnx_lowrank.calibration.sampling import SampledTensor, _Sampler, gather
+
+    rng = np.random.default_rng(3)
+    sizes = [4] * 10 + [2]
+    batches = [rng.standard_normal((n, 32, 16, 16)).astype(np.float32) for n in sizes]
+    starts = np.cumsum([0] + sizes[:-1])
+    tensors = [SampledTensor("a", 0), SampledTensor("a", 1)]
+    k = {0: 40, 1: 300}   # 300 > 256 positions: every position of layer 1
+    truth = {t.key: np.concatenate([gather(b, seen, t.layer_id, 0, k[t.layer_id]) for b, seen in
+                                    zip(batches, starts)]) for t in tensors}
+    sampler = _Sampler(tensors, 0, k, expected=expected)
+    tracemalloc.start()
+    try:
+        for b in batches:
+            sampler.add(len(b), lambda name, b=b: b)
+        got = sampler.result()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.images == 42 and set(got.rows) == set(truth)
+    for key in truth:
+        np.testing.assert_array_equal(got.rows[key], truth[key])
+        np.testing.assert_array_equal(got.image[key], np.repeat(np.arange(42), len(truth[key]) // 42))
+    kept = sum(a.nbytes for a in truth.values())
+    if expected == 42:   # exactly known: the rows are never held twice (slack: one batch's gathering)
+        assert peak <= kept + 4 * batches[0].nbytes < 2 * kept, (peak, kept)

@@ -96,9 +96,13 @@ def per_layer(k: int | Mapping[int, int], layer_id: int) -> int:
 class _Sampler:
     """Accumulates sampled rows batch by batch, the same way in both passes."""
 
-    def __init__(self, tensors: list[SampledTensor], seed: int, k: int | Mapping[int, int], first: int = 0):
-        self.tensors, self.seed, self.k = tensors, seed, k
+    def __init__(self, tensors: list[SampledTensor], seed: int, k: int | Mapping[int, int], first: int = 0,
+                 expected: int | None = None):
+        """``expected``: the image count when known; each key's rows then go straight into one array of
+        their final size (no per-batch pieces to join: the samples are held once, not fragmented)."""
+        self.tensors, self.seed, self.k, self.expected = tensors, seed, k, expected
         self.rows: dict[str, list] = {t.key: [] for t in tensors}
+        self.filled: dict[str, tuple[np.ndarray, int]] = {}
         self.imgs: dict[str, list] = {t.key: [] for t in tensors}
         self.first = self.seen = first  # global image index: positions and the held-back split follow it
         self.digests: list[np.ndarray] = []
@@ -122,33 +126,61 @@ class _Sampler:
             if a.ndim != 4:
                 a = a.reshape(a.shape[0], a.shape[1], -1, 1) if a.ndim == 3 else a.reshape(a.shape[0], -1, 1, 1)
             r = gather(a, self.seen, t.layer_id, self.seed, per_layer(self.k, t.layer_id))
-            self.rows[t.key].append(r.astype(np.float32))
+            self._keep(t.key, r, n)
             self.imgs[t.key].append(np.repeat(np.arange(self.seen, self.seen + n), len(r) // n))
         self.seen += n
+
+    def _keep(self, key: str, r: np.ndarray, n: int) -> None:
+        if not self.expected or self.rows[key]:
+            self.rows[key].append(r.astype(np.float32))
+            return
+        buf, used = self.filled.get(key) or (np.empty((self.expected * (len(r) // n), r.shape[1]), np.float32), 0)
+        if used + len(r) > len(buf):   # more images than expected: the rest as pieces
+            self.rows[key].append(r.astype(np.float32))
+            return
+        buf[used:used + len(r)] = r
+        self.filled[key] = buf, used + len(r)
+
+    def _all_rows(self) -> dict[str, np.ndarray]:
+        for key in list(self.filled):   # a buffer first, the pieces (if any) after it, in image order
+            buf, used = self.filled.pop(key)
+            self.rows[key].insert(0, buf if used == len(buf) else buf[:used].copy())
+            del buf
+        return _joined(self.rows)
 
     def result(self) -> Samples:
         if self.seen == self.first:
             raise LowRankError("the calibration data holds no samples" + (f" from image {self.first} on"
                                                                            if self.first else ""))
-        return Samples({k: np.concatenate(v) for k, v in self.rows.items()},
-                       {k: np.concatenate(v) for k, v in self.imgs.items()}, self.seen - self.first, self.first,
+        return Samples(self._all_rows(), _joined(self.imgs), self.seen - self.first, self.first,
                        np.concatenate(self.digests) if self.digests else None,
                        np.concatenate(self.flat) if self.flat else None)
+
+
+def _joined(pieces: dict[str, list]) -> dict[str, np.ndarray]:
+    """Each key's per-batch pieces joined into one array, freeing them key by key (emptying ``pieces``): the
+    samples are held about once (plus one key's), not twice as a join of every key before any is freed."""
+    out = {}
+    for k in list(pieces):
+        v = pieces.pop(k)
+        out[k] = v[0] if len(v) == 1 else np.concatenate(v)
+    return out
 
 
 def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tensors: list[SampledTensor],
             batch_size: int, seed: int, samples_per_image: int | Mapping[int, int], max_images: int | None = None,
             progress: Callable | None = None, threads: int | None = None, first: int = 0,
-            inspect: bool = False) -> Samples:
+            inspect: bool = False, images: int | None = None) -> Samples:
     """Run the model once over the data and sample each tensor at its layer's positions.
 
     ``samples_per_image``: positions per image, for every layer or per layer id. ``first``: the images
     from this global index on (a shard), at most ``max_images`` of them. ``inspect``: also keep a digest
-    of each image's inputs (to refuse data that cannot teach anything).
+    of each image's inputs (to refuse data that cannot teach anything). ``images``: how many images the
+    pass will see, when known (the samples are then kept in arrays of their final size).
     """
     names = list(dict.fromkeys(n for t in tensors for n in t.reads))
     sess = session(with_outputs(model, names, value_types), CALIBRATION, threads)
-    sampler = _Sampler(tensors, seed, samples_per_image, first)
+    sampler = _Sampler(tensors, seed, samples_per_image, first, images)
     for feed in source.batches(batch_size, max_images, start=first):
         outs = dict(zip(names, run(sess, names, feed)))
         n = _batch_count(feed)
@@ -272,7 +304,7 @@ class Propagator:
                 progress(1)
 
     def _sample(self, tensors: list[SampledTensor]) -> Samples:
-        sampler = _Sampler(tensors, self.seed, self.k)
+        sampler = _Sampler(tensors, self.seed, self.k, expected=sum(self._batches))
         for b, n in enumerate(self._batches):
             sampler.add(n, lambda name, b=b: self._load(b, name))
         return sampler.result()
