@@ -294,6 +294,9 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
         v for k, e in table_max["entries"].items() if k.startswith(f"c{lay['in_channels']}_d{lay['out_channels']}_")
         and k.endswith("_m16") and f"_in{lay['output_size'][0]}x" in k for v in e["ranks_ms"].values()])
         for lay in rep0["layers"] if lay["latency_before_ms"] is not None)
+    if 1.2 * saved_max >= 0.9 * model_ms:   # layers timed alone "save" nearly the whole model: a loaded machine
+        pytest.skip(f"timings too noisy here: the layers' best savings ({saved_max:.3f} ms) are close to the whole "
+                    f"model's {model_ms:.3f} ms, so a whole model saving 1.2x that is not a model")
     target = 1.05 * model_ms / (model_ms - saved_max)
     for factor in (1.2, 1.0):
         fresh, in_model_speedup = _fake_whole_model(table, tmp_path / str(factor), factor)
