@@ -17,6 +17,7 @@ from .cli_options import (executor_options as _executor_options, image_options a
                           parse_schedule as _parse_schedule, preprocess as _preprocess,
                           shapes_option as _shapes_option, max_memory_option as _max_memory_option)
 from .errors import LowRankError
+from .executors import executor_kind
 from .files import json_default as _json_default
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -146,12 +147,10 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
                            "('synthetic' for latency experiments only)")
     if sample_paths and shards:
         raise LowRankError("--samples and --shards exclude each other: the samples are already calibrated")
-    if executor == "ray":
-        from .executors import require_ray
-
-        if not shards:
-            raise LowRankError("compress --executor ray runs calibration shards: give --shards N")
-        require_ray()
+    kind = executor_kind(executor)
+    if kind.engine and not shards:
+        raise LowRankError(f"compress --executor {executor} runs calibration shards: give --shards N")
+    kind.check_available()
     ranks_d = _parse_ranks(ranks)
     auto = speedup == "auto"
     if speedup is None and not ranks_d:
@@ -364,10 +363,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme,
                          allocation=allocation, damage_metric=damage_metric)
-    if executor == "ray":
-        from .executors import require_ray
-
-        require_ray()
+    executor_kind(executor).check_available()
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
                workers=workers)
     title = f"{model.name}: {method}{' + asymmetric' if asymmetric else ''}, {objective} objective"

@@ -11,6 +11,7 @@ from .cli import CONTEXT, main
 from .cli_options import (executor_options, image_options, max_memory_option, parse_ranks, parse_samples, preprocess,
                           shapes_option)
 from .errors import LowRankError
+from .executors import executor_kind
 
 
 @main.command(context_settings=CONTEXT)
@@ -67,10 +68,7 @@ def calibrate(model, calib, output, shard, shards, executor, workers, samples_pe
     if output.resolve() == model.resolve():
         raise LowRankError("--output is the input model: choose another path")
     check_writable(output, "--output")
-    if executor == "ray":
-        from .executors import require_ray
-
-        require_ray()
+    executor_kind(executor).check_available()
     cfg = CompressConfig(speedup=None, ranks=parse_ranks(ranks), exclude=list(exclude), scheme=scheme,
                          objective="flops", samples_per_image=parse_samples(samples_per_image),
                          max_images=max_images, max_memory=max_memory, seed=seed, batch_size=batch_size,

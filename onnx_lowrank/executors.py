@@ -33,6 +33,13 @@ def worker_threads(workers: int) -> int:
 
 class Executor:
     name = ""
+    #: Work runs in an engine of its own (not this machine's worker processes): compress needs --shards to give
+    #: it any, and the engine must be installed.
+    engine = False
+
+    @staticmethod
+    def check_available() -> None:
+        """Fail before any work when what this executor needs is not installed."""
 
     def __init__(self, workers: int | None = None):
         if workers is not None and workers < 1:
@@ -63,6 +70,11 @@ class RayExecutor(Executor):
     """Ray tasks, one CPU each; imported only when asked for."""
 
     name = "ray"
+    engine = True
+
+    @staticmethod
+    def check_available() -> None:
+        require_ray()
 
     def map(self, fn: Callable, items: Sequence) -> list:
         ray = require_ray()
@@ -85,7 +97,11 @@ def require_ray():
 EXECUTORS: dict[str, type[Executor]] = {e.name: e for e in (LocalExecutor, RayExecutor)}
 
 
-def get_executor(name: str, workers: int | None = None) -> Executor:
+def executor_kind(name: str) -> type[Executor]:
     if name not in EXECUTORS:
         raise LowRankError(f"--executor must be one of {', '.join(EXECUTORS)}, not {name!r}")
-    return EXECUTORS[name](workers)
+    return EXECUTORS[name]
+
+
+def get_executor(name: str, workers: int | None = None) -> Executor:
+    return executor_kind(name)(workers)
