@@ -184,7 +184,7 @@ def compress_grid(comp, speedups, methods: list[str], specs: dict, cache: Path, 
 
 def bench_grid(results: list[dict], paths: dict[str, str], feed: dict, runs: int, warmup: int) -> dict:
     """Time every distinct model and the original (``paths["original"]``) in the same interleaved rounds
-    (batch of ``feed``, one thread); add ``latency_ms`` and ``latency_ratio`` to each row."""
+    (batch of ``feed``, one thread); add ``latency_ms`` and ``latency_ratio`` (median of per-round ratios) to each row."""
     from onnx_lowrank import measure
 
     names = list(paths)
@@ -193,5 +193,5 @@ def bench_grid(results: list[dict], paths: dict[str, str], feed: dict, runs: int
     for row in results:
         entry = lat[f"{row['speedup']:g}x {row['identical_to'] or row['method']}"]
         row["latency_ms"] = entry["median_ms"]
-        row["latency_ratio"] = lat["original"]["median_ms"] / entry["median_ms"]
+        row["latency_ratio"] = b["speedup"][names.index(f"{row['speedup']:g}x {row['identical_to'] or row['method']}")]
     return lat

@@ -5,7 +5,7 @@
 
 Data: random crops of the scikit-image photographs (``benchmarks.common.photo_crops``),
 calibration seed 1, evaluation seed 2; no labels, so fidelity is measured against the original
-model: top-1 agreement, top-5 overlap, logit NMSE and KL (``onnx_lowrank.measure.evaluate``).
+model: top-1 agreement, top-5 overlap, logit NMSE and KL (``onnx_lowrank.fidelity.evaluate``).
 
 For every speed-up and each of linear / linear+asym / nonlinear / nonlinear+asym one
 ``Compressor`` (calibrated once) is run; latency (``onnx_lowrank.measure.bench``, batch 1,
@@ -36,7 +36,8 @@ from onnx import helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.export_efficientnet_lite0 import MODEL_PATH, export, preprocess  # noqa: E402
-from onnx_lowrank.measure import bench, evaluate  # noqa: E402
+from onnx_lowrank.fidelity import evaluate  # noqa: E402
+from onnx_lowrank.measure import bench  # noqa: E402
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 

@@ -154,10 +154,10 @@ def check_predictions(run, label: str) -> None:
 
 def export(path: Path = MODEL_PATH, force: bool = False) -> Path:
     """Export (if not cached yet) and check; returns the ONNX path."""
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
     if path.exists() and not force:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = runtime.session(path, runtime.TIMING)
         check_predictions(lambda x: sess.run(None, {"input": x})[0], "onnxruntime (cached)")
         return path
     import onnx
@@ -172,7 +172,7 @@ def export(path: Path = MODEL_PATH, force: bool = False) -> Path:
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     raw = onnx.load(str(tmp))
-    raw_sess = ort.InferenceSession(raw.SerializeToString(), providers=["CPUExecutionProvider"])
+    raw_sess = runtime.session(raw, runtime.TIMING)
     m = simplify(raw)
     onnx.save(m, str(tmp))
     onnx.checker.check_model(m, full_check=True)
@@ -180,7 +180,7 @@ def export(path: Path = MODEL_PATH, force: bool = False) -> Path:
     for n in m.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     print("ops:", dict(sorted(ops.items())))
-    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    sess = runtime.session(tmp, runtime.TIMING)
     check_predictions(lambda x: sess.run(None, {"input": x})[0], "onnxruntime")
     # batch 3 works too (dynamic batch axis), and simplification changed nothing
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 224, 224)).astype(np.float32)

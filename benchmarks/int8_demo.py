@@ -62,9 +62,9 @@ def quantise(src: Path, dst: Path, calib: np.ndarray, activations: str = "QInt8"
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = runtime.session(path, runtime.TIMING)
     return np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
 
 

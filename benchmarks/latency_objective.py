@@ -53,9 +53,9 @@ def _compressor(model: str, threads: int, latency_seconds: float) -> tuple[Compr
             held = ([{"input": z["input"][i:i + 500]} for i in range(0, len(z["input"]), 500)], z["label"])
         return comp, held
     path = light_models.materialise(model, CACHE)
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    name = runtime.session(path, runtime.TIMING).get_inputs()[0].name
     data = [{name: light_models.random_input(1, seed=i)} for i in range(8)]
     cfg = CompressConfig(threads=threads, method="linear", asymmetric=False, samples_per_image=20,
                          latency_seconds=latency_seconds, latency_table=str(tables / f"{model}_t{threads}.json"))
@@ -108,7 +108,7 @@ def main():
                            "factorised": sum(1 for lay in rep["layers"] if lay["status"] == "factorised"),
                            "setup_s": setup_s, "status": "ok"}
                     for err, x in (("prediction_error", "predicted_x"), ("table_error", "table_x")):
-                        row[err] = row["original_ms"] / row[x] / row["ms"] - 1 if row[x] else None
+                        row[err] = row["measured_x"] / row[x] - 1 if row[x] else None
                     if held is not None:
                         ev = evaluate(comp.source_model, results[n].model, held[0], labels=held[1])
                         row["accuracy"] = 100 * ev["accuracy_candidate"]
@@ -146,11 +146,11 @@ def _write(rows, args, runs):
                            f"{r['original_ms']:.2f} -> {r['ms']:.2f}", r["factorised"],
                            _fmt(r.get("accuracy"), ".2f"), _fmt(r.get("agreement"), ".4f"), "ok"])
     md = header("Latency objective vs FLOP objective (issue 7)") + (
-        f"Variants: objective/rank multiple. Speed-ups are medians of {runs} interleaved rounds (original and "
+        f"Variants: objective/rank multiple. Speed-ups are medians of per-round ratios over {runs} interleaved rounds (original and "
         "the three variants timed together, batch 1, `measure.bench`). table = the latency objective's "
         "prediction from the timed layers alone (measured original minus the per-layer savings); predicted = "
-        "the whole-model check of the ranks kept (stand-in weights, see `pipeline._latency_ranks`; checks = "
-        "how many were run); errors = predicted / measured compressed latency - 1. Light models: synthetic calibration, linear solver "
+        "the whole-model check of the ranks kept (stand-in weights, see `costs/latency.py`; checks = "
+        "how many were run); errors = measured / predicted speed-up - 1. Light models: synthetic calibration, linear solver "
         "(random weights: fidelity meaningless).\n\n"
         + markdown_table(["model", "threads", "target", "variant", "FLOPs x", "table x", "predicted x", "measured x",
                           "measured / target", "table error", "prediction error", "checks", "ms", "layers",

@@ -43,9 +43,9 @@ def imagenet_batch(n: int, seed: int) -> np.ndarray:
 
 
 def input_name(path: Path) -> str:
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    return runtime.session(path, runtime.TIMING).get_inputs()[0].name
 
 
 def cli(*args, timeout=None) -> tuple[subprocess.CompletedProcess, float]:
@@ -56,13 +56,11 @@ def cli(*args, timeout=None) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def output_diff(a: Path, b: Path, x: np.ndarray, name: str) -> tuple[bool, float]:
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
     outs = []
     for m in (a, b):
-        sess = ort.InferenceSession(str(m), so, providers=["CPUExecutionProvider"])
+        sess = runtime.session(m, runtime.TIMING, threads=2)
         outs.append([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
     same = all(p.shape == q.shape for p, q in zip(*outs))
     diff = max(float(np.max(np.abs(p - q))) for p, q in zip(*outs)) if same else float("nan")

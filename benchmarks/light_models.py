@@ -188,11 +188,9 @@ def random_input(batch: int = 1, seed: int = 0) -> np.ndarray:
 
 def check(path: str | os.PathLike) -> tuple[str, tuple[int, ...], float]:
     """Run the model once in onnxruntime: (input name, output shape, output std)."""
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = runtime.session(path, runtime.TIMING, threads=2)
     inp = sess.get_inputs()
     if len(inp) != 1:
         raise AssertionError(f"{path}: expected one input, got {[i.name for i in inp]}")

@@ -170,12 +170,9 @@ def make_data(force: bool = False) -> tuple[Path, Path]:
 
 
 def _session(path, threads: int | None = None):
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return runtime.session(path, runtime.TIMING, threads)
 
 
 def _run(path, feeds: dict, batch: int = 64) -> np.ndarray:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, header, markdown_table, write_result  # noqa: E402
 
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
-from onnx_lowrank.measure import evaluate  # noqa: E402
+from onnx_lowrank.fidelity import evaluate  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"
 METHODS = [("linear", False), ("linear", True), ("nonlinear", False), ("nonlinear", True)]

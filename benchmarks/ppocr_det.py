@@ -90,12 +90,9 @@ def make_pages(n: int, seed: int, size: int):
 # ------------------------------------------------------------------------------------- metrics
 
 def prob_maps(model, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    sess = runtime.session(model, runtime.TIMING)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0][:, 0] for i in range(0, len(x), batch)])
 

@@ -145,12 +145,9 @@ def cer(refs: list[str], hyps: list[str], spaces: bool = True) -> float:
 
 
 def argmax_paths(model, x: np.ndarray, batch: int = 50) -> np.ndarray:
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    sess = runtime.session(model, runtime.TIMING)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0].argmax(-1) for i in range(0, len(x), batch)])
 

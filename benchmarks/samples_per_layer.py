@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, markdown_table, write_result  # noqa: E402
 
-import onnx_lowrank.samples as samples  # noqa: E402
+import onnx_lowrank.sampling_plan as samples  # noqa: E402
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.graph.loading import load_model  # noqa: E402
 from onnx_lowrank import progress  # noqa: E402
@@ -41,13 +41,13 @@ def main():
     ap.add_argument("--speedup", type=float, default=4.0)
     args = ap.parse_args()
     progress.set_enabled(False)
-    import onnxruntime as ort
+    from onnx_lowrank import runtime
 
     with np.load(DEMO / "heldout.npz") as h:
         x, labels = h["input"], h["label"]
 
     def run(model):
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = runtime.session(model, runtime.TIMING)
         return np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
 
     ref = run(load_model(str(DEMO / "mnist_vgg.onnx")))

@@ -70,7 +70,7 @@ def _child(cli_args: list[str], timings_path: str, cprofile: str | None) -> int:
         (pl, "load_model", "load"), (pl, "normalise", "normalise"), (pl, "infer_value_types", "shape inference"),
         (pl, "collect_original", "calibration pass (original model)"), (pl, "choose_ranks", "rank selection"),
         (sv, "_solve_asymmetric", "asymmetric total"), (sampling.Propagator, "transform", "propagation: transform"),
-        (sampling.Propagator, "_sample", "propagation: sampling"), (sampling, "make_session", "ORT session creation"),
+        (sampling.Propagator, "_sample", "propagation: sampling"), (sampling, "session", "ORT session creation"),
         (solver_layer, "nonlinear_reconstruction", "solver: nonlinear"),
         (solver_layer, "linear_reconstruction", "solver: linear init"),
         (rec, "_top_eigvecs", "solver: eigh (in fit)"), (pl, "rewrite_convs", "rewrite"), (pl, "_validate", "validate"),

@@ -8,7 +8,7 @@ the measured speed-up, and the model and report written together or not at all.
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,7 @@ from .budget import Budget, evaluate_against, search_speedup, violation
 from .errors import BudgetExceeded, LowRankError
 from .files import check_writable, json_default, write_together
 from .graph import loading
+from .graph.external import has_big_tensors, has_external_data, uses_external_data
 from .graph.loading import model_writer
 from .calibration.batching import input_specs
 from .compressor import CompressionResult, Compressor
@@ -27,7 +28,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
              min_agreement: float | None = None, eval_output: str | None = None, write_failed: bool = False,
              report: str | Path | None = None, measure: bool = False,
              on_result: Callable[[CompressionResult], None] | None = None, samples=None, shards: int | None = None,
-             executor: str = "local", workers: int | None = None, **overrides) -> CompressionResult:
+             executor: str = "local", workers: int | None = None, recover=None, **overrides) -> CompressionResult:
     """Compress ``model`` (path or ModelProto) with calibration ``data``; write ``output`` (and ``report``) if given.
 
     ``data``: a .npz / .npy path, a folder of images, a dict of arrays, an iterable of feed dicts
@@ -42,7 +43,9 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     (then both are written before it is raised). ``speedup="auto"`` searches for the largest
     speed-up within the budget (``report["search"]`` lists the tries). ``measure`` times the
     original and compressed models into the report. ``on_result`` is called with the result
-    before anything is written (the CLI prints its table there).
+    before anything is written (the CLI prints its table there). ``recover`` (a number of epochs or a
+    :class:`~onnx_lowrank.recover.RecoverConfig`) distils each compressed model towards the original on
+    the calibration data before it is evaluated (``report["recovery"]``; needs the ``recover`` extra).
 
     ``samples``: paths of samples files from ``onnx-lowrank calibrate`` (one whole calibration, or all
     parts of a sharded one, merged) used instead of a calibration pass; ``data`` is still read by the
@@ -56,6 +59,7 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
     auto = isinstance(speedup, str) and speedup == "auto"
     if isinstance(model, (str, Path)) and not Path(model).exists():
         raise LowRankError(f"model file not found: {model} (check the path)")
+    recovery = _recovery(recover, overrides.get("seed", (config or CompressConfig()).seed))
     budget = _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto)
     if auto:
         overrides["speedup"] = None
@@ -76,12 +80,15 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
 
         samples = calibrate(source_model, data, cfg, shards, executor, workers)
     compressor = Compressor(source_model, data, cfg, samples=samples)
+    finish = recovery(compressor) if recovery else None
     broken = None
     if auto:
-        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget)
+        result, ev, trials = search_speedup(compressor, input_specs(compressor.model), budget, finish=finish)
         result.report["search"] = trials
     else:
         result = compressor.run()
+        if finish:
+            result = finish(result)
         ev = evaluate_against(compressor.source_model, result.model, input_specs(compressor.model), budget) \
             if budget else None
         broken = violation(ev, budget) if budget else None
@@ -92,6 +99,10 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
         if budget.has_limits:
             result.report["budget"] = {"max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
                                        "passed": broken is None}
+    external = uses_external_data(result.model) or has_external_data(compressor.source_model)
+    if external and has_big_tensors(result.model):
+        # over the size limit or loaded with external data: written as OUT plus OUT.data (graph/external.py)
+        result.report["external_data"] = f"{Path(output).name}.data" if output is not None else True
     if on_result is not None:
         on_result(result)
     if broken and not write_failed:
@@ -99,12 +110,33 @@ def compress(model, data, output: str | Path | None = None, config: CompressConf
                              result=result)
     if output is not None:
         # Model and report appear together or not at all.
-        write_together([(output, model_writer(result.model))]
+        write_together([(output, model_writer(result.model, external))]
                        + ([(report, lambda tmp: _write_json(tmp, result.report))] if report else []))
     if broken:
         raise BudgetExceeded(f"budget broken: {broken} (written anyway because of --write-failed)",
                              result=result, written=output is not None)
     return result
+
+
+def _recovery(recover, seed: int):
+    """A step that recovers each compressed model (see onnx_lowrank.recover), checked before any work."""
+    if not recover:
+        return None
+    from .recover import RecoverConfig, recover_models, require_torch
+
+    require_torch()
+    rcfg = recover if isinstance(recover, RecoverConfig) else RecoverConfig(epochs=int(recover), seed=seed)
+    rcfg.check()
+
+    def for_compressor(compressor: Compressor):
+        def finish(result: CompressionResult) -> CompressionResult:
+            rec = recover_models(compressor.source_model, result.model, compressor.source,
+                                 replace(rcfg, max_images=rcfg.max_images or compressor.limit))
+            result.model = rec.model
+            result.report["recovery"] = rec.report
+            return result
+        return finish
+    return for_compressor
 
 
 def _budget(eval_data, labels, max_accuracy_drop, min_agreement, eval_output, auto: bool) -> Budget | None:
@@ -137,25 +169,28 @@ def _check_outputs(model, output, report) -> None:
         check_writable(report, "--report")
 
 
-def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> None:
-    """Bench original vs compressed (interleaved, about 3 s) into the report; predicted beside it."""
+#: ``--measure``'s time cap, unless its first 10 rounds take longer (``bench`` allows 60 s): compressing is the job.
+MEASURE_SECONDS = 15.0
+
+
+def measure_speedup(compressor: Compressor, result: CompressionResult, threads: int | None) -> dict:
+    """Bench original vs compressed into the report, predicted beside it: interleaved rounds until the
+    median per-round speed-up is stable (runtime.timing), with its spread. Returns the ``bench`` result."""
     from .measure import bench
 
-    feed = compressor.timing_feed()
-    t0 = time.perf_counter()
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=3, warmup=1)
-    per_round = max(time.perf_counter() - t0, 1e-6) / 4
-    runs = int(min(200, max(5, 3.0 / per_round)))
-    b = bench([compressor.model, result.model], feed, threads=threads, runs=runs, warmup=1)
+    b = bench([compressor.model, result.model], compressor.timing_feed(), threads=threads, warmup=1,
+              max_seconds=MEASURE_SECONDS)
+    spread = b["speedup_spread"][1]
     rep = result.report
     rep["latency_measured"] = {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-                               "runs": runs, "threads": threads}
+                               "runs": b["rounds"], "threads": threads, "speedup_iqr": spread["iqr"],
+                               "speedup_ci95": spread["ci95"], "stable": b["stable"]}
     rep["measured_latency_speedup"] = b["speedup"][1]
     if rep.get("predicted_latency_speedup"):
-        # Predicted speed-ups applied to this run's original time, against this run's compressed time.
         for key, speedup in (("latency_prediction_error", "predicted_latency_speedup"),
                              ("latency_table_error", "table_latency_speedup")):
-            rep[key] = b["models"][0]["median_ms"] / rep[speedup] / b["models"][1]["median_ms"] - 1
+            rep[key] = b["speedup"][1] / rep[speedup] - 1
+    return b
 
 
 def _write_json(path: str, obj) -> None:

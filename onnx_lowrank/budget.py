@@ -16,7 +16,7 @@ import numpy as np
 from . import progress
 from .calibration.inputs import load_npz, open_source
 from .errors import BudgetExceeded, LowRankError
-from .measure import evaluate
+from .fidelity import evaluate
 from .solver.ranks import RankSelectionError
 
 
@@ -138,11 +138,12 @@ def violation(ev: dict, budget: Budget) -> str | None:
 
 
 def search_speedup(compressor, specs, budget: Budget, start: float = 1.5, growth: float = 1.5,
-                   refine_steps: int = 3, max_speedup: float = 64.0):
+                   refine_steps: int = 3, max_speedup: float = 64.0, finish=None):
     """Largest speed-up within the budget: grow geometrically until it breaks, then bisect (in log).
 
     Returns ``(result, evaluation, trials)`` for the best passing speed-up; raises BudgetExceeded
-    when even a 1.1x compression breaks the budget.
+    when even a 1.1x compression breaks the budget. ``finish`` (e.g. recovery) is applied to each
+    compressed model before it is judged.
     """
     trials = []
     best = None
@@ -154,6 +155,8 @@ def search_speedup(compressor, specs, budget: Budget, start: float = 1.5, growth
         except RankSelectionError:
             trials.append({"speedup": s, "status": "unreachable"})
             return None
+        if finish is not None:
+            res = finish(res)
         ev = evaluate_against(compressor.source_model, res.model, specs, budget)
         bad = violation(ev, budget)
         trials.append({"speedup": s, "speedup_theoretical": res.report["speedup_theoretical"],

@@ -102,6 +102,9 @@ def main():
 @click.option("--min-agreement", type=float, metavar="FRACTION", help="Budget: fail if top-1 agreement with the original is lower.")
 @click.option("--write-failed", is_flag=True, help="Budget: write the model and report even when the budget is broken.")
 @_objective_options
+@click.option("--recover", "recover_epochs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Then recover N epochs (see the recover command; needs the recover extra); budgets judge the "
+                   "recovered model.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="Time the original and compressed models (interleaved, a few seconds) and report the measured "
                    "speed-up.")
@@ -109,7 +112,8 @@ def main():
 @_image_options
 def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, measure, input_shapes, **image):
+             write_failed, objective, rank_multiple, latency_table, scheme, allocation,
+             damage_metric, measure, input_shapes, recover_epochs=None, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
     \b
@@ -132,6 +136,10 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
     from .report import format_report
 
     progress.set_enabled(not quiet)
+    if recover_epochs:
+        from .recover import require_torch
+
+        require_torch()
     sample_paths = _samples_files(samples, more_samples)
     if not calib:
         raise LowRankError("--calib is required: a .npz/.npy of inputs or a folder of images "
@@ -161,19 +169,30 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
                          samples_per_image=_parse_samples(samples_per_image), max_images=max_images, seed=seed,
                          max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
-    show = None if quiet else (lambda result: click.echo(format_report(result.report)))
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
+    show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
-        run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure, on_result=show,
-            samples=sample_paths, shards=shards, executor=executor, workers=workers)
+        res = run(model, data, output, cfg, eval_data=eval_data, labels=labels, max_accuracy_drop=max_accuracy_drop,
+                  min_agreement=min_agreement, write_failed=write_failed, report=report_path, measure=measure,
+                  on_result=show, samples=sample_paths, shards=shards, executor=executor, workers=workers,
+                  recover=recover_epochs)
     except BudgetExceeded as err:
         if err.written and not quiet:
             click.echo(wrote)
         raise
     if not quiet:
-        click.echo(wrote)
+        data_file = res.report.get("external_data")
+        click.echo(wrote + (f" (weights in {Path(output).parent / data_file})" if isinstance(data_file, str) else ""))
+
+
+def _recovery_lines(report: dict) -> str:
+    if "recovery" not in report:
+        return ""
+    from .recover import format_recovery
+
+    return "\n\nrecovery:\n" + format_recovery(report["recovery"])
 
 
 def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
@@ -221,17 +240,22 @@ def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: in
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed runs.")
-@click.option("--runs", type=int, default=50, show_default=True, help="Timed rounds; each round runs every model once.")
+@click.option("--runs", type=int, default=None,
+              help="Timed rounds; each round runs every model once [default: until each speed-up's median is "
+                   "known within 2 % (95 % confidence), at least 10 rounds, then at most --max-seconds].")
+@click.option("--max-seconds", type=float, default=60.0, show_default=True,
+              help="Time cap of the rounds (the first 10 always run) when --runs is not given.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Real inputs (.npz/.npy/image folder) instead of random ones.")
 @click.option("--profile", is_flag=True, help="Add a per-op-type time breakdown from onnxruntime's profiler.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_shapes_option
-def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, input_shapes):
+def bench(models, threads, batch, runs, max_seconds, warmup, data, profile, as_json, quiet, input_shapes):
     """CPU latency of one or more models with onnxruntime, runs interleaved so noise hits all alike.
 
-    Reports median / min / max per model and each model's speed-up against the first.
+    Reports median / min / max per model and each model's speed-up against the first: the median of
+    per-round ratios, with their interquartile range and the median's 95 % confidence interval.
 
     \b
       onnx-lowrank bench model.onnx model.lowrank.onnx --threads 1 --runs 100
@@ -246,6 +270,7 @@ def bench(models, threads, batch, runs, warmup, data, profile, as_json, quiet, i
             raise LowRankError(f"model file not found: {m} (check the path)")
     feeds = _feeds_for(models[0], data, batch, 0, parse_input_shapes(input_shapes), limit=batch * 16)
     res = run([str(m) for m in models], feeds, threads=threads, runs=runs, warmup=warmup, profile=profile,
+              max_seconds=max_seconds,
               progress=not quiet and not as_json)
     click.echo(json.dumps(res, indent=2, default=_json_default) if as_json else format_bench(res))
 
@@ -267,7 +292,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
     \b
       onnx-lowrank eval model.onnx model.lowrank.onnx --data heldout.npz --labels label
     """
-    from .measure import evaluate
+    from .fidelity import evaluate
     from .report import format_eval
 
     progress.set_enabled(not quiet and not as_json)
@@ -297,7 +322,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @click.option("--max-images", type=int, default=None)
 @_max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--runs", type=int, default=30, show_default=True, help="Interleaved latency runs per speed-up.")
+@click.option("--runs", type=int, default=None,
+              help="Interleaved latency rounds per speed-up [default: until the median speed-up is stable, as bench].")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the latency runs.")
 @click.option("--out", "out_prefix", default="sweep", show_default=True, metavar="PREFIX",
               help="Writes PREFIX.csv and PREFIX.png.")
@@ -306,7 +332,8 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_executor_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, executor, workers, input_shapes):
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation,
+          damage_metric, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
 
@@ -335,7 +362,8 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
     cfg = CompressConfig(method=method, asymmetric=asymmetric, samples_per_image=_parse_samples(samples_per_image),
                          max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
-                         latency_table=str(latency_table) if latency_table else None, scheme=scheme)
+                         latency_table=str(latency_table) if latency_table else None, scheme=scheme,
+                         allocation=allocation, damage_metric=damage_metric)
     if executor == "ray":
         from .executors import require_ray
 
@@ -351,6 +379,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
 
 
 from . import cli_calibrate  # noqa: E402,F401  (registers the `calibrate` command)
+from . import cli_recover  # noqa: E402,F401  (registers the `recover` command)
 
 if __name__ == "__main__":
     # Run as a script, this file is a second copy of the module: the package's `main` has every command.

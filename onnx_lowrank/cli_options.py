@@ -82,8 +82,10 @@ def parse_samples(spec: str) -> int | str:
 
 
 def objective_options(f):
+    from .calibration.damage import METRICS
     from .costs import COST_MODELS
     from .schemes import SCHEME_CHOICES
+    from .solver.allocation import ALLOCATORS
 
     opts = [
         click.option("--objective", type=click.Choice(list(COST_MODELS)), default="latency", show_default=True,
@@ -96,6 +98,13 @@ def objective_options(f):
         click.option("--scheme", type=click.Choice(list(SCHEME_CHOICES)), default="channel", show_default=True,
                      help="channel: k x k then 1 x 1; 3d: k x 1, 1 x k, 1 x 1 (TPAMI; 1-wide kernels keep the pair); "
                           "auto (--objective flops): 3d ranks, then per layer whichever fits better at equal FLOPs."),
+        click.option("--allocation", type=click.Choice(list(ALLOCATORS)), default="energy", show_default=True,
+                     help="How ranks are chosen within the budget: energy keeps the most response energy per layer; "
+                          "sensitivity measures each layer's damage to the outputs at each rank on held-back images "
+                          "(with the other layers approximated) and minimises the summed damage (a knapsack)."),
+        click.option("--damage-metric", type=click.Choice([*METRICS, "auto"]), default="auto", show_default=True,
+                     help="Sensitivity allocation: output damage as NMSE or KL divergence (auto: KL for probability "
+                          "outputs, else NMSE)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -21,21 +21,24 @@ from .calibration.batching import batching, fixed_batch, input_specs
 from .calibration.checks import check_source, review_samples
 from .calibration.samples import Samples, check_samples, fingerprint, model_hash, shard_range
 from .calibration.inputs import open_source
-from .calibration.runtime import make_session
 from .calibration.sampling import probe_shapes, sample_key
 from .config import CompressConfig, check_config, parse_size, with_overrides
 from .costs import COST_MODELS
 from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
+from .graph.external import release_mapped_pages, uses_external_data
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import infer_value_types, load_model, normalise, with_input_shapes
 from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
-from .samples import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings, tensors,
-                      within_memory)
+from .runtime import CALIBRATION, session
+from .sampling_plan import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings,
+                            tensors, within_memory)
 from .schemes import SCHEME_CHOICES
+from .sensitivity import measure_layer_damage
+from .solver.allocation import ALLOCATORS
 from .solve import solve_all
 
 
@@ -54,7 +57,8 @@ class Compressor:
 
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
-                  "threads", "scheme")
+                  "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
+                  "safety_net")
 
     def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
                  shard: tuple[int, int] | None = None):
@@ -89,6 +93,7 @@ class Compressor:
             progress.log("warning: fitted as linear: " + "; ".join(
                 f"unknown activation {lay.activation_unknown} after conv {lay.name}" for lay in unknown))
         self._costs: dict = {}
+        self._damage: dict = {}
         self.shard = shard
         if shard is None:   # measured costs (a latency table that does not fit) fail before calibrating
             self.costs(plan, cfg)
@@ -142,6 +147,16 @@ class Compressor:
         progress.status(f"latency: checking {len(stages)} factorised layer(s) on the whole model")
         return compare_models(self.model, stand_in, self.timing_feed(), cfg.threads, 3 * cfg.latency_seconds)
 
+    def _damage_tables(self, plan, cfg: CompressConfig, context: dict[str, int] | None) -> dict[str, dict[int, float]]:
+        """Measured damage of each candidate layer at each candidate rank, the others at ``context``'s ranks
+        (memory, then disk cache; see sensitivity.py)."""
+        key = (cfg.rank_multiple, cfg.scheme, cfg.damage_metric, cfg.damage_fit, cfg.damage_images, cfg.objective,
+               None if context is None else tuple(sorted(context.items())))
+        if key not in self._damage:
+            self._damage[key] = measure_layer_damage(self.model, self.source, self.samples, plan, self.batch,
+                                                     self.limit, fixed_batch(input_specs(self.model)), cfg, context)
+        return self._damage[key]
+
     def run(self, **overrides) -> CompressionResult:
         if self.shard is not None:
             raise RuntimeError("a shard's Compressor only calibrates: merge the parts' samples and pass them")
@@ -160,7 +175,14 @@ class Compressor:
         # One BLAS thread: multithreaded OpenBLAS is many times slower on a busy 2-core machine, and
         # single-threaded reductions make the output file reproducible bit for bit.
         with threadpool_limits(limits=1, user_api="blas"):
-            plan = choose_ranks(plan, self.samples, self.flops, cfg, costs)
+            damage = None
+            if ALLOCATORS[cfg.allocation].needs_damage and cfg.speedup:
+                damage = self._damage_tables(plan, cfg, None) if cfg.damage_passes == 0 else None
+                for _ in range(cfg.damage_passes):  # each pass measures around the last choice
+                    around = choose_ranks(plan, self.samples, self.flops,
+                                          cfg if damage else replace(cfg, allocation="energy"), costs, damage)
+                    damage = self._damage_tables(plan, cfg, {p.layer.name: p.rank for p in around if p.rank})
+            plan = choose_ranks(plan, self.samples, self.flops, cfg, costs, damage)
             choice = SCHEME_CHOICES[cfg.scheme]
             shortcuts = {p.layer.shortcut for p in plan if p.rank is not None and p.layer.shortcut}
             chosen = [replace(p, alternative=choice.alternative(p, shortcuts, cfg.rank_multiple))
@@ -169,7 +191,7 @@ class Compressor:
                                self.limit, self.positions, cfg)
         by_id = {p.layer_id: p for p in solved}
         plan = [by_id.get(p.layer_id, p) for p in plan]
-        new_model = rewrite_convs(self.model, {p.layer.name: p.stages() for p in solved}) if solved \
+        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in solved}) if solved \
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
@@ -207,11 +229,17 @@ def _shape_known(value_types, name: str) -> bool:
     return s is not None and all(isinstance(v, int) for v in s[1:])
 
 
+def _stages(p) -> list:
+    stages = p.stages()
+    release_mapped_pages()  # weights kept on disk: the old ones need not stay in memory (graph/external.py)
+    return stages
+
+
 def _validate(model: onnx.ModelProto) -> None:
     """The model we write must pass the full checker and load in onnxruntime."""
     try:
-        if model.ByteSize() < 1_800_000_000:
+        if not uses_external_data(model):  # the checker reads weights in the proto only
             onnx.checker.check_model(model, full_check=True)
-        make_session(model)
+        session(model, CALIBRATION)
     except Exception as exc:  # an internal failure: say so plainly rather than write a broken file
         raise RuntimeError(f"the rewritten model failed validation, nothing was written: {exc}") from exc

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .calibration.damage import METRICS
 from .calibration.inputs import ImagePreprocess
 from .costs import COST_MODELS
 from .errors import LowRankError
 from .schemes import SCHEME_CHOICES
+from .solver.allocation import ALLOCATORS
+from .solver.candidates import FITS
 
 METHODS = ("linear", "nonlinear")
 #: Default bound on the calibration samples kept in memory, all layers together (bytes or "512M", "4G").
@@ -59,6 +62,22 @@ class CompressConfig:
     #: Bound on the calibration samples kept (all layers): with more, every layer's positions per image are
     #: scaled down together, and the report says so (bytes, or a size such as "512M", "4G").
     max_memory: int | str = DEFAULT_MAX_MEMORY
+    #: How ranks are chosen within the budget (solver/allocation.py ALLOCATORS): "energy" keeps the most
+    #: response energy (method.md section 5); "sensitivity" least summed measured damage to the outputs.
+    allocation: str = "energy"
+    #: The damage measure of "sensitivity" (calibration/damage.py METRICS): "nmse", "kl" or "auto" (KL for
+    #: probability outputs, else NMSE).
+    damage_metric: str = "auto"
+    #: How each candidate rank is fitted to measure its damage: "linear" (PCA) or "nonlinear" (the real fit).
+    damage_fit: str = "linear"
+    #: Held-back images the damage is measured on (at most).
+    damage_images: int = 64
+    #: Sensitivity passes: the first measures each layer with the others at the energy allocation's ranks,
+    #: each further pass with the others at the previous pass's choice (0: each layer alone, unchanged others).
+    damage_passes: int = 1
+    #: A layer whose nonlinear or asymmetric fit is worse on the held-back images than the linear (or the
+    #: symmetric linear) fit keeps the better one, and its note says so.
+    safety_net: bool = True
 
 
 def parse_size(value) -> int:
@@ -107,6 +126,14 @@ def check_config(cfg: CompressConfig) -> None:
     if choice.objective is not None and cfg.objective != choice.objective:
         raise LowRankError(f"--scheme {cfg.scheme} needs --objective {choice.objective} ({choice.why_objective})")
     _one_of("objective", cfg.objective, COST_MODELS)
+    _one_of("allocation", cfg.allocation, ALLOCATORS)
+    _one_of("damage-metric", cfg.damage_metric, (*METRICS, "auto"))
+    _one_of("damage-fit", cfg.damage_fit, FITS)
+    for name in ("damage_images", "damage_passes"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "damage_images" else 0):
+            raise LowRankError(f"{name} must be an integer of at least {1 if name == 'damage_images' else 0}, "
+                               f"not {v!r}")
     if isinstance(cfg.rank_multiple, bool) or not isinstance(cfg.rank_multiple, int) or cfg.rank_multiple < 1:
         raise LowRankError(f"--rank-multiple must be a positive integer, not {cfg.rank_multiple!r}")
     if not (isinstance(cfg.latency_seconds, (int, float)) and cfg.latency_seconds > 0):

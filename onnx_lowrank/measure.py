@@ -1,8 +1,6 @@
-"""Measure what a factorisation buys (latency) and what it costs (output fidelity).
-
-``bench`` times models on onnxruntime's CPU provider the way they will be deployed;
-``evaluate`` compares a candidate against its reference on the same batches.
-Both are plain functions: the CLI prints their dicts with ``report.format_bench`` / ``report.format_eval``.
+"""Measure what a factorisation buys: ``bench`` times models on onnxruntime's CPU provider the way
+they will be deployed (what it costs in output fidelity: fidelity.py). Plain functions: the CLI
+prints their dicts with ``report.format_bench``.
 """
 
 from __future__ import annotations
@@ -12,19 +10,18 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from onnx_lowrank.calibration.runtime import ORT_ERRORS as _ORT_ERRORS
-from onnx_lowrank.calibration.runtime import one_line as _one_line
+from onnx_lowrank import runtime
+from onnx_lowrank.runtime import timing
 from onnx_lowrank.errors import LowRankError
 
-__all__ = ["synthetic_feeds", "bench", "evaluate"]
+__all__ = ["synthetic_feeds", "bench"]
 
 _DTYPES: dict[str, type] = {
     "tensor(float)": np.float32,
@@ -44,49 +41,19 @@ _DTYPES: dict[str, type] = {
 # Integer inputs are often indices (Gather, Embedding); small non-negative values stay in range.
 _INT_HIGH = 10
 # Probabilities are clipped here before the log so that a zero in the candidate gives a large, finite KL.
-_PROB_EPS = 1e-12
 
 
-def _session(model_path, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """CPU session configured like a deployment: full graph optimisation, no inter-op parallelism.
-
-    Intra-op threads do not spin between runs: sessions are timed interleaved, and a spinning pool
-    left by the session run just before steals the cores from the next one (with 2 threads on 2
-    cores, four interleaved ResNet-50 sessions each took 51 ms with spinning, 28 ms without, and
-    27 ms alone: benchmarks/spinning.py), which would corrupt every ratio at more than one thread.
-
-    ``model_path`` may also be an in-memory ``onnx.ModelProto`` (a model just compressed).
-    """
-    source = model_path
-    if hasattr(model_path, "SerializeToString"):
-        source, model_path = model_path.SerializeToString(), "<in-memory model>"
-    elif not os.path.isfile(model_path):
-        raise LowRankError(f"model not found: {model_path}; check the path")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    if profile_prefix is not None:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-    except _ORT_ERRORS as err:
-        raise LowRankError(
-            f"onnxruntime cannot load {model_path}: {_one_line(err)}; check that it is a valid ONNX model"
-        ) from err
+def _session(model, threads: int | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session set up like a deployment (``runtime.TIMING``); ``model`` is a path or an in-memory ModelProto."""
+    return runtime.session(model, runtime.TIMING, threads, profile_prefix)
 
 
-def _run(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list:
-    try:
-        return sess.run(names, feed)
-    except _ORT_ERRORS as err:
-        raise LowRankError(
-            f"onnxruntime failed to run {path}: {_one_line(err)}; check the input shapes and dtypes"
-        ) from err
+def _run(sess: ort.InferenceSession, path, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list:
+    return runtime.run(sess, names, feed, _label(path))
+
+
+def _label(model) -> str:
+    return "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def _feed_for(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -97,7 +64,7 @@ def _feed_for(sess: ort.InferenceSession, path: str, feed: dict[str, np.ndarray]
     missing = [n for n in names if n not in feed]
     if missing:
         raise LowRankError(
-            f"{path} needs input(s) {', '.join(missing)} that the feeds do not provide "
+            f"{_label(path)} needs input(s) {', '.join(missing)} that the feeds do not provide "
             f"(given: {', '.join(feed) or 'none'}); feed every model input"
         )
     return {n: np.asarray(feed[n]) for n in names}
@@ -193,23 +160,34 @@ def _batch_of(feed: dict[str, np.ndarray]) -> int | None:
 
 
 def bench(
-    model_paths: list[str],
+    model_paths: list,
     feeds: dict[str, np.ndarray] | list[dict],
     threads: int | None = None,
-    runs: int = 50,
+    runs: int | None = None,
     warmup: int = 5,
     profile: bool = False,
     progress: bool = False,
+    min_runs: int = timing.MIN_ROUNDS,
+    min_seconds: float = timing.MIN_SECONDS,
+    tolerance: float = timing.TOLERANCE,
+    max_seconds: float = timing.MAX_SECONDS,
 ) -> dict:
     """Latency of each model on the CPU provider, interleaved so that machine noise hits all alike.
 
-    Each round runs every model once, the order rotated per round. ``feeds`` is one feed dict
-    (synthetic) or a list of them (real data, cycled). ``speedup[i]`` = median of model 0 / median of i.
+    Each round runs every model once, the order rotated per round (runtime.timing). ``feeds`` is
+    one feed dict (synthetic) or a list of them (real data, cycled). ``runs``: exactly that many
+    rounds; ``None``: rounds until each speed-up (a lone model: its time) has its median known
+    within ``tolerance`` on either side at 95 % confidence, at least ``min_runs`` rounds and
+    ``min_seconds``, and then at most ``max_seconds`` in all. ``speedup[i]`` is the median over rounds of model 0's time / model
+    i's time; ``speedup_spread[i]`` its quartiles and confidence interval. ``model_paths`` may hold
+    in-memory ModelProtos.
     """
     if not model_paths:
         raise LowRankError("no models to benchmark; give at least one model path")
-    if runs < 1:
+    if runs is not None and runs < 1:
         raise LowRankError(f"runs must be at least 1, got {runs}")
+    if min_runs < 1 or not max_seconds > 0 or not tolerance > 0:
+        raise LowRankError("min_runs must be at least 1, max_seconds and tolerance positive")
     if warmup < 0:
         raise LowRankError(f"warmup must be 0 or more, got {warmup}")
     if threads is not None and threads < 1:
@@ -220,49 +198,43 @@ def bench(
 
     sessions = [_session(p, threads) for p in model_paths]
     per_model_feeds = [[_feed_for(s, p, f) for f in feed_list] for s, p in zip(sessions, model_paths)]
+    labels = [_label(p) for p in model_paths]
+    runners = [lambda r, s=s, f=f, w=w: runtime.run(s, None, f[r % len(f)], w)
+               for s, f, w in zip(sessions, per_model_feeds, labels)]
     n = len(model_paths)
-    times: list[list[float]] = [[] for _ in range(n)]
-    total = n * (warmup + runs) * (2 if profile else 1)
+    fixed = dict(min_rounds=runs, max_rounds=runs, tolerance=None) if runs is not None else \
+        dict(min_rounds=min_runs, min_seconds=min_seconds, seconds=max_seconds, tolerance=tolerance)
+    total = n * (warmup + runs) * (2 if profile else 1) if runs is not None else None
     with _progress_bar(progress, total, "bench") as bar:
-        for i, (sess, path) in enumerate(zip(sessions, model_paths)):
-            for r in range(warmup):
-                _run(sess, path, per_model_feeds[i][r % len(feed_list)])
-                bar.update(1)
-        for r in range(runs):
-            feed_index = r % len(feed_list)
-            for k in range(n):
-                i = (r + k) % n
-                feed = per_model_feeds[i][feed_index]
-                start = time.perf_counter()
-                _run(sessions[i], model_paths[i], feed)
-                times[i].append((time.perf_counter() - start) * 1000.0)
-                bar.update(1)
-        del sessions
+        rounds = timing.interleave(runners, warmup=warmup, on_run=lambda: bar.update(1), **fixed)
+        del sessions, runners
         profiles = None
         if profile:
             profiles = [
-                _profile_model(path, threads, per_model_feeds[i], runs, warmup, bar)
+                _profile_model(path, threads, per_model_feeds[i], rounds.rounds, warmup, bar)
                 for i, path in enumerate(model_paths)
             ]
 
     models = []
-    for i, path in enumerate(model_paths):
-        t = times[i]
+    for i, label in enumerate(labels):
+        t = rounds.ms[i]
         entry = {
-            "path": path,
+            "path": label,
             "median_ms": float(statistics.median(t)),
             "min_ms": float(min(t)),
             "max_ms": float(max(t)),
             "mean_ms": float(statistics.fmean(t)),
             "runs": len(t),
+            "times_ms": list(t),
         }
         if profiles is not None:
             entry["profile"] = profiles[i]
         models.append(entry)
-    base = models[0]["median_ms"]
-    speedup = [base / m["median_ms"] if m["median_ms"] > 0 else float("inf") for m in models]
-    speedup[0] = 1.0
-    return {"models": models, "speedup": speedup, "threads": threads, "batch": _batch_of(feed_list[0])}
+    spreads = [None] + [rounds.speedup(i).as_dict() for i in range(1, n)]
+    speedup = [1.0] + [s["median"] for s in spreads[1:]]
+    return {"models": models, "speedup": speedup, "speedup_spread": spreads, "rounds": rounds.rounds,
+            "stable": rounds.stable if runs is None else None, "seconds": rounds.seconds,
+            "threads": threads, "batch": _batch_of(feed_list[0])}
 
 
 def _profile_model(
@@ -312,141 +284,3 @@ def _summarise_trace(events: list[dict], warmup: int, runs: int) -> list[dict]:
     ]
     rows.sort(key=lambda row: (-row["total_ms"], row["op_type"]))
     return rows
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def _looks_like_probabilities(x: np.ndarray) -> bool:
-    return bool(np.all(x >= 0.0) and np.all(x <= 1.0) and np.allclose(x.sum(axis=1), 1.0, rtol=0.0, atol=1e-3))
-
-
-def _kl_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """KL(p_r || p_c) per row; logits go through log-softmax, probabilities are used as they are."""
-    if _looks_like_probabilities(r) and _looks_like_probabilities(c):
-        p = r
-        log_p = np.log(np.clip(r, _PROB_EPS, None))
-        log_q = np.log(np.clip(c, _PROB_EPS, None))
-    else:
-        log_p = _log_softmax(r)
-        log_q = _log_softmax(c)
-        p = np.exp(log_p)
-    kl = np.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=1)
-    return np.maximum(kl, 0.0)
-
-
-def _top_k(x: np.ndarray, k: int) -> np.ndarray:
-    return np.argpartition(-x, k - 1, axis=1)[:, :k]
-
-
-def evaluate(
-    reference_path: str,
-    candidate_path: str,
-    feeds: Iterable[dict[str, np.ndarray]],
-    labels: np.ndarray | None = None,
-    output: str | None = None,
-    progress: bool = False,
-) -> dict:
-    """How far the candidate's output drifts from the reference's on the same batches.
-
-    Always reports NMSE and max |diff|; for a classifier output (N, K), K >= 2, also top-1
-    agreement, top-5 overlap and KL divergence, and with ``labels`` the accuracy of both.
-    """
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise LowRankError(
-                f"labels must be a 1-D array of integer class ids, got shape {labels.shape} dtype {labels.dtype}"
-            )
-    ref_sess = _session(reference_path)
-    cand_sess = _session(candidate_path)
-    ref_outputs = [o.name for o in ref_sess.get_outputs()]
-    cand_outputs = [o.name for o in cand_sess.get_outputs()]
-    name = output if output is not None else ref_outputs[0]
-    for path, names in ((reference_path, ref_outputs), (candidate_path, cand_outputs)):
-        if name not in names:
-            raise LowRankError(f"{path} has no output named {name!r}; its outputs are {', '.join(names)}")
-
-    samples = 0
-    batches = 0
-    err_sq = 0.0
-    ref_sq = 0.0
-    max_abs = 0.0
-    classifier: bool | None = None
-    top1_hits = 0
-    top5_sum = 0.0
-    kl_sum = 0.0
-    ref_correct = 0
-    cand_correct = 0
-    with _progress_bar(progress, None, "eval", unit="sample") as bar:
-        for feed in feeds:
-            (r,) = _run(ref_sess, reference_path, _feed_for(ref_sess, reference_path, feed), [name])
-            (c,) = _run(cand_sess, candidate_path, _feed_for(cand_sess, candidate_path, feed), [name])
-            if not isinstance(r, np.ndarray) or not isinstance(c, np.ndarray):
-                raise LowRankError(f"output {name!r} is not a tensor; choose a tensor output with output=")
-            if r.shape != c.shape:
-                raise LowRankError(
-                    f"output {name!r} has shape {r.shape} in {reference_path} but {c.shape} in {candidate_path}; "
-                    f"the models must produce the same output"
-                )
-            r = r.astype(np.float64)
-            c = c.astype(np.float64)
-            n = int(r.shape[0]) if r.ndim else 1
-            is_clf = r.ndim == 2 and r.shape[1] >= 2
-            if classifier is None:
-                classifier = is_clf
-                if labels is not None and not classifier:
-                    raise LowRankError(
-                        f"labels need a classifier output of shape (N, K), but {name!r} has shape {r.shape}; "
-                        f"pick the logits output with output="
-                    )
-            elif classifier != is_clf:
-                raise LowRankError(f"output {name!r} changes rank across batches; feed batches of one shape")
-            batches += 1
-            diff = c - r
-            err_sq += float(np.sum(diff * diff))
-            ref_sq += float(np.sum(r * r))
-            if diff.size:
-                max_abs = max(max_abs, float(np.max(np.abs(diff))))
-            if is_clf and n:
-                ra = r.argmax(axis=1)
-                ca = c.argmax(axis=1)
-                top1_hits += int(np.sum(ra == ca))
-                k = min(5, r.shape[1])
-                tr, tc = _top_k(r, k), _top_k(c, k)
-                top5_sum += float(np.sum((tr[:, :, None] == tc[:, None, :]).sum(axis=(1, 2)) / k))
-                kl_sum += float(np.sum(_kl_rows(r, c)))
-                if labels is not None:
-                    if samples + n > len(labels):
-                        raise LowRankError(
-                            f"got {len(labels)} labels but the feeds hold more samples; give one label per sample"
-                        )
-                    y = labels[samples : samples + n]
-                    ref_correct += int(np.sum(ra == y))
-                    cand_correct += int(np.sum(ca == y))
-            samples += n
-            bar.update(n)
-
-    if batches == 0:
-        raise LowRankError("no input batches to evaluate; give at least one feed")
-    if labels is not None and len(labels) != samples:
-        raise LowRankError(f"got {len(labels)} labels for {samples} samples; give exactly one label per sample")
-
-    if ref_sq > 0:
-        nmse = err_sq / ref_sq
-    else:
-        nmse = 0.0 if err_sq == 0 else float("inf")
-    result: dict[str, Any] = {"samples": samples, "output": name, "nmse": nmse, "max_abs_diff": max_abs}
-    if classifier and samples:
-        result["top1_agreement"] = top1_hits / samples
-        result["top5_overlap"] = top5_sum / samples
-        result["kl_divergence"] = kl_sum / samples
-        if labels is not None:
-            acc_r = ref_correct / samples
-            acc_c = cand_correct / samples
-            result["accuracy_reference"] = acc_r
-            result["accuracy_candidate"] = acc_c
-            result["accuracy_drop_points"] = 100.0 * (acc_r - acc_c)
-    return result

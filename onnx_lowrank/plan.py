@@ -35,6 +35,8 @@ class LayerPlan:
     rows: int | None = None
     latency_before: float | None = None
     latency_after: float | None = None
+    damage: dict[int, float] | None = None  # --allocation sensitivity: measured accuracy cost per candidate rank
+    saving: dict[int, float] | None = None  # ... and the cost (FLOPs or ms) each of those ranks saves
     # solving
     split: tuple | None = None  # the scheme's (pre, core) at the chosen rank, once computed
     alternative: Alternative | None = None  # e.g. --scheme auto: a second fit; the better one is kept

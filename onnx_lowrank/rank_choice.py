@@ -7,13 +7,15 @@ from dataclasses import replace
 from . import progress
 from .calibration.sampling import sample_key
 from .plan import LayerPlan
-from .samples import split
+from .sampling_plan import split
 from .solve import energy
 from .solver.reconstruction import response_spectrum
 
 
-def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, costs) -> list[LayerPlan]:
-    """The plan with a rank (or the reason for none) for every candidate."""
+def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, costs,
+                 damage: dict[str, dict[int, float]] | None = None) -> list[LayerPlan]:
+    """The plan with a rank (or the reason for none) for every candidate; ``damage``: the measured tables
+    of ``--allocation sensitivity`` (None: the allocator needs none, or they are being measured)."""
     free = [p for p in plan if p.candidate]
     fixed_flops = sum(flops.values()) - sum(p.flops_before for p in free)
     spectra, fixed = [], {}
@@ -32,11 +34,16 @@ def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, cos
         ranks = [fixed.get(i) for i in range(len(free))]
         ranks = [r if r is not None and p.shape.saves(r) else None for r, p in zip(ranks, free)]
     else:
-        ranks = costs.choose(free, spectra, fixed, fixed_flops, sum(flops.values()), cfg)
+        # Only given when measured: a cost model that cannot share a budget by damage keeps its signature.
+        extra = {} if damage is None else {"damage": damage}
+        ranks = costs.choose(free, spectra, fixed, fixed_flops, sum(flops.values()), cfg, **extra)
     times = costs.layer_times(free, ranks, fixed, cfg) or [(None, None)] * len(free)
     chosen = {}
     for p, r, spec, (before, after) in zip(free, ranks, spectra, times):
         p = replace(p, latency_before=before, latency_after=after)
+        if damage is not None and damage.get(p.layer.name):
+            table = {int(k): float(v) for k, v in damage[p.layer.name].items()}
+            p = replace(p, damage=table, saving={r: v for r, v in costs.savings(p, cfg).items() if r in table})
         if r is None:
             chosen[p.layer_id] = replace(p, status="skipped", reason=_kept_reason(p, cfg, costs))
         else:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 
+from .solver.allocation import ALLOCATORS, damage_at
 from .graph.dense import is_dense
-from .samples import held_back
+from .sampling_plan import held_back
 from .schemes import SCHEMES
+from .solver.reconstruction import STOP_TOL
 
 
 def table(header: list[str], rows: list[list], left: int = 1) -> list[str]:
@@ -62,6 +64,9 @@ def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: f
             "rows": p.rows,
             "rel_error_linear": p.rel_error_linear,
             "rel_error": p.rel_error,
+            "damage": None if p.damage is None or p.rank is None else damage_at(p.damage, p.rank),
+            "damage_by_rank": p.damage,
+            "saving_by_rank": p.saving,
         })
     after = total_before - saved
     conv_after = conv_before - saved + dense_before - dense_after
@@ -80,7 +85,11 @@ def build_report(plan: list, flops: dict[str, int], cfg, images: int, seconds: f
         "rank_multiple": cfg.rank_multiple,
         **costs.report(plan, cfg),
         "method": cfg.method,
+        # a stage of the nonlinear schedule ends once an iteration improves its objective by less than this
+        "solver_stop_tolerance": STOP_TOL if cfg.method == "nonlinear" else None,
         "scheme": cfg.scheme,
+        "allocation": cfg.allocation,
+        "damage_metric": cfg.damage_metric if ALLOCATORS[cfg.allocation].needs_damage else None,
         "asymmetric": cfg.asymmetric,
         "balance": cfg.balance,
         "calibration_images": images,
@@ -117,7 +126,8 @@ def format_report(report: dict) -> str:
         note = lay["reason"] if lay["status"] == "skipped" else \
             _scheme_label(lay.get("scheme")) + \
             f"{lay['method']}{'+asym' if lay.get('asymmetric') else ''}, {lay['target']}" + \
-            (f"; {lay['note']}" if lay.get("note") else "")
+            (f"; {lay['note']}" if lay.get("note") else "") + \
+            (f"; damage {lay['damage']:.2g}" if lay.get("damage") is not None else "")
         rows.append((lay["name"], f"{lay['in_channels']} -> {lay['out_channels']}",
                      "x".join(map(str, lay["kernel"])), out, rank, _flops(lay["flops_before"]),
                      _flops(lay["flops_after"]), _pct(lay["energy_kept"]), lay.get("rows") or "-", _pct(lay["rel_error"]), note))
@@ -132,7 +142,8 @@ def format_report(report: dict) -> str:
     if report["conv_flops_before"]:
         lines.append(f"convs only : {_flops(report['conv_flops_before'])} -> {_flops(report['conv_flops_after'])} "
                      f"FLOPs, {report['conv_speedup_theoretical']:.2f}x")
-    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, multiples of {report.get('rank_multiple', 1)}"
+    lines.append(f"ranks      : {report.get('objective', 'flops')} objective, {report.get('allocation', 'energy')} "
+                 f"allocation, multiples of {report.get('rank_multiple', 1)}"
                  + (f" (timings: {report['latency_table']})" if report.get("latency_table") else ""))
     if report.get("predicted_latency_speedup"):
         lines.append(f"latency    : {report['latency_original_ms']:.3f} -> {report['latency_predicted_ms']:.3f} ms "
@@ -142,10 +153,16 @@ def format_report(report: dict) -> str:
                         else "") + ")")
     if report.get("measured_latency_speedup"):
         m = report["latency_measured"]
-        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms (median of {m['runs']} "
-                     f"interleaved runs), {report['measured_latency_speedup']:.2f}x"
+        lines.append(f"measured   : {m['original_ms']:.3f} -> {m['compressed_ms']:.3f} ms, "
+                     f"{report['measured_latency_speedup']:.2f}x (median of {m['runs']} interleaved rounds"
+                     + (f", IQR {m['speedup_iqr'][0]:.2f}-{m['speedup_iqr'][1]:.2f}" if m.get("speedup_iqr") else "")
+                     + ("" if m.get("stable", True) else ", not stable at the time cap") + ")"
                      + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
                         if report.get("latency_prediction_error") is not None else ""))
+    if report.get("external_data"):
+        where = report["external_data"]
+        lines.append("weights    : kept as external data" + (f", written to {where} beside the model"
+                                                             if isinstance(where, str) else ""))
     lines.append("energy = response energy kept by the rank; rows = calibration samples fitted; rel.err = relative "
                  "squared error of the layer's target on held-back calibration images"
                  + (" (none held back: not measured)" if report.get("held_back_images") == 0 else ""))
@@ -168,6 +185,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _interval(spread: dict | None, key: str) -> str:
+    if not spread:
+        return "-"
+    lo, hi = spread[key]
+    return f"{lo:.2f}-{hi:.2f}" if math.isfinite(lo) and math.isfinite(hi) else "?"
+
+
 def format_bench(result: dict) -> str:
     """Terminal table of a ``bench`` result, plus one per-op table per profiled model."""
     threads = result.get("threads")
@@ -175,6 +199,7 @@ def format_bench(result: dict) -> str:
         f"threads: {threads if threads is not None else 'onnxruntime default'}   "
         f"batch: {result.get('batch') if result.get('batch') is not None else '-'}"
     ]
+    spreads = result.get("speedup_spread") or [None] * len(result["models"])
     rows = [
         [
             m["path"],
@@ -184,10 +209,17 @@ def format_bench(result: dict) -> str:
             f"{m['mean_ms']:.3f}",
             str(m["runs"]),
             f"{s:.2f}x",
+            _interval(sp, "iqr"),
+            _interval(sp, "ci95"),
         ]
-        for m, s in zip(result["models"], result["speedup"])
+        for m, s, sp in zip(result["models"], result["speedup"], spreads)
     ]
-    lines += table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup"], rows)
+    lines += table(["model", "median ms", "min ms", "max ms", "mean ms", "runs", "speedup", "IQR", "95% CI"], rows)
+    if result.get("rounds") is not None:
+        how = {True: "stopped when every median was known within the tolerance",
+               False: "stopped at the time cap before the medians were stable: rerun on a quieter machine",
+               None: "fixed count"}[result.get("stable")]
+        lines.append(f"{result['rounds']} interleaved rounds ({how}); speed-up = median of per-round ratios")
     for m in result["models"]:
         if "profile" not in m:
             continue

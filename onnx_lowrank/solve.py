@@ -18,7 +18,7 @@ from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .plan import LayerPlan
-from .samples import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
+from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
 from .solver.balance import balance
 
 
@@ -112,13 +112,14 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
     if approximated is None and plain is not None and plain_key in plain.rows:
         yh, sh = plain.rows[plain_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
     p = replace(p, asymmetric=approximated is not None)
-    sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule)
+    sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule,
+                         safety_net=cfg.safety_net)
     alt = p.alternative
     if alt:
         rows = (approximated.rows[sample_key(alt.tensor, p.layer_id)] if approximated is not None
                 else plain.rows[sample_key(_plain(alt.tensor), p.layer_id)]).astype(np.float64)
         other = alt.scheme.solve(y, rows, alt.rank, lay, fit, held, s=s, sh=sh if approximated is not None else s,
-                                 method=cfg.method, schedule=cfg.schedule)
+                                 method=cfg.method, schedule=cfg.schedule, safety_net=cfg.safety_net)
         compared = (f"auto: {p.scheme.name} rank {p.rank} err {_pct(sol.rel_error)}, {alt.scheme.name} rank "
                     f"{alt.rank} err {_pct(other.rel_error)}")
         if other.rel_error is not None and sol.rel_error is not None and other.rel_error < sol.rel_error:
@@ -127,6 +128,7 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
         else:
             p = replace(p, alternative=None)
         note = "; ".join(filter(None, [note, compared]))
+    note = "; ".join(filter(None, [note, sol.note]))
     # Balancing is exact (the function is unchanged); it only decides how INT8 will see the d' channels.
     return replace(p, note=note, method=sol.method, rel_error=sol.rel_error, rel_error_linear=sol.rel_error_linear,
                    factorisation=sol.factorisation,

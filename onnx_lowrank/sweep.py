@@ -10,20 +10,21 @@ from pathlib import Path
 
 from . import progress
 from .budget import Budget, evaluate_against
-from .files import atomic_path
+from .files import atomic_path, save_figure
 from .graph.loading import load_model, save_model_atomic
 from .measure import bench, synthetic_feeds
 from .calibration.batching import input_specs
 from .compressor import Compressor
+from .costs import COST_MODELS
 from .solver.ranks import RankSelectionError
 
-FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured", "latency_ms",
-          "latency_original_ms", "top1_agreement", "top5_overlap", "nmse", "accuracy_reference", "accuracy_candidate",
+FIELDS = ["speedup_target", "objective", "speedup_theoretical", "speedup_predicted", "speedup_measured",
+          "speedup_measured_q1", "speedup_measured_q3", "latency_rounds", "latency_ms", "latency_original_ms", "top1_agreement", "top5_overlap", "nmse", "accuracy_reference", "accuracy_candidate",
           "accuracy_drop_points", "layers_factorised", "status"]
 
 
 def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | None = None,
-          runs: int = 30, threads: int | None = None, batch: int = 1, executor: str = "local",
+          runs: int | None = None, threads: int | None = None, batch: int = 1, executor: str = "local",
           workers: int | None = None) -> list[dict]:
     """One row per speed-up: theoretical and measured speed-up, fidelity (and accuracy with labels).
 
@@ -63,6 +64,9 @@ def sweep(model, calib, eval_data, speedups: list[float], config, labels: str | 
                 "speedup_theoretical": res.report["speedup_theoretical"],
                 "speedup_predicted": res.report["predicted_latency_speedup"],
                 "speedup_measured": b["speedup"][1],
+                "speedup_measured_q1": b["speedup_spread"][1]["iqr"][0],
+                "speedup_measured_q3": b["speedup_spread"][1]["iqr"][1],
+                "latency_rounds": b["rounds"],
                 "latency_ms": b["models"][1]["median_ms"],
                 "latency_original_ms": b["models"][0]["median_ms"],
                 **{k: ev[k] for k in ("top1_agreement", "top5_overlap", "nmse", "accuracy_reference",
@@ -81,7 +85,7 @@ def _remote_results(compressor: Compressor, calib, speedups: list[float], execut
     ex = get_executor(executor, workers)
     cfg = replace(compressor.config, threads=compressor.config.threads or worker_threads(workers or len(speedups)))
     files = {"samples.npz": _file_bytes(lambda p: _samples_for_workers(compressor).save(p))}
-    if cfg.objective == "latency":
+    if COST_MODELS[cfg.objective].measures:  # workers read the timings instead of measuring them again
         table = _latency_for_workers(compressor, speedups)
         files["latency.json"] = _file_bytes(table.save)
     if isinstance(calib, (str, os.PathLike)):
@@ -183,8 +187,4 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

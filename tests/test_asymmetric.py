@@ -47,10 +47,11 @@ def test_report_records_method_and_errors_per_layer():
     res = onnx_lowrank.compress(model, {"input": calib}, ranks={"conv0": 8, "conv1": 8}, speedup=None,
                                 schedule=((5, 0.01), (5, 1.0)))
     for lay in res.report["layers"]:
-        assert lay["method"] == "nonlinear" and lay["target"] == "after relu"
-        # Held-back samples: the nonlinear refinement (fitted on the others) must not fall far behind.
+        assert lay["target"] == "after relu"
+        # The safety net keeps a linear fit only when it is better on the held-back samples, and says so.
+        assert lay["method"] == "nonlinear" or "kept the" in lay["note"]
         assert 0 <= lay["rel_error"] < 1 and 0 <= lay["rel_error_linear"] < 1
-        assert lay["rel_error"] <= 1.25 * lay["rel_error_linear"]
+        assert lay["rel_error"] <= lay["rel_error_linear"]
 
 
 def test_conv_after_runtime_shape_is_measured_not_skipped():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import onnx_lowrank
-from onnx_lowrank.measure import evaluate
+from onnx_lowrank.fidelity import evaluate
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "mnist_vgg"
 MODEL = DEMO / "mnist_vgg.onnx"

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builders import model_from, run
 from onnx_lowrank import compress
-from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.graph.dense import DenseLayer, find_dense_layers
 from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
 from onnx_lowrank.graph.rewrite import rewrite_convs
@@ -225,3 +224,11 @@ def test_token_rows_are_sampled_on_the_last_axis():
     want = np.concatenate([y1[i, sample_positions(7, 3, i, 5, 2)] for i in range(6)])
     np.testing.assert_allclose(got.rows["3:y1"], want, rtol=1e-6)
     assert list(got.image["3:y1"]) == [i for i in range(6) for _ in range(2)]
+
+
+def test_report_of_a_model_without_convs_has_no_conv_line():
+    from onnx_lowrank.report import format_report
+
+    res = compress(mlp3d(), _data(20, [5, 12]), speedup=None, ranks={"fc1": 4}, objective="flops", rank_multiple=1)
+    text = format_report(res.report)
+    assert "factorised 1 of" in text and "convs only" not in text

@@ -191,8 +191,7 @@ def test_layer_that_does_not_pay_on_the_runtime_is_kept_whole(table, tmp_path):
     """Edit the table so that the biggest layer is slower factorised at every rank: it must stay whole."""
     path, rep = table
     data = json.loads(path.read_text())
-    # The last Conv (the classifier Gemm after it is a layer too, kept whole under the latency objective).
-    i = max(j for j, lay in enumerate(rep["layers"]) if not lay["reason"].startswith("MatMul / Gemm"))
+    i = max(j for j, lay in enumerate(rep["layers"]) if lay["op"] == "Conv")  # the last Conv (a Gemm follows)
     last = rep["layers"][i]
     key = next(k for k in data["entries"] if k.startswith(f"c{last['in_channels']}_d{last['out_channels']}_"))
     e = data["entries"][key]
@@ -214,8 +213,12 @@ def test_cli_reports_measured_and_predicted_speedup(table, tmp_path):
     assert res.returncode == 0, res.stderr
     rep = json.loads(rep_path.read_text())
     assert rep["measured_latency_speedup"] > 0 and rep["predicted_latency_speedup"] > 1
-    assert rep["latency_measured"]["original_ms"] > 0 and rep["latency_measured"]["compressed_ms"] > 0
-    assert "predicted" in res.stdout and "measured" in res.stdout and "multiples of 16" in res.stdout
+    m = rep["latency_measured"]
+    assert m["original_ms"] > 0 and m["compressed_ms"] > 0 and m["runs"] >= 10
+    assert m["speedup_iqr"][0] <= rep["measured_latency_speedup"] <= m["speedup_iqr"][1]
+    assert m["speedup_ci95"][0] <= rep["measured_latency_speedup"] <= m["speedup_ci95"][1]
+    assert "predicted" in res.stdout and "multiples of 16" in res.stdout
+    assert f"median of {m['runs']} interleaved rounds, IQR" in res.stdout
 
 
 def _fake_whole_model(table, tmp_path, factor):
@@ -291,6 +294,9 @@ def test_target_beyond_the_table_is_checked_on_the_whole_model(table, tmp_path, 
         v for k, e in table_max["entries"].items() if k.startswith(f"c{lay['in_channels']}_d{lay['out_channels']}_")
         and k.endswith("_m16") and f"_in{lay['output_size'][0]}x" in k for v in e["ranks_ms"].values()])
         for lay in rep0["layers"] if lay["latency_before_ms"] is not None)
+    if 1.2 * saved_max >= 0.9 * model_ms:   # layers timed alone "save" nearly the whole model: a loaded machine
+        pytest.skip(f"timings too noisy here: the layers' best savings ({saved_max:.3f} ms) are close to the whole "
+                    f"model's {model_ms:.3f} ms, so a whole model saving 1.2x that is not a model")
     target = 1.05 * model_ms / (model_ms - saved_max)
     for factor in (1.2, 1.0):
         fresh, in_model_speedup = _fake_whole_model(table, tmp_path / str(factor), factor)

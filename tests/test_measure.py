@@ -6,11 +6,13 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank.errors import LowRankError
-from onnx_lowrank.measure import bench, evaluate, synthetic_feeds
+from onnx_lowrank.fidelity import evaluate
+from onnx_lowrank.measure import bench, synthetic_feeds
 from onnx_lowrank.report import format_bench, format_eval
 
 
@@ -314,7 +316,11 @@ def test_bench_more_work_is_slower(tmp_path):
     fast, slow = result["models"]
     assert slow["median_ms"] > fast["median_ms"]
     assert result["speedup"][0] == 1.0 and result["speedup"][1] < 1.0
-    assert result["speedup"][1] == pytest.approx(fast["median_ms"] / slow["median_ms"])
+    # the speed-up is the median of per-round ratios, with their quartiles
+    ratios = sorted(f / s for f, s in zip(fast["times_ms"], slow["times_ms"]))
+    assert len(ratios) == result["rounds"] == 15 and result["stable"] is None
+    assert result["speedup"][1] == pytest.approx(ratios[7])
+    assert result["speedup_spread"][1]["iqr"][0] <= ratios[7] <= result["speedup_spread"][1]["iqr"][1]
     assert result["batch"] == 64
     assert slow["profile"][0]["op_type"] == "MatMul" and slow["profile"][0]["count"] == 20
 
@@ -333,15 +339,37 @@ def test_bench_user_errors(tmp_path):
         bench([], {})
 
 
-def test_timed_sessions_do_not_spin_between_runs():
-    """Interleaved timing needs intra-op pools that sleep between runs (see measure._session): the
-    bench sessions and the latency objective's (which use the same constructor) must have it off."""
+def test_timed_sessions_do_not_spin_between_runs(monkeypatch):
+    """Interleaved timing needs intra-op pools that sleep between runs (runtime.TIMING): bench and the
+    latency objective must both time with that profile; calibration keeps its own."""
     from pathlib import Path
 
-    from onnx_lowrank import latency, measure
+    from onnx_lowrank import latency, runtime
+    from onnx_lowrank.runtime import sessions
 
     model = str(Path(__file__).resolve().parent.parent / "models" / "mnist_vgg" / "mnist_vgg.onnx")
-    sess = measure._session(model, threads=2)
-    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    lat = latency._session(onnx.load(model), 2)
-    assert lat.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    sess = runtime.session(model, runtime.TIMING, threads=2)
+    opts = sess.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    calib = runtime.session(model, runtime.CALIBRATION).get_session_options()
+    assert calib.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    used = []
+    real = sessions.session
+    monkeypatch.setattr(sessions, "session", lambda m, profile, *a, **k: used.append(profile) or real(m, profile, *a, **k))
+    feeds = synthetic_feeds(model)
+    bench([model], feeds, threads=2, runs=2, warmup=0)
+    latency.measure_model(onnx.load(model), feeds, 2, seconds=0.01)
+    latency.compare_models(onnx.load(model), onnx.load(model), feeds, 2, seconds=0.01)
+    assert used and all(p is runtime.TIMING for p in used)
+
+
+def test_bench_adaptive_rounds_and_table(tmp_path):
+    path = _conv(tmp_path)
+    feeds = synthetic_feeds(path)
+    result = bench([path, path], feeds, threads=1, warmup=1, min_runs=10, max_seconds=0.5)
+    assert result["rounds"] >= 10 and isinstance(result["stable"], bool)
+    lo, hi = result["speedup_spread"][1]["ci95"]
+    assert lo <= result["speedup"][1] <= hi
+    text = format_bench(result)
+    assert "IQR" in text and f"{result['rounds']} interleaved rounds" in text

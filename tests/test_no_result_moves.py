@@ -34,15 +34,20 @@ RECORDED = {"onnxruntime": "1.32.0", "numpy": "2.4.6", "scipy": "1.17.1", "PIL":
 #: (model, objective) -> sha256 of the written model. ("ppocr_rec", "latency") was recorded again when
 #: MatMul / Gemm layers began to be timed under --objective latency (they were skipped before): its table in
 #: tests/data gained their timings and the whole-model checks of the new rank choice, every Conv timing kept.
+#: It was recorded again when the smooth activations' z step became a table lookup with float32 Newton steps
+#: (issue 17): its SiLU layers' solutions move within float32 round-off (summed z-step objective within 0.01 %
+#: of the previous solver's, benchmarks/solver_speed.py); the activation registry alone left all four unchanged.
 EXPECTED = {
     ("mnist_vgg", "flops"): "81a227ba67078fc47562b85ea6846fd5ae7adb64b5710cebdae2ea379c6e8710",
     ("mnist_vgg", "latency"): "a5ccb4f71ad9cd3593b25e797ad71494abc4c124fe7c87400a74a1b0e719b809",
     ("ppocr_rec", "flops"): "6ed0de3744f160ea516a6ebd2a13627d8ff6988a8d17285fc8e603485d2b485e",
-    ("ppocr_rec", "latency"): "a4b9b0cac698f9eb1a684569e994d5b52174ce64734c7c35495e81ce3b705b66",
+    ("ppocr_rec", "latency"): "150bc9512c3d1fbc118b32b0d152ce82823f4c8ca38f6701de5a77932779d192",
 }
 
 #: Few images, few samples and a short schedule: the nonlinear asymmetric path runs in seconds.
-FAST = dict(threads=1, max_images=10, samples_per_image=4, schedule=((3, 0.01), (3, 1.0)), seed=0)
+# safety_net=False: the per-layer safety net (issue 15) deliberately moves results where a simpler fit is
+# better on the held-back images; these hashes guard everything else.
+FAST = dict(threads=1, max_images=10, samples_per_image=4, schedule=((3, 0.01), (3, 1.0)), seed=0, safety_net=False)
 SETTINGS = {
     "mnist_vgg": dict(FAST, speedup=2.0, max_images=40, samples_per_image=16),
     "ppocr_rec": dict(FAST, speedup=1.5, samples_per_image=16, exclude=["p2o.MatMul.24"]),  # 6625-wide classifier: slow eigh

@@ -14,7 +14,7 @@ import pytest
 
 from builders import conv_chain
 
-from onnx_lowrank import samples
+from onnx_lowrank import sampling_plan as samples
 from onnx_lowrank.compressor import Compressor
 from onnx_lowrank.config import CompressConfig
 

@@ -120,7 +120,7 @@ def test_duplicate_node_names_each_get_their_own_factors(tmp_path):
 def stages(monkeypatch):
     """Names of the stages of work that ran: "load" (the model), "calibration", "evaluation"."""
     import onnx_lowrank.graph.loading as loading
-    import onnx_lowrank.measure as measure
+    import onnx_lowrank.fidelity as fidelity
     import onnx_lowrank.compressor as compressor
     import onnx_lowrank.sweep as sweep
 
@@ -138,7 +138,7 @@ def stages(monkeypatch):
     spy(compressor, "load_model", "load")
     spy(sweep, "load_model", "load")
     spy(compressor, "collect_original", "calibration")
-    spy(measure, "evaluate", "evaluation")
+    spy(fidelity, "evaluate", "evaluation")
     return ran
 
 

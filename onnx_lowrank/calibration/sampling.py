@@ -24,12 +24,12 @@ from ..graph.subgraph import last_use, node_reads, segment, with_outputs
 from ..errors import LowRankError
 from .inputs import FeedSource
 from .samples import Samples
-from .runtime import make_session, run
+from ..runtime import CALIBRATION, run, session
 
 
 def probe_shapes(model: onnx.ModelProto, names: list[str], value_types: dict, feed: dict) -> dict[str, tuple]:
     """Shapes of intermediate tensors from one real run, for those that shape inference could not reach."""
-    sess = make_session(with_outputs(model, names, value_types))
+    sess = session(with_outputs(model, names, value_types), CALIBRATION)
     return {n: tuple(a.shape) for n, a in zip(names, run(sess, names, feed))}
 
 
@@ -179,7 +179,7 @@ def collect(model: onnx.ModelProto, value_types: dict, source: FeedSource, tenso
     pass will see, when known (the samples are then kept in arrays of their final size).
     """
     names = list(dict.fromkeys(n for t in tensors for n in t.reads))
-    sess = make_session(with_outputs(model, names, value_types), threads)
+    sess = session(with_outputs(model, names, value_types), CALIBRATION, threads)
     sampler = _Sampler(tensors, seed, samples_per_image, first, images)
     for feed in source.batches(batch_size, max_images, start=first):
         outs = dict(zip(names, run(sess, names, feed)))
@@ -284,7 +284,7 @@ class Propagator:
             inputs = sorted(i for i in reads if i in live)
             if outputs:
                 seg = segment(self.model, prev + 1, stop + 1, inputs, outputs, self.value_types, self._types)
-                sess = make_session(seg, self.threads)
+                sess = session(seg, CALIBRATION, self.threads)
                 for b in range(len(self._batches)):
                     res = run(sess, outputs, {i: self._load(b, i) for i in inputs})
                     for name, a in zip(outputs, res):

@@ -15,10 +15,20 @@ REPORT_KEYS = ("latency_original_ms", "latency_table_ms", "table_latency_speedup
 class Costs:
     """The costs of one model's layers under one configuration."""
 
+    #: The measured timings as a latency table (costs/table.py), for cost models that measure.
+    table = None
+
     def choose(self, free: list, spectra: list, fixed: dict[int, int], fixed_flops: int, total_flops: int,
-               cfg) -> list[int | None]:
-        """A rank (None: kept whole) for each free plan, to reach ``cfg.speedup``; ``fixed``: hand-set ranks by index."""
+               cfg, damage: dict[str, dict[int, float]] | None = None) -> list[int | None]:
+        """A rank (None: kept whole) for each free plan, to reach ``cfg.speedup``; ``fixed``: hand-set ranks by index.
+
+        The allocator ``cfg.allocation`` (solver/allocation.py) shares the budget; ``damage``: the measured
+        tables ``{layer name: {rank: damage}}`` an allocator that needs them chooses from."""
         raise NotImplementedError
+
+    def savings(self, p, cfg) -> dict[int, float]:
+        """``{rank: cost saved}`` of one candidate plan at each of its candidate ranks (for the damage plot)."""
+        return {}
 
     def layer_times(self, free: list, ranks: list[int | None], fixed: dict[int, int], cfg) -> list | None:
         """``(before, after)`` ms per free plan at ``ranks``, or None where this model times nothing."""
@@ -38,6 +48,10 @@ class CostModel:
     name = ""
     #: One line for ``--help``.
     help = ""
+    #: What its costs count (axis labels).
+    unit = ""
+    #: Its costs are measured (``Costs.table``): workers of a sweep are given them instead of measuring.
+    measures = False
 
     def key(self, cfg) -> tuple:
         """The fields of the configuration its costs depend on: a Compressor measures once per key."""

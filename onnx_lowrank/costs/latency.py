@@ -19,7 +19,8 @@ from ..errors import LowRankError
 from ..graph.rewrite import rewrite_convs
 from ..graph.timing import layer_of, spec_of
 from ..latency import measure_model, time_layer, timed_ranks
-from ..solver.ranks import LayerCosts, RankSelectionError, candidate_ranks, select_ranks_costed
+from ..solver.allocation import ALLOCATORS, damage_rows
+from ..solver.ranks import LayerCosts, RankSelectionError, candidate_ranks
 from .base import CostModel, Costs
 from ..executors import refuse_timing_on_worker
 from .table import LatencyTable, cache_dir, environment, interpolate, load_cache, model_key, save_cache
@@ -42,8 +43,12 @@ class LatencyCosts(Costs):
     checks: list = field(default_factory=list)  # the whole-model checks of the last rank choice
     chosen_check: float | None = None  # checked speed-up of the ranks chosen
 
-    def choose(self, free, spectra, fixed, fixed_flops, total_flops, cfg):
-        return _latency_ranks(free, spectra, fixed, self, cfg)
+    def choose(self, free, spectra, fixed, fixed_flops, total_flops, cfg, damage=None):
+        return _latency_ranks(free, spectra, fixed, self, cfg, damage)
+
+    def savings(self, p, cfg):
+        lc = _layer_costs(p, self.layers[p.layer.name], cfg.rank_multiple)
+        return {r: lc.original - c for r, c in zip(lc.ranks, lc.costs)}
 
     def layer_times(self, free, ranks, fixed, cfg):
         times = []
@@ -161,7 +166,8 @@ CHECK_TOLERANCE = 0.03
 MAX_CHECKS = 5
 
 
-def _latency_ranks(free: list, spectra, fixed: dict[int, int], latency: LatencyCosts, cfg) -> list[int | None]:
+def _latency_ranks(free: list, spectra, fixed: dict[int, int], latency: LatencyCosts, cfg,
+                   damage=None) -> list[int | None]:
     """Ranks for a measured speed-up of ``cfg.speedup``: the per-layer table chooses, the whole model checks.
 
     The table's savings are measured on layers alone; inside the whole model a layer saves a
@@ -182,20 +188,21 @@ def _latency_ranks(free: list, spectra, fixed: dict[int, int], latency: LatencyC
         sum(_fixed_latency(entries[i], base[i]) for i in fixed)
     want = model_ms * (1 - 1 / target)  # the measured saving that meets the target
     request, tried = want, []
+    allocator, rows = ALLOCATORS[cfg.allocation], damage_rows([free[i] for i in movable], damage)
     for attempt in range(MAX_CHECKS):
         budget = model_ms - request
         fastest = False
         try:
-            chosen = select_ranks_costed(options, [spectra[i] for i in movable], budget, fixed_ms,
-                                         unit="ms of predicted latency", indices=movable)
+            chosen = allocator.choose(options, [spectra[i] for i in movable], rows, budget, fixed_ms,
+                                      unit="ms of predicted latency", indices=movable)
         except RankSelectionError as err:
             if any(t["fastest"] for t in tried):
                 break
             # The table may understate what the layers save inside the model: check the fastest choice
             # before giving up (also when a rescaled budget asks for more than the table allows).
             fastest = True
-            chosen = select_ranks_costed(options, [spectra[i] for i in movable], err.min_flops, fixed_ms,
-                                         unit="ms of predicted latency", indices=movable)
+            chosen = allocator.choose(options, [spectra[i] for i in movable], rows, err.min_flops, fixed_ms,
+                                      unit="ms of predicted latency", indices=movable)
         ranks = list(base)
         for i, r in zip(movable, chosen):
             ranks[i] = r
@@ -235,6 +242,8 @@ def _next_request(tried: list[dict], want: float, saving: float, measured_saving
 
 class LatencyModel(CostModel):
     name = "latency"
+    unit = "latency (ms)"
+    measures = True
     help = ("--speedup is measured latency on this CPU (layers are timed on onnxruntime, cached)")
 
     def key(self, cfg) -> tuple:

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from .. import progress
 from ..errors import LowRankError
 from ..files import atomic_path
+from ..graph.external import identity_bytes
 
 TABLE_FORMAT = "onnx-lowrank latency table 1"
 
@@ -52,7 +53,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def model_key(model: onnx.ModelProto, feed: dict) -> str:
-    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    h = hashlib.sha256(identity_bytes(model))
     for name in sorted(feed):
         h.update(f"{name}:{list(np.shape(feed[name]))}".encode())
     return "model_" + h.hexdigest()[:20]

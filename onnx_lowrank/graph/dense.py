@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
+from .external import tensor_array
 from .layers import ConvLayer, _attr, _find_activation, graph_maps
 
 
@@ -63,7 +63,7 @@ def find_dense_layers(model: onnx.ModelProto, value_types: dict) -> list[DenseLa
     for idx, node in enumerate(g.node):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
             continue
-        b = numpy_helper.to_array(inits[node.input[1]])
+        b = tensor_array(inits[node.input[1]])
         layer = DenseLayer(name=node.name or node.output[0], node_index=idx, input=node.input[0],
                            output=node.output[0], weight=None, bias=None, attrs={}, op=node.op_type)
         layer.skip_reason = _read_weights(layer, node, b, inits, cons, graph_outputs)
@@ -95,7 +95,7 @@ def _read_weights(layer: DenseLayer, node, b: np.ndarray, inits, cons, graph_out
         if len(node.input) > 2 and node.input[2]:
             if node.input[2] not in inits:
                 return "bias is computed at run time, not a constant"
-            c = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            c = tensor_array(inits[node.input[2]]).astype(np.float64)
             if c.size not in (1, w.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
                 return f"bias of shape {list(c.shape)} differs between rows"
             bias = float(_attr(node, "beta", 1.0)) * np.broadcast_to(c.reshape(-1), (w.shape[1],))
@@ -104,7 +104,7 @@ def _read_weights(layer: DenseLayer, node, b: np.ndarray, inits, cons, graph_out
         add = users[0] if len(users) == 1 and node.output[0] not in graph_outputs else None
         if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx"):
             other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-            c = numpy_helper.to_array(inits[other]) if other in inits else None
+            c = tensor_array(inits[other]) if other in inits else None
             if c is not None and c.dtype == np.float32 and c.size in (1, w.shape[1]) and \
                     (c.ndim == 0 or c.shape[-1] == c.size):
                 bias = np.broadcast_to(c.astype(np.float64).reshape(-1), (w.shape[1],))

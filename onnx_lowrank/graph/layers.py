@@ -15,19 +15,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from scipy.special import erf, expit
 
-from ..solver.activations import Activation
+from ..solver.activations import REGISTRY, RUNTIME, Activation, OpNode
+from .external import tensor_array
 from .subgraph import consumers
 
-# Activations the solver knows, by ONNX op type.
-_SIMPLE_ACTIVATIONS = {
-    "Relu": "relu",
-    "HardSwish": "hardswish",
-    "Sigmoid": "sigmoid",
-    "Tanh": "tanh",
-}
+
+def _by_op() -> dict:
+    """The activation kinds the solver knows, by the ONNX op type that is each (read from the registry
+    at each call, so a kind registered later is found too)."""
+    return {op: cls for cls in REGISTRY.values() for op in cls.op_types}
 
 
 @dataclass
@@ -110,10 +108,10 @@ def find_conv_layers(model: onnx.ModelProto, value_types: dict) -> list[ConvLaye
             continue
         name = node.name or node.output[0]
         w_name = node.input[1]
-        weight = numpy_helper.to_array(inits[w_name]) if w_name in inits else None
+        weight = tensor_array(inits[w_name]) if w_name in inits else None
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+            bias = tensor_array(inits[node.input[2]]) if node.input[2] in inits else None
         layer = ConvLayer(name=name, node_index=idx, input=node.input[0], output=node.output[0],
                           weight=weight, bias=bias, attrs=conv_attrs(node), group=int(_attr(node, "group", 1)))
         shape = value_types.get(node.output[0], (None, None))[1]
@@ -175,7 +173,7 @@ def _match_activation(layer: ConvLayer, t: str, cons, inits, graph_outputs, orde
         f = _evaluate(nodes, t, inits)
         if f is None:
             continue
-        match = next((act for act in _WRITTEN_OUT if _close(f, act.apply(_GRID))), None)
+        match = next((act for act in _written_out() if _close(f, act.apply(_GRID))), None)
         if match is not None:
             layer.activation, layer.activation_params, layer.target = match.kind, dict(match.params), out
             return
@@ -185,47 +183,35 @@ def _match_activation(layer: ConvLayer, t: str, cons, inits, graph_outputs, orde
 
 
 def _match_single_op(layer: ConvLayer, act: onnx.NodeProto, inits) -> bool:
-    """One ONNX op that is an activation the solver knows (with its parameters)."""
-    op = act.op_type
-    params: dict = {}
-    if act.domain not in ("", "ai.onnx"):
+    """One ONNX op that is an activation the solver knows (the registry reads its parameters)."""
+    cls = _by_op().get(act.op_type)
+    if cls is None or act.domain not in ("", "ai.onnx"):
         return False
-    if op in _SIMPLE_ACTIVATIONS:
-        kind = _SIMPLE_ACTIVATIONS[op]
-    elif op == "LeakyRelu":
-        kind, params = "leaky_relu", {"alpha": float(_attr(act, "alpha", 0.01))}
-    elif op == "HardSigmoid":
-        kind, params = "hardsigmoid", {"alpha": float(_attr(act, "alpha", 0.2)), "beta": float(_attr(act, "beta", 0.5))}
-    elif op == "Clip":
-        lo, hi = _attr(act, "min"), _attr(act, "max")
-        if len(act.input) > 1 or lo is None and hi is None:
-            lo = _const_scalar(act.input[1], inits) if len(act.input) > 1 and act.input[1] else None
-            hi = _const_scalar(act.input[2], inits) if len(act.input) > 2 and act.input[2] else None
-            if (len(act.input) > 1 and act.input[1] and lo is None) or (len(act.input) > 2 and act.input[2] and hi is None):
-                return False  # bounds computed at run time
-        kind, params = "clip", {"min": lo, "max": hi}
-    elif op == "PRelu":
-        if act.input[1] not in inits:
-            return False
-        slope = numpy_helper.to_array(inits[act.input[1]]).astype(np.float64).reshape(-1)
-        if slope.size not in (1, layer.out_channels):
-            return False
-        kind, params = "prelu", {"slope": slope if slope.size > 1 else float(slope[0])}
-    elif op == "Gelu" and _text(_attr(act, "approximate", "none")) in ("none", "tanh"):
-        kind, params = "gelu", {"approximate": _text(_attr(act, "approximate", "none"))}
-    else:
+    params = cls.from_op(_op_node(act, inits), layer.out_channels)
+    if params is None:
         return False
-    layer.activation, layer.activation_params, layer.target = kind, params, act.output[0]
+    layer.activation, layer.activation_params, layer.target = cls.name, params, act.output[0]
     return True
+
+
+def _op_node(node: onnx.NodeProto, inits) -> OpNode:
+    """The node as the activation registry reads it (attributes decoded, constant inputs as arrays)."""
+    attrs = {a.name: _text(v) if isinstance(v := onnx.helper.get_attribute_value(a), bytes) else v
+             for a in node.attribute}
+    inputs = tuple(None if not name else tensor_array(inits[name]) if name in inits else RUNTIME
+                   for name in node.input)
+    return OpNode(node.op_type, attrs, inputs)
 
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-# Written-out activations are compared with these on _GRID (the solver's own definitions).
-_WRITTEN_OUT = (Activation.relu(), Activation.sigmoid(), Activation.tanh(), Activation.silu(), Activation.hardswish(),
-                Activation.gelu("none"), Activation.gelu("tanh"))
+def _written_out() -> list[Activation]:
+    """What written-out activations are compared with on _GRID (the solver's own definitions)."""
+    return [Activation(name, p) for name, cls in REGISTRY.items() for p in cls.written_out]
+
+
 _GRID = np.concatenate([np.linspace(-8.0, 8.0, 641), [-30.0, -12.0, 12.0, 30.0]])
 _MAX_REGION = 16
 
@@ -278,7 +264,7 @@ def _evaluate(nodes: list[onnx.NodeProto], t: str, inits) -> np.ndarray | None:
     env = {t: _GRID}
 
     def val(name):
-        return env[name] if name in env else float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        return env[name] if name in env else float(tensor_array(inits[name]).reshape(-1)[0])
 
     with np.errstate(all="ignore"):
         for n in nodes:
@@ -294,9 +280,12 @@ def _clip(n, x, lo=None, hi=None):
     return np.clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi)
 
 
-def _gelu(n, x):
-    approx = "tanh" if _text(_attr(n, "approximate", "none")) == "tanh" else "none"
-    return Activation.gelu(approx).apply(x)
+def _registered(n, x):
+    """An op the activation registry knows, evaluated with the solver's own definition (NaN where the
+    registry cannot use the node: then the region is not recognised)."""
+    cls = _by_op()[n.op_type]
+    params = cls.from_op(_op_node(n, {}), 1)
+    return np.full_like(x, np.nan) if params is None else Activation(cls.name, params).apply(x)
 
 
 _EVAL = {
@@ -319,14 +308,8 @@ _EVAL = {
     "ThresholdedRelu": lambda n, x: np.where(x > _attr(n, "alpha", 1.0), x, 0.0),
     "HardSigmoid": lambda n, x: np.clip(_attr(n, "alpha", 0.2) * x + _attr(n, "beta", 0.5), 0.0, 1.0),
     "HardSwish": lambda n, x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "Clip": _clip, "Gelu": _gelu,
+    "Clip": _clip, "Gelu": _registered,
 }
-
-
-def _const_scalar(name: str, inits) -> float | None:
-    if name in inits:
-        return float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
-    return None
 
 
 # Ops that only move or reshape data, or compute shapes: no arithmetic.

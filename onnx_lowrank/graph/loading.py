@@ -11,20 +11,24 @@ from __future__ import annotations
 import copy
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import LowRankError
+from .external import (attach_external_data, externalise, has_external_data, is_large, save_with_external_data,
+                       tensor_array, uses_external_data)
 from .subgraph import consumers, node_reads
 
 MIN_OPSET = 9
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load a model with its external data, with one-line errors for the usual mistakes."""
+    """Load a model, with one-line errors for the usual mistakes; external data stays on disk
+    (graph/external.py), read where needed."""
     p = Path(path)
     if not p.exists():
         raise LowRankError(f"model file not found: {p} (check the path)")
@@ -36,10 +40,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise LowRankError(f"{p} is not a readable ONNX model ({type(exc).__name__}); pass a .onnx file") from None
     if not model.graph.node:
         raise LowRankError(f"{p} is not a readable ONNX model (its graph has no nodes); pass a .onnx file")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise LowRankError(f"{p}: cannot read its external weight data ({exc}); keep the data files beside the model") from None
+    if has_external_data(model):  # weights stay in their files (external.py), the proto stays small
+        try:
+            attach_external_data(model, str(p.parent), p.name)
+        except OSError as exc:
+            raise LowRankError(f"{p}: cannot read its external weight data ({exc}); keep the data files beside "
+                               "the model") from None
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise LowRankError(f"{p} uses opset {opset}; onnx-lowrank needs opset {MIN_OPSET} or newer "
@@ -61,16 +67,16 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     write_together([(path, model_writer(model))])
 
 
-def model_writer(model: onnx.ModelProto):
+def model_writer(model: onnx.ModelProto, external: bool = False):
     """A writer for :func:`onnx_lowrank.files.write_together`.
 
-    Models above the 2 GB protobuf limit get their weights in one external ``.data`` file beside them.
+    Models with external data or above the size limit (external.large_model_bytes, below protobuf's
+    2 GB), or ``external`` ones (their input came with external data), get their weights in one
+    ``<name>.data`` file beside them, streamed without a second copy.
     """
     def write(tmp: str) -> None:
-        if model.ByteSize() > 1_800_000_000:
-            onnx.save_model(copy.deepcopy(model), tmp, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=os.path.basename(tmp) + ".data",
-                            size_threshold=1024)
+        if external or uses_external_data(model):
+            save_with_external_data(model, tmp)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
@@ -107,6 +113,8 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_batchnorm(model)
     _fold_affine(model)
     _unique_node_names(model)
+    if uses_external_data(model):
+        externalise(model)
     return model
 
 
@@ -229,13 +237,13 @@ def _fold_batchnorm(model: onnx.ModelProto) -> None:
         if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        gamma, beta, mean, var = (tensor_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
         w_t = inits[conv.input[1]]
-        w = numpy_helper.to_array(w_t).astype(np.float64)
-        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+        w = tensor_array(w_t).astype(np.float64)
+        b = (tensor_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
         scale = gamma / np.sqrt(var + eps)
-        dtype = numpy_helper.to_array(w_t).dtype
+        dtype = helper.tensor_dtype_to_np_dtype(w_t.data_type)
         new_w = numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype),
                                         _fresh_name(inits, conv.input[1] + "_bnfolded"))
         new_b = numpy_helper.from_array(((b - mean) * scale + beta).astype(dtype),
@@ -287,10 +295,10 @@ def _fold_affine(model: onnx.ModelProto) -> None:
             if has_bias and conv.input[2] not in inits:
                 continue
             w_t = inits[conv.input[1]]
-            w = numpy_helper.to_array(w_t).astype(np.float64)
             if w_t.data_type != onnx.TensorProto.FLOAT:
                 continue
-            c = numpy_helper.to_array(inits[const]).astype(np.float64)
+            w = tensor_array(w_t).astype(np.float64)
+            c = tensor_array(inits[const]).astype(np.float64)
             d = w.shape[0]
             if c.size == 1:
                 c = np.full(d, float(c.reshape(-1)[0]))
@@ -298,7 +306,7 @@ def _fold_affine(model: onnx.ModelProto) -> None:
                 c = c.reshape(d)
             else:
                 continue
-            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(d)
+            b = tensor_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(d)
             if op.op_type == "Mul":
                 w, b = w * c.reshape(-1, *([1] * (w.ndim - 1))), b * c
             elif op.op_type == "Div":
@@ -361,7 +369,14 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
 def infer_value_types(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | None] | None]]:
     """Element type and (possibly partial) shape of every tensor that shape inference can reach."""
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        if is_large(model):  # over protobuf's limit: inferred from files (weights in a data file)
+            with tempfile.TemporaryDirectory(prefix="onnx-lowrank-shapes-") as tmp:
+                src, dst = os.path.join(tmp, "m.onnx"), os.path.join(tmp, "inferred.onnx")
+                save_with_external_data(model, src)
+                shape_inference.infer_shapes_path(src, dst, data_prop=True)
+                inferred = onnx.load(dst, load_external_data=False)
+        else:
+            inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
     out: dict[str, tuple[int, list[int | None] | None]] = {}

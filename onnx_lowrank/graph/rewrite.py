@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .dense import write_dense
+from .external import WeightFile, has_external_data, release_mapped_pages
 
 
 @dataclass
@@ -41,6 +42,15 @@ def first_stage_attrs(original: dict, kernel: tuple[int, int]) -> dict:
 def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage]]) -> onnx.ModelProto:
     """Return a new model where each named Conv node is replaced by its chain of stages (MatMul / Gemm
     nodes: by their DenseStage chain, see graph/dense.py)."""
+    # A model whose weights are on disk gets its new weights there too (external.py), one at a time.
+    release_mapped_pages()
+    store = WeightFile() if has_external_data(model) else None
+
+    def constant(name: str, values: np.ndarray) -> gs.Constant:
+        if store is None:
+            return gs.Constant(name, np.ascontiguousarray(values, dtype=np.float32))
+        return gs.Constant(name, gs.ir.tensor.LazyValues(store.tensor(values, name)))
+
     graph = gs.import_onnx(model)
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     found = set()
@@ -61,9 +71,9 @@ def rewrite_convs(model: onnx.ModelProto, replacements: dict[str, list[ConvStage
         current = x
         for i, st in enumerate(stages):
             base = _unique(f"{key}_lowrank{i}", taken)
-            inputs = [current, gs.Constant(_unique(base + "_W", taken), np.ascontiguousarray(st.weight, dtype=np.float32))]
+            inputs = [current, constant(_unique(base + "_W", taken), st.weight)]
             if st.bias is not None:
-                inputs.append(gs.Constant(_unique(base + "_B", taken), np.ascontiguousarray(st.bias, dtype=np.float32)))
+                inputs.append(constant(_unique(base + "_B", taken), st.bias))
             out = y if i == len(stages) - 1 else gs.Variable(_unique(base + "_out", taken), dtype=np.float32)
             graph.nodes.append(gs.Node(op="Conv", name=base, attrs=dict(st.attrs), inputs=inputs, outputs=[out]))
             current = out

@@ -21,12 +21,15 @@ class LayerSolution:
     method: str                      # "linear" or "nonlinear"
     rel_error: float | None          # on the held-back rows, after the activation
     rel_error_linear: float | None   # the linear initialisation's error (= rel_error when linear)
+    note: str = ""                   # why a simpler fit was kept (the safety net), if it was
 
 
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
-                method: str = "nonlinear", schedule=None) -> LayerSolution:
+                method: str = "nonlinear", schedule=None, safety_net: bool = True) -> LayerSolution:
     """Fit ``act(P Q^T yhat + b + shat) ~ act(y + s)`` on the ``fit`` rows.
+
+    ``safety_net``: keep the linear (or the symmetric linear) fit where it is better on the ``held`` rows.
 
     ``y``, ``s``: the original model's pre-activation response and shortcut (targets); ``yh``, ``sh``:
     what the compressed model feeds the channel step (``None``: symmetric, the originals). ``fit`` /
@@ -56,4 +59,18 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
         return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
 
     rel = err(f)
-    return LayerSolution(f, used, rel, err(lin) if used == "nonlinear" else rel)
+    rel_lin = err(lin) if used == "nonlinear" else rel
+    # Safety net: on held-back rows the nonlinear (or asymmetric) fit can lose to a simpler one when it
+    # overfits the fitted rows (few rows per channel, e.g. MiniLM's feed-forward layers): keep the better.
+    simpler = [(rel_lin, lin, "linear", "the nonlinear fit")] if used == "nonlinear" and safety_net else []
+    if asym and safety_net:
+        sym = linear_reconstruction(lin_target[fit], rank)
+        simpler.append((err(sym), sym, "linear", "the asymmetric fit" if used == "linear" else "the nonlinear "
+                        "fit on the approximated inputs"))
+    note = ""
+    for e, fz, how, what in simpler:
+        if rel is not None and e is not None and e < rel:
+            note = f"kept the {'symmetric ' if fz is not lin else ''}linear fit: {what} was worse on held-back " \
+                   f"images ({100 * rel:.3g}% > {100 * e:.3g}%)"
+            f, used, rel = fz, how, e
+    return LayerSolution(f, used, rel, rel_lin, note)

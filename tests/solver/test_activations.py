@@ -2,15 +2,18 @@
 dense per-element grid search, for every activation kind, with and without a warm start z0.
 
 Piecewise-linear kinds and HardSwish are solved in closed form: exact to round-off for every
-element.  The smooth kinds (SiLU, GELU, Sigmoid, Tanh) use a Newton descent from a few starts,
-which is globally optimal only when the global minimum lies in the basin of one of the starts;
-for them the test asks for the grid minimum (to a relative 1e-9, far below the grid's own
-resolution error) on at least 99.9% of the elements, and for a descent guarantee on all of
-them: never worse than z = u or z = z0.  (In practice every element of these tests meets the
-grid minimum; the 0.1% allowance is for a start that lands in the wrong basin.)"""
+element.  The smooth kinds (SiLU, GELU, Sigmoid, Tanh) start from a precomputed table of the
+answer and polish in float32 (``activations/table.py``): the test asks for the grid minimum to a
+relative 1e-6 (float32 round-off) on at least 99.5% of the elements -- the rest are next to the
+curve where two minima cost the same, where the nearest table entry may lie in the other basin --
+for the summed objective within 1e-4 of the grid's, and for a descent guarantee on all of them:
+never worse than z = u or z = z0.  A property test (hypothesis) draws single elements and asks
+for the grid minimum within 0.1 % (the solver's stated accuracy)."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onnx_lowrank.solver.activations import (
     IDENTITY,
@@ -79,14 +82,15 @@ def _check_against_grid(act, lam, a, u, z, z0, n, d, optimal=True):
     assert z.shape == (n, d)
     f = z_objective(z, a, u, lam, act).ravel()
     if act.kind in SMOOTH:
-        # descent guarantee, every element (round-off allowance only)
+        # descent guarantee, every element (float32 round-off allowance only)
         for start in (u,) if z0 is None else (u, z0):
             f_start = z_objective(start, a, u, lam, act).ravel()
-            assert np.all(f <= f_start + 1e-12 * (1.0 + f_start)), act
+            assert np.all(f <= f_start + 1e-6 * (1.0 + f_start)), act
         if optimal:
             fg = _grid_min(a, u, lam, act)
             rel = (f - fg) / (1.0 + fg)
-            assert np.count_nonzero(rel > 1e-9) <= 1e-3 * f.size, (act, lam, float(rel.max()))
+            assert np.count_nonzero(rel > 1e-6) <= 5e-3 * f.size, (act, lam, float(rel.max()))
+            assert np.sum(f - fg) <= 1e-4 * np.sum(1.0 + fg), (act, lam)
         return
     if act.kind == "prelu" and np.ndim(act.params["slope"]) == 1:
         # grid per channel: one scalar PReLU per column
@@ -112,11 +116,9 @@ def test_z_step_matches_grid_search(lam):
 @pytest.mark.parametrize("lam", [0.01, 1.0])
 @pytest.mark.parametrize("kind", SMOOTH + ("hardswish",))
 def test_smooth_z_step_many_elements_and_warm_starts(kind, lam):
-    """More elements for the Newton-based kinds, cold and warm: z0 the solution for a nearby u
-    (as in the solver's iterations: grid-optimal as above), and z0 arbitrary: then only the
-    descent guarantee is asserted -- with two monotone branches, a warm start is trusted to
-    cover its own branch, and an arbitrary z0 next to GELU's or SiLU's minimum can descend into
-    the other one (about 0.1% of these elements)."""
+    """More elements for the table-based kinds, cold and warm: z0 the solution for a nearby u
+    (as in the solver's iterations) and z0 arbitrary: grid-optimal as above either way (the warm
+    start is only one more candidate), and never worse than z0."""
     rng = np.random.default_rng([sum(map(ord, kind)), int(lam * 100)])
     n, d = 150, 10
     acts = [a for a in _acts(d) if a.kind == kind]
@@ -126,7 +128,7 @@ def test_smooth_z_step_many_elements_and_warm_starts(kind, lam):
         for z0 in (None, near):
             _check_against_grid(act, lam, a, u, z_step(a, u, lam, act, z0=z0), z0, n, d)
         z0 = 5.0 * rng.standard_normal((n, d))
-        _check_against_grid(act, lam, a, u, z_step(a, u, lam, act, z0=z0), z0, n, d, optimal=False)
+        _check_against_grid(act, lam, a, u, z_step(a, u, lam, act, z0=z0), z0, n, d)
 
 
 def test_z_step_with_cost_and_blocks():
@@ -137,7 +139,8 @@ def test_z_step_with_cost_and_blocks():
         a = act.apply(rng.standard_normal((1037, 29)) * 2)
         u = rng.standard_normal((1037, 29)) * 2
         z, c = z_step_with_cost(a, u, 0.1, act)
-        np.testing.assert_allclose(c, z_objective(z, a, u, 0.1, act), rtol=1e-9, atol=1e-12)
+        tol = 1e-5 if act.kind in SMOOTH else 1e-12  # float32 arithmetic
+        np.testing.assert_allclose(c, z_objective(z, a, u, 0.1, act), rtol=tol, atol=tol)
         zs = z_step(a[:7].ravel(), u[:7].ravel(), 0.1, act)
         np.testing.assert_allclose(zs, z[:7].ravel(), rtol=1e-7, atol=1e-9)
         zb = z_step(a[:5], u[0], 0.1, act)
@@ -191,3 +194,27 @@ def test_activation_equality_and_hash():
         Activation("swish")
     with pytest.raises(ValueError):
         z_step(np.zeros(3), np.zeros(3), 0.0, Activation.relu())
+
+
+SMOOTH_ACTS = [Activation.silu(), Activation.gelu(), Activation.gelu("tanh"), Activation.sigmoid(), Activation.tanh()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(SMOOTH_ACTS), st.floats(-8.0, 8.0), st.floats(-40.0, 40.0), st.sampled_from([0.01, 0.1, 1.0]),
+       st.floats(-0.2, 0.2))
+def test_smooth_z_step_property(act, y, u, lam, noise):
+    """One element with a reachable target ``a = r(y) + noise`` (clipped into the range of r) and
+    any ``u``: the solver's objective is within 0.1 % of the grid minimum, and never above ``u``'s
+    (up to ``z`` rounded to float32)."""
+    a = float(act.apply(np.array([y]))[0]) + noise
+    if act.kind == "sigmoid":
+        a = min(max(a, 0.0), 1.0)
+    elif act.kind == "tanh":
+        a = min(max(a, -1.0), 1.0)
+    a_, u_ = np.array([a]), np.array([u])
+    z = z_step(a_, u_, lam, act)
+    f = float(z_objective(z, a_, u_, lam, act)[0])
+    fg = float(_grid_min(a_, u_, lam, act)[0])
+    assert f <= fg + 1e-3 * (1e-3 + fg)
+    f_u = float(z_objective(u_, a_, u_, lam, act)[0])
+    assert f <= f_u * (1 + 1e-6) + lam * (1e-7 * (1.0 + abs(u))) ** 2 + 1e-12  # up to z in float32

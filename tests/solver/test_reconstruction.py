@@ -153,12 +153,31 @@ def test_relaxed_objective_never_increases_within_a_lambda(kind):
     act = {"relu": Activation.relu(), "leaky_relu": Activation.leaky_relu(0.1), "silu": Activation.silu(),
            "hardswish": Activation.hardswish()}[kind]
     Y = _relu_layer(1500, rng, 24)
-    _, info = nonlinear_reconstruction(Y, 4, act, schedule=((8, 0.01), (8, 1.0)))
+    _, info = nonlinear_reconstruction(Y, 4, act, schedule=((8, 0.01), (8, 1.0)), tol=0.0)
     assert info.lambdas == [0.01] * 8 + [1.0] * 8
     obj = np.array(info.objective)
     for seg in (obj[:8], obj[8:]):
         assert np.all(np.diff(seg) <= 1e-9 * np.abs(seg[:-1]))
     assert info.loss_final <= info.loss_linear
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4])
+def test_a_stage_stops_when_the_objective_stops_improving(tol):
+    """Each stage runs until an iteration improves the relaxed objective by less than ``tol``
+    (relative), and no further; the full schedule (tol 0) reaches an objective at least as low."""
+    rng = np.random.default_rng(6)
+    Y = _relu_layer(1500, rng, 24)
+    _, info = nonlinear_reconstruction(Y, 4, Activation.silu(), schedule=((25, 0.01), (25, 1.0)), tol=tol)
+    _, full = nonlinear_reconstruction(Y, 4, Activation.silu(), schedule=((25, 0.01), (25, 1.0)), tol=0.0)
+    lams = np.array(info.lambdas)
+    obj = np.array(info.objective)
+    for lam in (0.01, 1.0):
+        seg = obj[lams == lam]
+        gains = -np.diff(seg) / seg[:-1]
+        assert seg.size == 25 or gains[-1] <= tol  # stopped because it stalled (or ran out)
+        assert np.all(gains[:-1] > tol)  # and not before
+    assert info.iterations < full.iterations == 50
+    assert full.objective[-1] <= obj[-1] * (1 + 1e-9)
 
 
 def test_relaxed_objective_matches_its_definition():

@@ -1,0 +1,134 @@
+"""The z step of the nonlinear reconstruction (method.md section 3), for any registered kind.
+
+It minimises, independently per element, ``(a - r(z))**2 + lam * (z - u)**2`` where ``a`` is
+the target post-activation value and ``u`` the current linear prediction; each kind's class
+supplies the block solver (closed forms for the piecewise kinds, Newton for the smooth ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import Activation, Pool
+
+#
+# Everything below works on blocks of ~_BLOCK elements (row blocks of the (n, d) data): a
+# whole-array NumPy pass over a few million float64 values is bound by memory bandwidth and
+# costs about ten times as much as the same pass on a block that stays in the CPU cache, and the
+# solvers below make 20 to a few hundred passes.  The Python loop over blocks costs a few
+# microseconds per block and operation, which is small next to that.
+
+_BLOCK = 1 << 14  # elements per block: the scratch arrays of a block stay in L2
+
+
+def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
+    """Elementwise ``(a - r(z))**2 + lam * (z - u)**2`` (what ``z_step`` minimises)."""
+    z = np.asarray(z, dtype=np.float64)
+    return (np.asarray(a, dtype=np.float64) - act.apply(z)) ** 2 + lam * (z - np.asarray(u, dtype=np.float64)) ** 2
+
+
+def z_step(
+    a: np.ndarray, u: np.ndarray, lam: float, act: Activation, z0: np.ndarray | None = None
+) -> np.ndarray:
+    """Elementwise argmin over ``z`` of ``(a - r(z))**2 + lam * (z - u)**2``.
+
+    Exact (global) for the piecewise-linear kinds and HardSwish (closed forms).  For the smooth
+    kinds (``table``): a lookup in a precomputed table of the answer, Newton steps in float32,
+    and the best of that, ``u`` and ``z0`` (a warm start, e.g. the previous iteration's ``z``;
+    optional): never worse than ``u`` or ``z0``, and the global minimiser up to float32 round-off
+    except near where two minima cost the same (see ``tests/solver/test_activations.py``).
+    """
+    return _z_solve(a, u, lam, act, z0)[0]
+
+
+def z_step_with_cost(
+    a: np.ndarray, u: np.ndarray, lam: float, act: Activation, z0: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``z_step`` plus the elementwise objective at the returned ``z`` (saves re-evaluating ``r``)."""
+    z, cost, _ = _z_solve(a, u, lam, act, z0, want_cost=True)
+    return z, cost
+
+
+@dataclass
+class ZSums:
+    """Sums over all elements that ``nonlinear_reconstruction`` needs, gathered block by block
+    while the data is in cache: ``fit = sum (a - r(z))^2``, ``pen = sum (z - u)^2``,
+    ``loss_u = sum (a - r(u))^2`` (the true loss of the prediction ``u``)."""
+
+    fit: float = 0.0
+    pen: float = 0.0
+    loss_u: float = 0.0
+
+
+def _z_solve(
+    a: np.ndarray,
+    u: np.ndarray,
+    lam: float,
+    act: Activation,
+    z0: np.ndarray | None = None,
+    *,
+    want_cost: bool = False,
+    want_sums: bool = False,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, ZSums | None]:
+    lam = float(lam)
+    if not lam > 0.0 or not math.isfinite(lam):
+        raise ValueError(f"lambda must be a positive finite number, got {lam}")
+    a = np.asarray(a, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64)
+    shapes = [a.shape, u.shape] + ([] if z0 is None else [np.shape(z0)])
+    shape = np.broadcast_shapes(*shapes)
+    ncol = shape[-1] if len(shape) else 1
+    nrow = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+
+    def rows(x):
+        return np.ascontiguousarray(np.broadcast_to(x, shape)).reshape(nrow, ncol)
+
+    a2, u2 = rows(a), rows(u)
+    z02 = None if z0 is None else rows(np.asarray(z0, dtype=np.float64))
+    if out is not None and out.shape == shape and out.dtype == np.float64 and out.flags.c_contiguous:
+        z = out
+    else:
+        z = np.empty(shape)
+    z2 = z.reshape(nrow, ncol)
+    kind = act.impl
+    cost2 = np.empty((nrow, ncol)) if want_cost else None
+    sums = ZSums() if want_sums else None
+    solver = kind.block_solver(lam)
+    step = max(1, _BLOCK // max(ncol, 1))
+    P = Pool(min(step, nrow) * ncol)
+    tracks_loss_u = hasattr(solver, "loss_u")
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        for i in range(0, nrow, step):
+            s = slice(i, i + step)
+            ab, ub = a2[s], u2[s]
+            zb = z2[s]
+            P.reset()
+            cb = solver(ab, ub, None if z02 is None else z02[s], zb, P, i * ncol)
+            if cost2 is not None:
+                cost2[s] = cb
+            if sums is not None:
+                if not tracks_loss_u:
+                    t = kind.value_block(ub, P)
+                    np.subtract(ab, t, out=t)
+                    t = t.ravel()
+                    sums.loss_u += float(np.dot(t, t))
+                t = np.subtract(zb, ub, out=P(zb)).ravel()
+                pen = float(np.dot(t, t))
+                sums.pen += pen
+                sums.fit += float(cb.sum(dtype=np.float64)) - lam * pen
+        finish = getattr(solver, "finish", None)
+        if finish is not None:
+            d_obj, d_pen = finish(a2.reshape(-1), u2.reshape(-1), z2.reshape(-1),
+                                  None if cost2 is None else cost2.reshape(-1))
+            if sums is not None:
+                sums.pen += d_pen
+                sums.fit += d_obj - lam * d_pen
+    if sums is not None:
+        if tracks_loss_u:
+            sums.loss_u = solver.loss_u
+        sums.fit = max(sums.fit, 0.0)
+    return z, (None if cost2 is None else cost2.reshape(shape)), sums

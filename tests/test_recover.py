@@ -1,0 +1,161 @@
+"""Recovery by distillation (onnx_lowrank.recover) on the demo model, checked against onnxruntime.
+
+The factorised model is the demo compressed fast (10x FLOPs, linear); recovery runs a few epochs on
+100 calibration images. Losses are recomputed here from onnxruntime outputs of the original,
+factorised and recovered models, never taken from the recovery's own report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from builders import run
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "models" / "mnist_vgg"
+IMAGES = 100   # calibration images recovery uses: 80 fit, 20 held back (every 5th)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from onnx_lowrank import compress
+
+    tmp = tmp_path_factory.mktemp("recover")
+    calib = tmp / "calib.npz"
+    np.savez(calib, input=np.load(DEMO / "calib.npz")["input"][::5][:IMAGES])   # the file is sorted by class
+    factorised = tmp / "f.onnx"
+    compress(str(DEMO / "mnist_vgg.onnx"), str(calib), str(factorised), speedup=10, objective="flops",
+             rank_multiple=1, method="linear")
+    return {"tmp": tmp, "calib": calib, "factorised": factorised, "original": DEMO / "mnist_vgg.onnx"}
+
+
+def _cli(*args):
+    from onnx_lowrank.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def recovered(files):
+    pytest.importorskip("torch")
+    out = [files["tmp"] / f"r{i}.onnx" for i in range(3)]
+    common = [files["original"], files["factorised"], "--calib", files["calib"], "--epochs", 3, "--augment", "none",
+              "-q"]
+    results = [_cli("recover", *common, "-o", out[0], "--seed", 1),
+               _cli("recover", *common, "-o", out[1], "--seed", 1),
+               _cli("recover", *common, "-o", out[2], "--seed", 2)]
+    for r in results:
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def _nmse(a, b):
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def test_same_nodes_and_ranks_only_weights_change(files, recovered):
+    fact, rec = onnx.load(files["factorised"]), onnx.load(recovered[0])
+    assert [(n.op_type, n.name, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+            for n in fact.graph.node] == \
+           [(n.op_type, n.name, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+            for n in rec.graph.node]
+    fi = {t.name: numpy_helper.to_array(t) for t in fact.graph.initializer}
+    ri = {t.name: numpy_helper.to_array(t) for t in rec.graph.initializer}
+    assert {k: v.shape for k, v in fi.items()} == {k: v.shape for k, v in ri.items()}
+    changed = {k for k in fi if not np.array_equal(fi[k], ri[k])}
+    lowrank = {k for k in fi if "_lowrank" in k}
+    assert changed and changed <= lowrank          # only the factorised stages train by default
+    assert fact.graph.input == rec.graph.input and fact.graph.output == rec.graph.output
+
+
+def test_held_back_loss_is_lower(files, recovered):
+    x = np.load(files["calib"])["input"]
+    held = x[np.arange(len(x)) % 5 == 4]           # the images recovery held back, never trained on
+    teacher = run(onnx.load(files["original"]), {"input": held})[0]
+    before = _nmse(run(onnx.load(files["factorised"]), {"input": held})[0], teacher)
+    after = _nmse(run(onnx.load(recovered[0]), {"input": held})[0], teacher)
+    assert after < 0.9 * before
+
+
+def test_same_seed_same_bytes(recovered):
+    a, b, c = (p.read_bytes() for p in recovered)
+    assert a == b
+    assert a != c    # the seed does reach the training
+
+
+def test_writeback_matches_torch():
+    """Every binder (Conv, Gemm as nn.Linear with alpha and transB=0, MatMul and Add kept as buffers):
+    perturb the torch weights, write them back, and onnxruntime must compute what torch computes."""
+    torch = pytest.importorskip("torch")
+    from onnx_lowrank.recover.student import Student
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"cw": f32(4, 3, 3, 3), "cb": f32(4), "gw": f32(4, 6), "gb": f32(6), "mw": f32(6, 5), "ab": f32(5)}
+    nodes = [helper.make_node("Conv", ["input", "cw", "cb"], ["c"], name="c_lowrank0", pads=[0, 0, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "gw", "gb"], ["g"], name="g_lowrank1", alpha=0.5, beta=2.0, transB=0),
+             helper.make_node("MatMul", ["g", "mw"], ["m"], name="m_lowrank0"),
+             helper.make_node("Add", ["m", "ab"], ["output"], name="m_lowrank0_bias")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [2, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = f32(2, 3, 4, 4)
+    student = Student(model, ["output"])
+    assert set(student.bindings) == set(inits)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.from_numpy(rng.standard_normal(tuple(p.shape)).astype(np.float32)))
+        want = student({"input": torch.from_numpy(x)})[0].numpy()
+    written = student.written()
+    got = run(written, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, run(model, {"input": x})[0], atol=1e-2)   # the perturbation is really there
+
+
+def test_compress_recover_budget_judges_recovered_model(files, tmp_path):
+    pytest.importorskip("torch")
+    from onnx_lowrank import compress
+
+    held = dict(np.load(DEMO / "heldout.npz"))
+    held = {"input": held["input"][::10], "label": held["label"][::10]}   # sorted by class: every class
+    res = compress(str(files["original"]), str(files["calib"]), str(tmp_path / "o.onnx"), speedup=10,
+                   objective="flops", rank_multiple=1, method="linear", recover=1, eval_data=held, labels="label",
+                   max_accuracy_drop=100.0)
+    assert res.report["recovery"]["epoch_kept"] in (0, 1)
+    teacher = run(onnx.load(files["original"]), {"input": held["input"]})[0]
+    written = run(onnx.load(tmp_path / "o.onnx"), {"input": held["input"]})[0]
+    assert res.report["evaluation"]["nmse"] == pytest.approx(_nmse(written, teacher), rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["recover", "compress"])
+def test_without_the_extra_one_line_and_exit_2(files, tmp_path, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "torch", None)        # as if not installed: import and find_spec fail
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)
+    out = tmp_path / "o.onnx"
+    if command == "recover":
+        r = _cli("recover", files["original"], files["factorised"], "--calib", files["calib"], "-o", out)
+    else:
+        r = _cli("compress", files["original"], "--calib", files["calib"], "-o", out, "--recover", 2)
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and 'pip install "onnx-lowrank[recover]"' in lines[0]
+    assert not out.exists()
+
+
+def test_nothing_imports_torch_unless_recovery_is_asked():
+    code = ("import sys, onnx_lowrank, onnx_lowrank.cli, onnx_lowrank.recover.run; "
+            "assert 'torch' not in sys.modules and 'onnx2torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
