@@ -65,7 +65,8 @@ class _Solver:
         kind, lam = self.kind, self.lam
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
         a32, u32 = _f32(a, P), _f32(u, P)
-        z, outside = table.lookup(self.t, a32, u32, P)
+        z, outside, k = table.lookup(self.t, a32, u32, P)
+        idx, starts = table.other_basins(self.t, k, z)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
         best_c = kind.fast_derivs(u32, P, value_only=True)
@@ -76,6 +77,11 @@ class _Solver:
             z0_32 = _f32(z0.reshape(-1), P)
             keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)
         table.newton_steps(kind, z, a32, u32, lam, table.POLISH, best_z, best_c, P)
+        if idx.size:   # near a basin switch: the neighbouring entries' basins too
+            bz, bc, ai, ui = best_z[idx], best_c[idx], a32[idx], u32[idx]
+            for start in starts:
+                table.newton_steps(kind, start.copy(), ai, ui, lam, table.POLISH, bz, bc)
+            best_z[idx], best_c[idx] = bz, bc
         if outside.any():
             self.pending.append(offset + np.flatnonzero(outside))
         z_out.reshape(-1)[...] = best_z

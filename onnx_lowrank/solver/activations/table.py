@@ -14,9 +14,10 @@ times cheaper than in float64), keeping the cheapest point seen, ``u`` and the w
 included (so it never does worse than either, up to z in float32). Elements outside the table
 (``|u|`` beyond its range, ``a`` outside the values of ``r``) get a longer safeguarded Newton
 descent from the best point so far, ``u`` and the kind's special points, all blocks together.
-Near the curve where two minima cost the same the nearest entry may lie in the other basin; its
-cost then differs from the best by little (a summed objective within 0.01 % of an exact search:
-``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
+Near the curve where two minima cost the same the nearest entry may lie in the other basin (a
+property test found a SiLU element 2.4 % above the global minimum that way), so where the neighbouring
+entries jump to another basin they are polished too and the cheaper end point is kept
+(:func:`other_basins`; ``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from .base import keep_better, new
 
 POLISH = 2  # Newton steps after the lookup
+JUMP = 0.25  # neighbouring entries this far apart (relative) lie in different basins: both are polished
 FALLBACK_ITERS = 40  # safeguarded Newton iterations for the elements outside the table
 _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to build the table
 
@@ -104,7 +106,20 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray,
     k = x.astype(np.int32)
     k *= t.nu
     k += y.astype(np.int32)
-    return np.take(t.z, k, out=x), out
+    return np.take(t.z, k, out=x), out, k
+
+
+def other_basins(t: ZTable, k: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elements whose neighbouring table entries (one step in ``a`` or ``u``) lie in another basin than
+    their nearest entry ``z``: near the curve where the global minimiser jumps, the nearest entry may be
+    on the wrong side, and Newton then stays in a local minimum. Returns their indices and the
+    neighbours' entries (4, m) as further starts; usually a small fraction of the elements."""
+    near = [np.take(t.z, np.clip(k + off, 0, t.z.size - 1)) for off in (-1, 1, -t.nu, t.nu)]
+    jump = np.zeros(k.shape, bool)
+    for zn in near:
+        jump |= np.abs(zn - z) > JUMP * (1.0 + np.abs(z))
+    idx = np.flatnonzero(jump)
+    return idx, np.stack([zn[idx] for zn in near]) if idx.size else np.empty((4, 0), np.float32)
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
