@@ -37,11 +37,13 @@ RECORDED = {"onnxruntime": "1.32.0", "numpy": "2.4.6", "scipy": "1.17.1", "PIL":
 #: It was recorded again when the smooth activations' z step became a table lookup with float32 Newton steps
 #: (issue 17): its SiLU layers' solutions move within float32 round-off (summed z-step objective within 0.01 %
 #: of the previous solver's, benchmarks/solver_speed.py); the activation registry alone left all four unchanged.
+#: And once more when elements near a basin switch began to be polished from the neighbouring table entries
+#: too (the property test's SiLU counter-example): a few elements move to the cheaper basin.
 EXPECTED = {
     ("mnist_vgg", "flops"): "81a227ba67078fc47562b85ea6846fd5ae7adb64b5710cebdae2ea379c6e8710",
     ("mnist_vgg", "latency"): "a5ccb4f71ad9cd3593b25e797ad71494abc4c124fe7c87400a74a1b0e719b809",
     ("ppocr_rec", "flops"): "6ed0de3744f160ea516a6ebd2a13627d8ff6988a8d17285fc8e603485d2b485e",
-    ("ppocr_rec", "latency"): "150bc9512c3d1fbc118b32b0d152ce82823f4c8ca38f6701de5a77932779d192",
+    ("ppocr_rec", "latency"): "aaf9f0b868337ebff73195410b793a86fa83f8fb3c2da2993e101c9c752dadd7",
 }
 
 #: Few images, few samples and a short schedule: the nonlinear asymmetric path runs in seconds.
