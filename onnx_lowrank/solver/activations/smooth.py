@@ -66,7 +66,7 @@ class _Solver:
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
         a32, u32 = _f32(a, P), _f32(u, P)
         z, outside, k = table.lookup(self.t, a32, u32, P)
-        idx, starts = table.other_basins(self.t, k, z)
+        idx, starts = table.other_basins(self.t, k)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
         best_c = kind.fast_derivs(u32, P, value_only=True)

@@ -39,6 +39,7 @@ class ZTable:
     """``z[i * nu + j]`` is the minimiser for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``."""
 
     z: np.ndarray  # float32, (na * nu,)
+    switch: np.ndarray  # bool, (na * nu,): a neighbouring entry lies in another basin (see other_basins)
     a0: float
     inv_da: float
     na: int
@@ -82,8 +83,16 @@ def _build(kind, lam: float) -> ZTable:
             better = c < best_c
             best_z[better], best_c[better] = zz[better], c[better]
         T[i] = best_z
-    return ZTable(np.ascontiguousarray(T.reshape(-1), dtype=np.float32), float(a_lo), (_NA - 1) / (a_hi - a_lo),
-                  _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+    z = np.ascontiguousarray(T.reshape(-1), dtype=np.float32)
+    switch = np.zeros(z.size, bool)
+    for off in _offsets(_NU):
+        switch |= np.abs(z[np.clip(np.arange(z.size) + off, 0, z.size - 1)] - z) > JUMP * (1.0 + np.abs(z))
+    return ZTable(z, switch, float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+
+
+def _offsets(nu: int) -> tuple[int, ...]:
+    """Flat offsets of the neighbouring entries: one step in ``u`` either way, one in ``a``."""
+    return (-1, 1, -nu, nu)
 
 
 def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray, np.ndarray]:
@@ -109,17 +118,15 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray,
     return np.take(t.z, k, out=x), out, k
 
 
-def other_basins(t: ZTable, k: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Elements whose neighbouring table entries (one step in ``a`` or ``u``) lie in another basin than
-    their nearest entry ``z``: near the curve where the global minimiser jumps, the nearest entry may be
-    on the wrong side, and Newton then stays in a local minimum. Returns their indices and the
-    neighbours' entries (4, m) as further starts; usually a small fraction of the elements."""
-    near = [np.take(t.z, np.clip(k + off, 0, t.z.size - 1)) for off in (-1, 1, -t.nu, t.nu)]
-    jump = np.zeros(k.shape, bool)
-    for zn in near:
-        jump |= np.abs(zn - z) > JUMP * (1.0 + np.abs(z))
-    idx = np.flatnonzero(jump)
-    return idx, np.stack([zn[idx] for zn in near]) if idx.size else np.empty((4, 0), np.float32)
+def other_basins(t: ZTable, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elements whose nearest entry ``k`` has a neighbour (one step in ``a`` or ``u``) in another basin
+    (flagged when the table is built): near the curve where the global minimiser jumps, the nearest
+    entry may be on the wrong side, and Newton would then stay in a local minimum. Returns their indices
+    and the neighbours' entries (4, m) as further starts; usually a small fraction of the elements."""
+    idx = np.flatnonzero(np.take(t.switch, k))
+    ki = k[idx]
+    starts = [np.take(t.z, np.clip(ki + off, 0, t.z.size - 1)) for off in _offsets(t.nu)]
+    return idx, np.stack(starts)
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
