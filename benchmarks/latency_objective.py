@@ -145,7 +145,8 @@ def _write(rows, args, runs):
                            _fmt(r["prediction_error"], "+.1%"), r["checks"] or "-",
                            f"{r['original_ms']:.2f} -> {r['ms']:.2f}", r["factorised"],
                            _fmt(r.get("accuracy"), ".2f"), _fmt(r.get("agreement"), ".4f"), "ok"])
-    md = header("Latency objective vs FLOP objective (issue 7)") + (
+    threads = ",".join(str(t) for t in sorted({r["threads"] for r in rows}))
+    md = header(f"Latency objective vs FLOP objective (issue 7), threads {threads}") + (
         f"Variants: objective/rank multiple. Speed-ups are medians of per-round ratios over {runs} interleaved rounds (original and "
         "the three variants timed together, batch 1, `measure.bench`). table = the latency objective's "
         "prediction from the timed layers alone (measured original minus the per-layer savings); predicted = "

@@ -72,7 +72,8 @@ def demo(args) -> None:
                          "agreement": e["top1_agreement"], "nmse": e["nmse"], "seconds": secs,
                          "epochs": res.report["epochs"]})
             print({k: v for k, v in rows[-1].items() if k != "epochs"}, flush=True)
-    md = common.header("Recovery on the demo model (mnist_vgg)")
+    md = common.header(f"Recovery on the demo model (mnist_vgg): lr {args.lrs}, augment {args.augments}, "
+                       f"train {args.train}, {args.epochs} epochs")
     md += (f"Compressed at {args.speedup}x FLOPs (nonlinear + asymmetric, ranks multiples of 1): "
            f"{fact.report['speedup_theoretical']:.2f}x theoretical. Calibration 500 images (400 fit, 100 held back "
            f"for early stopping); evaluation on the 1500 labelled held-out images. Original accuracy "
