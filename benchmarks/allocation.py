@@ -31,7 +31,7 @@ def demo_setup(args):
     d = common.ROOT / "models" / "mnist_vgg"
     with np.load(d / "heldout.npz") as z:
         x, labels = z["input"], z["label"]
-    from onnx_lowrank.measure import evaluate
+    from onnx_lowrank.fidelity import evaluate
 
     def score(original, model):
         ev = evaluate(original, model, [{"input": x[i:i + 500]} for i in range(0, len(x), 500)], labels=labels)

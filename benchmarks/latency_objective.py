@@ -30,7 +30,8 @@ import light_models  # noqa: E402
 from common import CACHE, RESULTS, ROOT, header, markdown_table, write_result  # noqa: E402
 
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
-from onnx_lowrank.measure import bench, evaluate  # noqa: E402
+from onnx_lowrank.fidelity import evaluate  # noqa: E402
+from onnx_lowrank.measure import bench  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 
 DEMO = ROOT / "models" / "mnist_vgg"

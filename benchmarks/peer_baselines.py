@@ -29,7 +29,7 @@ from common import CACHE, RESULTS, ROOT, header, markdown_table, write_result  #
 
 from onnx_lowrank import CompressConfig, Compressor  # noqa: E402
 from onnx_lowrank.graph.rewrite import ConvStage, pointwise_attrs, rewrite_convs  # noqa: E402
-from onnx_lowrank.measure import evaluate  # noqa: E402
+from onnx_lowrank.fidelity import evaluate  # noqa: E402
 from onnx_lowrank.solver.spatial import spatial_flops, spatial_positions, spatial_svd, split_conv_attributes  # noqa: E402
 
 

@@ -57,21 +57,12 @@ def demo(args) -> None:
         return evaluate(comp.source_model, model, feeds, labels=labels)
 
     base = ev(fact.model)
-    rows = []
-    for aug in args.augments.split(";"):
-        for lr in [float(v) for v in args.lrs.split(",")]:
-            cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience,
-                                train=args.train, time_limit=args.time_limit, batch_size=args.batch_size)
-            res, secs = run_recovery(comp.source_model, fact.model, calib, cfg)
-            e = ev(res.model)
-            rows.append({"lr": lr, "augment": aug, "train": args.train, "epoch_kept": res.report["epoch_kept"],
-                         "epochs_run": len(res.report["epochs"]) - 1,
-                         "held_back_before": res.report["held_back_loss_before"],
-                         "held_back_after": res.report["held_back_loss_after"],
-                         "accuracy": e["accuracy_candidate"], "drop": e["accuracy_drop_points"],
-                         "agreement": e["top1_agreement"], "nmse": e["nmse"], "seconds": secs,
-                         "epochs": res.report["epochs"]})
-            print({k: v for k, v in rows[-1].items() if k != "epochs"}, flush=True)
+    def scores(model):
+        e = ev(model)
+        return {"accuracy": e["accuracy_candidate"], "drop": e["accuracy_drop_points"],
+                "agreement": e["top1_agreement"], "nmse": e["nmse"]}
+
+    rows = _recover_rows(comp.source_model, fact.model, calib, scores, args)
     md = common.header(f"Recovery on the demo model (mnist_vgg): lr {args.lrs}, augment {args.augments}, "
                        f"train {args.train}, {args.epochs} epochs")
     md += (f"Compressed at {args.speedup}x FLOPs (nonlinear + asymmetric, ranks multiples of 1): "
@@ -81,15 +72,22 @@ def demo(args) -> None:
            f"(drop {base['accuracy_drop_points']:.2f} points, agreement {base['top1_agreement']:.4f}, "
            f"NMSE {base['nmse']:.4f}). Up to {args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, 1 thread.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "accuracy %",
-         "drop (points)", "agreement", "NMSE", "time s"],
-        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
-          f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{100 * r['accuracy']:.2f}",
+        LEAD + ["accuracy %", "drop (points)", "agreement", "NMSE", "time s"],
+        [[*_lead(r), f"{100 * r['accuracy']:.2f}",
           f"{r['drop']:.2f}", f"{r['agreement']:.4f}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"] for r in rows])
     common.write_result(f"recover_demo{args.tag}", md)
     (common.RESULTS / f"recover_demo{args.tag}.json").write_text(json.dumps({"baseline": {k: v for k, v in base.items()
                                                                              if not isinstance(v, list)},
                                                                 "rows": rows}, indent=1, default=float))
+
+
+#: The first columns of every recovery table: the setting and what early stopping saw.
+LEAD = ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after"]
+
+
+def _lead(r: dict) -> list:
+    return [r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
+            f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}"]
 
 
 def _bench_ratio(original, compressed, feed: dict, runs: int) -> dict:
@@ -154,10 +152,9 @@ def ppocr_rec(args) -> None:
            f"(CTC argmax agreement {base['path_agreement']:.4f}). Up to {args.epochs} epochs, patience "
            f"{args.patience}, batch 16, 1 thread, time limit {args.time_limit} s.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "CER (no spaces)",
+        LEAD + ["CER (no spaces)",
          "share of CER increase removed", "CTC agreement", "recovery s"],
-        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
-          f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['cer_nospace']:.4f}",
+        [[*_lead(r), f"{r['cer_nospace']:.4f}",
           f"{_removed(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
           f"{r['seconds']:.0f}"] for r in rows])
     common.write_result(f"recover_ppocr_rec{args.tag}", md)
@@ -196,10 +193,9 @@ def efficientnet(args) -> None:
            f"theoretical; factorised: agreement {base['agreement']:.4f}, logit NMSE {base['nmse']:.4f}. Up to "
            f"{args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, 1 thread, time limit {args.time_limit} s.\n\n")
     md += common.markdown_table(
-        ["lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after", "top-1 agreement",
+        LEAD + ["top-1 agreement",
          "share of agreement loss removed", "logit NMSE", "recovery s"],
-        [[r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
-          f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['agreement']:.4f}",
+        [[*_lead(r), f"{r['agreement']:.4f}",
           f"{_removed(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
          for r in rows])
     common.write_result(f"recover_efficientnet{args.tag}", md)
