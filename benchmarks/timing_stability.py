@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import os
 import statistics
 import sys
 import time
@@ -82,7 +83,7 @@ def main() -> None:
                              f"{m['speedup_ci95'][0]:.3f}-{m['speedup_ci95'][1]:.3f}", m["runs"],
                              "yes" if m["stable"] else "no (time cap)",
                              f"{m['original_ms']:.1f} -> {m['compressed_ms']:.1f}", f"{old_estimate(b):.3f}",
-                             f"{wall:.0f}"])
+                             f"{wall:.0f}", f"{os.getloadavg()[0]:.1f}"])
                 print(rows[-1], flush=True)
         pairs.append(pair)
         _write(args, same, rows, pairs)
@@ -100,10 +101,11 @@ def _write(args, same: bool, rows: list, pairs: list) -> None:
            "per-round speed-up lies within 2 % of it (at least 10 rounds and 1 s; at most 15 s, `--measure`'s cap, unless 10 rounds take longer). "
            "IQR = quartiles of the per-round speed-ups; 95 % CI = order-statistic interval of their median. "
            "'old' = ratio of the medians of the first 5 rounds, the estimator `--measure` used for a slow "
-           "model before. The machine (2 cores) was shared with other jobs (about 6 helpers compressing and "
-           "testing); timing jobs were serialised with `flock /tmp/timing.lock`, the others were not.\n\n")
+           "model before. Timing jobs were serialised with `flock /tmp/timing.lock`; other jobs on the machine were "
+           "not, so the 1-minute load average after each measurement is in the last column (2 cores: above 2 "
+           "means other work competed for them).\n\n")
     md += markdown_table(["repeat", "compression", "measured x (median)", "IQR", "95% CI", "rounds", "stable",
-                          "ms (original -> compressed)", "old estimator x", "wall s"], rows)
+                          "ms (original -> compressed)", "old estimator x", "wall s", "load (1 min)"], rows)
     md += (f"\n\nPairs (compression 1 vs 2 in one repeat): relative difference "
            f"{', '.join(f'{100 * d:.1f} %' for d in diffs)} (target: within 5 %). All {len(allx)} measurements: "
            f"{min(allx):.3f}-{max(allx):.3f}x (spread {100 * (max(allx) / min(allx) - 1):.1f} %); the old estimator on "
