@@ -218,3 +218,16 @@ def test_smooth_z_step_property(act, y, u, lam, noise):
     assert f <= fg + 1e-3 * (1e-3 + fg)
     f_u = float(z_objective(u_, a_, u_, lam, act)[0])
     assert f <= f_u * (1 + 1e-6) + lam * (1e-7 * (1.0 + abs(u))) ** 2 + 1e-12  # up to z in float32
+
+
+def test_named_constructors_match_the_explicit_form():
+    """``Activation.<kind>(...)`` is a shorthand: same parameters, the kind's defaults where left out."""
+    assert Activation.relu6() == Activation("clip", {"min": 0.0, "max": 6.0})
+    assert Activation.clip(max=1.5) == Activation("clip", {"min": None, "max": 1.5})
+    assert Activation.clip(-0.5, 2.0).params == {"min": -0.5, "max": 2.0}
+    assert Activation.leaky_relu().params == {"alpha": 0.01}
+    assert Activation.hardsigmoid(beta=0.4).params == {"alpha": 0.2, "beta": 0.4}
+    assert Activation.gelu("tanh").params == {"approximate": "tanh"}
+    assert Activation.silu() == Activation("silu")
+    with pytest.raises(TypeError, match="at most 0 positional"):
+        Activation.relu(1.0)

@@ -126,6 +126,18 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+def _named(kind: str, *positional: str, **fixed: Any) -> classmethod:
+    """A constructor per kind in one line: arguments are the kind's parameter names (positionally
+    in the order given); parameters left out take the kind's own defaults (its ``normalise``)."""
+
+    def make(cls, *args: Any, **kwargs: Any) -> "Activation":
+        if len(args) > len(positional):
+            raise TypeError(f"Activation.{kind}() takes at most {len(positional)} positional arguments")
+        return cls(kind, {**fixed, **dict(zip(positional, args)), **kwargs})
+
+    return classmethod(make)
+
+
 @dataclass(frozen=True, eq=False)
 class Activation:
     """The nonlinearity that follows a layer; ``apply`` works elementwise on (n, d) rows.
@@ -161,54 +173,19 @@ class Activation:
     def __repr__(self) -> str:
         return f"Activation({self.kind!r}, {self.params!r})"
 
-    # constructors
-    @classmethod
-    def identity(cls) -> "Activation":
-        return cls("identity")
-
-    @classmethod
-    def relu(cls) -> "Activation":
-        return cls("relu")
-
-    @classmethod
-    def clip(cls, min: float | None = None, max: float | None = None) -> "Activation":  # noqa: A002
-        return cls("clip", {"min": min, "max": max})
-
-    @classmethod
-    def relu6(cls) -> "Activation":
-        return cls("clip", {"min": 0.0, "max": 6.0})
-
-    @classmethod
-    def leaky_relu(cls, alpha: float = 0.01) -> "Activation":
-        return cls("leaky_relu", {"alpha": alpha})
-
-    @classmethod
-    def prelu(cls, slope: float | np.ndarray) -> "Activation":
-        return cls("prelu", {"slope": slope})
-
-    @classmethod
-    def hardswish(cls) -> "Activation":
-        return cls("hardswish")
-
-    @classmethod
-    def hardsigmoid(cls, alpha: float = 0.2, beta: float = 0.5) -> "Activation":
-        return cls("hardsigmoid", {"alpha": alpha, "beta": beta})
-
-    @classmethod
-    def silu(cls) -> "Activation":
-        return cls("silu")
-
-    @classmethod
-    def gelu(cls, approximate: str = "none") -> "Activation":
-        return cls("gelu", {"approximate": approximate})
-
-    @classmethod
-    def sigmoid(cls) -> "Activation":
-        return cls("sigmoid")
-
-    @classmethod
-    def tanh(cls) -> "Activation":
-        return cls("tanh")
+    # constructors: Activation.relu(), Activation.clip(0, 6), Activation.gelu("tanh"), ...
+    identity = _named("identity")
+    relu = _named("relu")
+    clip = _named("clip", "min", "max")
+    relu6 = _named("clip", min=0.0, max=6.0)
+    leaky_relu = _named("leaky_relu", "alpha")
+    prelu = _named("prelu", "slope")
+    hardswish = _named("hardswish")
+    hardsigmoid = _named("hardsigmoid", "alpha", "beta")
+    silu = _named("silu")
+    gelu = _named("gelu", "approximate")
+    sigmoid = _named("sigmoid")
+    tanh = _named("tanh")
 
     @property
     def is_identity(self) -> bool:
