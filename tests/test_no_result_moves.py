@@ -6,7 +6,12 @@ measured once by that code; with a table given, rank choice reads its timings an
 so the written file depends only on the inputs, the seed and the numerical libraries. Those
 libraries' versions are recorded beside the hashes: float results may differ in their last bits
 under another onnxruntime / NumPy / SciPy / Pillow, and the hashes then say nothing, so the test
-is skipped there with the versions it needs.
+is skipped there with the versions it needs. The same holds for the machine: OpenBLAS and
+onnxruntime's MLAS choose their kernels by CPU (AVX2, AVX-512), and the solver's iterations carry a
+last-bit difference into other bytes. So each (model, objective) keeps one hash per kind of machine
+it was recorded on, with a fingerprint of that machine's float kernels: a digest that matches none
+fails where the machine's fingerprint is recorded (a real move), and skips, printing what to record,
+on a machine whose kernels have not been seen.
 
 The PP-OCRv4 recogniser is ``ch_PP-OCRv4_rec_infer.onnx`` from the pinned ``rapidocr-onnxruntime``
 test dependency; its calibration inputs are text lines rendered with Pillow's built-in font.
@@ -39,12 +44,24 @@ RECORDED = {"onnxruntime": "1.32.0", "numpy": "2.4.6", "scipy": "1.17.1", "PIL":
 #: of the previous solver's, benchmarks/solver_speed.py); the activation registry alone left all four unchanged.
 #: And once more when elements near a basin switch began to be polished from the neighbouring table entries
 #: too (the property test's SiLU counter-example): a few elements move to the cheaper basin.
+#: The first machine (its fingerprint was not taken) recorded the first hash of each pair; an AMD EPYC
+#: with AVX-512 (fingerprint below) recorded the second from the same code (7fd3cfb), unchanged since.
+#: There the recogniser's latency run reached a rank set whose whole-model check was not in its table
+#: (response energies differ in the last bits): it was measured there once (1.51x) and added to
+#: tests/data/ppocr_rec.latency.json, so that no run of this test measures anything.
 EXPECTED = {
-    ("mnist_vgg", "flops"): "81a227ba67078fc47562b85ea6846fd5ae7adb64b5710cebdae2ea379c6e8710",
-    ("mnist_vgg", "latency"): "a5ccb4f71ad9cd3593b25e797ad71494abc4c124fe7c87400a74a1b0e719b809",
-    ("ppocr_rec", "flops"): "6ed0de3744f160ea516a6ebd2a13627d8ff6988a8d17285fc8e603485d2b485e",
-    ("ppocr_rec", "latency"): "aaf9f0b868337ebff73195410b793a86fa83f8fb3c2da2993e101c9c752dadd7",
+    ("mnist_vgg", "flops"): ("81a227ba67078fc47562b85ea6846fd5ae7adb64b5710cebdae2ea379c6e8710",
+                             "09757165bc7a0e8b338bed523116d47b44c09540f98fa4a7f6e159bef6a45d85"),
+    ("mnist_vgg", "latency"): ("a5ccb4f71ad9cd3593b25e797ad71494abc4c124fe7c87400a74a1b0e719b809",
+                               "71bf18d041186cd0960711918ce89839e17d8bc9f252254c09d6889a34a6dd58"),
+    ("ppocr_rec", "flops"): ("6ed0de3744f160ea516a6ebd2a13627d8ff6988a8d17285fc8e603485d2b485e",
+                             "9c1e0cdbed9194e0c4c65a98d365ae382d66c3f994ed5685d3a1400160736a81"),
+    ("ppocr_rec", "latency"): ("aaf9f0b868337ebff73195410b793a86fa83f8fb3c2da2993e101c9c752dadd7",
+                               "bc86b715f191119b0122011e3c2bedc05b54ff8a7dbb6c73bcc5948e2a2a6949"),
 }
+
+#: Fingerprints (``kernels_fingerprint``) of the machines whose hashes are in EXPECTED.
+MACHINES = {"a25e0898f5a59afd": "AMD EPYC, AVX-512 (2026-12-07)"}
 
 #: Few images, few samples and a short schedule: the nonlinear asymmetric path runs in seconds.
 # safety_net=False: the per-layer safety net (issue 15) deliberately moves results where a simpler fit is
@@ -69,6 +86,32 @@ def _versions_match() -> None:
             "PIL": PIL.__version__, "onnx": onnx.__version__}
     if have != RECORDED:
         pytest.skip(f"hashes recorded with {RECORDED}; here {have}")
+
+
+def kernels_fingerprint() -> str:
+    """What this machine's float kernels compute, in bits: NumPy/SciPy's BLAS and LAPACK (float32 and
+    float64 products, a symmetric eigendecomposition) and onnxruntime (a Conv and a MatMul in float32,
+    one thread), on fixed odd-sized data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_lowrank.runtime import CALIBRATION, session
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((67, 129)), rng.standard_normal((129, 37))
+    parts = [a @ b, a.astype(np.float32) @ b.astype(np.float32), np.linalg.eigh(a @ a.T)[1]]
+    w = numpy_helper.from_array(rng.standard_normal((24, 13, 3, 3)).astype(np.float32), "w")
+    m = numpy_helper.from_array(rng.standard_normal((29, 40)).astype(np.float32), "m")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("MatMul", ["c", "m"], ["y"])],
+        "fingerprint", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 13, 17, 29])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, m])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 13, 17, 29)).astype(np.float32)
+    parts.append(session(model, CALIBRATION, threads=1).run(None, {"x": x})[0])
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def text_lines(n: int = 10, width: int = 192, seed: int = 0) -> np.ndarray:
@@ -115,6 +158,10 @@ def test_output_bytes_unchanged(name, objective, tmp_path):
         table = tmp_path / "table.json"
         shutil.copy(DATA / f"{name}.latency.json", table)
     digest = compress(name, objective, tmp_path / "out.onnx", table)
-    assert digest == EXPECTED[(name, objective)]
+    if digest not in EXPECTED[(name, objective)]:
+        machine = kernels_fingerprint()
+        if machine not in MACHINES:
+            pytest.skip(f"float kernels of this machine (fingerprint {machine}) not recorded; its digest: {digest}")
+        assert digest in EXPECTED[(name, objective)], f"the output moved on {MACHINES[machine]}"
     if table is not None:
         assert table.read_bytes() == (DATA / f"{name}.latency.json").read_bytes()  # nothing measured
