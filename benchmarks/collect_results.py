@@ -1,28 +1,45 @@
-"""Assemble benchmarks/RESULTS.md from the per-benchmark files in benchmarks/results/.
+"""Assemble benchmarks/RESULTS.md from the files in benchmarks/results/.
 
-Each benchmark script writes its own section (command, machine, date, table); this only
-concatenates them in a fixed order under a short guide, so RESULTS.md never holds a number that
-no script wrote.
+Each benchmark script writes its own section, `results/<name>.md` (command, machine, date, table);
+this concatenates them in the order of ORDER under a short guide, so RESULTS.md never holds a number
+that no script wrote, and regenerating it loses nothing written by hand.
 
-    python benchmarks/collect_results.py
+Text written by hand (a reading of a run, a note on how it was rerun, a correction) lives in
+`results/<name>.reading.md`, never in RESULTS.md or in the script-written `<name>.md` (a rerun
+overwrites those). It is placed right after section `<name>`. Its first line must say
+"written by hand" (a heading such as `### Reading (written by hand after this run)`, or a paragraph
+starting `Reading (written by hand): ...`); the script refuses a reading file that does not, or
+one whose name is not in ORDER. A hand-written section with no script of its own is a
+`<name>.reading.md` alone, listed in ORDER with its title. To add a reading: write the file, then
+
+    python benchmarks/collect_results.py            # rewrite RESULTS.md
+    python benchmarks/collect_results.py --check    # exit 1 if RESULTS.md is not what it would write
+
+`results/section_*.md` files (sections a helper proposes) are not included: a section is in
+RESULTS.md only once it is named in ORDER.
 """
 
 from __future__ import annotations
 
-import datetime
+import argparse
+import difflib
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import machine  # noqa: E402
+RESULTS = HERE / "results"
+CSV_MACHINE = "2 cores, x86_64, Python 3.11.7, onnxruntime 1.31.1"
+# (name, title) or, for a section read from a CSV file alone, (name, title, command, machine, date):
+# a CSV holds neither the machine nor the date of its run.
 ORDER = [
     ("mnist_methods", "Issue 3: method comparison on the demo model"),
-    ("mnist_sweep", "Issue 4: sweep of the demo model", "`bash benchmarks/mnist_sweep.sh`"),
+    ("mnist_sweep", "Issue 4: sweep of the demo model", "`bash benchmarks/mnist_sweep.sh`",
+     CSV_MACHINE, "2026-11-21"),
     ("peer_baselines_mnist", "Issue 4: peer baselines on the demo model"),
     ("efficientnet_lite0", "Issue 3 / 4: EfficientNet-Lite0 on real photographs"),
     ("efficientnet_lite0_sweep", "Issue 4: sweep of EfficientNet-Lite0 (nonlinear + asymmetric)",
-     "the `efficientnet_lite0.py` command of the previous section (package at commit c45fd31)"),
+     "the `efficientnet_lite0.py` command of the previous section (package at commit c45fd31)",
+     CSV_MACHINE, "2026-11-21"),
     ("peer_baselines_efficientnet", "Issue 4: peer baselines on EfficientNet-Lite0"),
     ("ppocr_rec", "Issue 3 / 9: PP-OCRv4 recogniser, character error rate"),
     ("ppocr_det", "Issue 9: PP-OCRv4 detector, probability-map agreement"),
@@ -30,8 +47,8 @@ ORDER = [
     ("light_coverage", "Issue 2: graph coverage on the onnx light model-zoo architectures"),
     ("samples_per_layer", "Issue 9: samples per layer (rows per output channel)"),
     ("int8_demo", "Issue 9: INT8 after factorisation on the demo model"),
-    ("latency_objective", "Issue 7: latency objective vs FLOP objective"),
-    ("latency_objective_t2", "Issue 7: latency objective at 2 threads, rerun on a quiet machine"),
+    ("latency_objective", "Issue 7: latency objective vs FLOP objective (1 and 2 threads)"),
+    ("latency_objective_t2", "Issue 7: latency objective at 2 threads, non-spinning timing (final)"),
     ("spinning", "Issue 7: spinning intra-op threads and interleaved timing"),
     ("minilm_check", "Issue 8: MiniLM harness (all-MiniLM-L6-v2 sentence embeddings), check"),
     ("scheme_3d", "Issue 8: 3-D decomposition vs channel pair at equal FLOPs (demo model)"),
@@ -51,10 +68,10 @@ ORDER = [
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
-    ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
-    ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
     ("memory_cap", "Issue 17: peak memory of a compress (light ResNet-50, --max-memory)"),
     ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),
+    ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
+    ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
 ]
 
 PREAMBLE = """# Benchmark results
@@ -67,20 +84,58 @@ Extra packages for the benchmarks: `pip install -r benchmarks/requirements.txt`.
 """
 
 
-def main():
+def render() -> str:
+    """RESULTS.md as the files in results/ make it."""
+    names = {entry[0] for entry in ORDER}
+    for path in sorted(RESULTS.glob("*.reading.md")):
+        if path.name[:-len(".reading.md")] not in names:
+            sys.exit(f"{path}: no section of that name in ORDER; add it there")
     parts = [PREAMBLE]
     for name, title, *source in ORDER:
-        md = HERE / "results" / f"{name}.md"
-        csv = HERE / "results" / f"{name}.csv"
+        md, csv = RESULTS / f"{name}.md", RESULTS / f"{name}.csv"
         if md.exists():
-            body = md.read_text().strip()
-            parts.append(f"# {title}\n\n{body.replace(chr(10) + '## ', chr(10) + '### ')}\n")
+            body = md.read_text().strip().replace("\n## ", "\n### ")
         elif csv.exists():
-            when = datetime.date.fromtimestamp(csv.stat().st_mtime).isoformat()
-            parts.append(f"# {title}\n\n- command: {source[0]}\n- machine: {machine()}\n- date: {when}\n\n"
-                         f"See `benchmarks/results/{csv.name}` and `{name}.png`.\n\n" + _csv_table(csv) + "\n")
-    (HERE / "RESULTS.md").write_text("\n".join(parts))
-    print(f"wrote {HERE / 'RESULTS.md'}")
+            command, machine, when = source
+            body = (f"- command: {command}\n- machine: {machine}\n- date: {when}\n\n"
+                    f"See `benchmarks/results/{csv.name}` and `{name}.png`.\n\n" + _csv_table(csv))
+        else:
+            body = ""
+        reading = _reading(name)
+        if body or reading:
+            parts.append(f"# {title}\n\n" + "\n\n".join(t for t in (body, reading) if t) + "\n")
+    return "\n".join(parts)
+
+
+def _reading(name: str) -> str:
+    path = RESULTS / f"{name}.reading.md"
+    if not path.exists():
+        return ""
+    text = path.read_text().strip()
+    if "written by hand" not in text.splitlines()[0].lower():
+        sys.exit(f"{path}: its first line must say 'written by hand'")
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 and show the first differences if RESULTS.md is stale")
+    args = parser.parse_args(argv)
+    target, text = HERE / "RESULTS.md", render()
+    if not args.check:
+        target.write_text(text)
+        print(f"wrote {target}")
+        return 0
+    current = target.read_text() if target.exists() else ""
+    if current == text:
+        print(f"{target} is up to date")
+        return 0
+    diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "RESULTS.md", "collect_results.py",
+                                n=1, lineterm="")
+    print("\n".join(list(diff)[:40]))
+    print(f"{target} differs from what collect_results.py writes (first lines above)")
+    return 1
 
 
 def _csv_table(path: Path) -> str:
@@ -102,4 +157,4 @@ def _short(v: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
