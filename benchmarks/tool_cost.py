@@ -198,7 +198,7 @@ def _phase_rows(res: dict) -> list[list]:
     return rows
 
 
-def write_md(results: list[dict], notes: str = "") -> None:
+def write_md(results: list[dict]) -> None:
     from benchmarks import common
 
     md = common.header("Tool cost: VGG-19 (light_vgg19, 224x224), defaults (nonlinear + asymmetric), --speedup 3")
@@ -226,7 +226,6 @@ def write_md(results: list[dict], notes: str = "") -> None:
                 md += "\n\nPer-layer solve (seconds; rows = sampled positions):\n\n"
                 md += common.markdown_table(["layer", "c", "d", "rank", "rows", "seconds"],
                                             [[x["name"], x["c"], x["d"], x["rank"], x["rows"], x["seconds"]] for x in lay])
-    md += "\n\n" + notes
     common.write_result("tool_cost", md)
 
 
@@ -236,8 +235,7 @@ def main() -> int:
 
         results = [json.loads(p.read_text()) for p in sorted(common.CACHE.glob("tool_cost_n*/result.json"),
                                                                key=lambda p: int(p.parent.name[11:]))]
-        notes = Path(sys.argv[2]).read_text() if len(sys.argv) > 2 else ""
-        write_md(results, notes)
+        write_md(results)
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         timings, prof = sys.argv[2], sys.argv[3] or None
