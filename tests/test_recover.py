@@ -159,3 +159,70 @@ def test_nothing_imports_torch_unless_recovery_is_asked():
     code = ("import sys, onnx_lowrank, onnx_lowrank.cli, onnx_lowrank.recover.run; "
             "assert 'torch' not in sys.modules and 'onnx2torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_fit_loss_before_training_is_the_factorised_models_error_on_the_fit_images(files):
+    """The report's fit loss before training, recomputed with onnxruntime on the images not held back."""
+    pytest.importorskip("torch")
+    from onnx_lowrank.recover import recover
+
+    rep = recover(str(files["original"]), str(files["factorised"]), str(files["calib"]), epochs=1,
+                  augment="none").report
+    x = np.load(files["calib"])["input"]
+    fit = x[np.arange(len(x)) % 5 != 4]
+    want = _nmse(run(onnx.load(files["factorised"]), {"input": fit})[0], run(onnx.load(files["original"]),
+                                                                             {"input": fit})[0])
+    assert rep["fit_loss_before"] == pytest.approx(want, rel=1e-3)
+    assert rep["epochs"][0]["fit_loss"] == rep["fit_loss_before"]
+
+
+def _batch(seed=0, n=6, h=12, w=10):
+    return np.random.default_rng(seed).standard_normal((n, 3, h, w)).astype(np.float32)
+
+
+def test_mixup_blends_each_image_with_one_of_its_batch():
+    from onnx_lowrank.recover.augment import REGISTRY
+
+    x = _batch()
+    y = REGISTRY["mixup"](x, (2, 3), np.random.default_rng(1))
+    for out, own in zip(y, x):
+        fits = []
+        for other in x:   # out = lam * own + (1 - lam) * other: least-squares lam, then the residual
+            d = (own - other).ravel()
+            lam = float(d @ (out - other).ravel()) / float(d @ d) if d.any() else 1.0
+            fits.append((np.abs(lam * own + (1 - lam) * other - out).max(), lam))
+        err, lam = min(fits)
+        assert err < 1e-5 and -1e-6 <= lam <= 1 + 1e-6
+    assert not np.allclose(y, x)
+
+
+def test_cutmix_pastes_one_box_of_another_image():
+    from onnx_lowrank.recover.augment import REGISTRY
+
+    x = _batch()
+    y = REGISTRY["cutmix"](x, (2, 3), np.random.default_rng(2))
+    for i, out in enumerate(y):
+        changed = np.any(out != x[i], axis=0)             # pixels (H, W) that came from elsewhere
+        if not changed.any():
+            continue
+        rows, cols = np.where(changed.any(1))[0], np.where(changed.any(0))[0]
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        assert changed[box].all()                         # one filled rectangle
+        assert any(np.array_equal(out[:, box[0], box[1]], o[:, box[0], box[1]]) for o in x)
+        assert rows[-1] - rows[0] + 1 <= 6 and cols[-1] - cols[0] + 1 <= 5   # at most half of each side
+
+
+def test_zoom_enlarges_a_window_without_padding():
+    """Bilinear sampling keeps a ramp a ramp: along each axis the slope is the zoom (0.8 to 1) and the
+    values stay inside the image's range, so no padded border appears."""
+    from onnx_lowrank.recover.augment import REGISTRY
+
+    h, w = 16, 20
+    ramp = np.broadcast_to(np.arange(w, dtype=np.float32), (4, 3, h, w)).copy()
+    y = REGISTRY["zoom"](ramp, (2, 3), np.random.default_rng(3))
+    assert y.min() >= 0 and y.max() <= w - 1
+    for img in y:
+        slope = np.diff(img[0, 0])
+        assert np.allclose(slope, slope[0], atol=1e-4) and 0.8 - 1e-4 <= slope[0] <= 1 + 1e-4
+        assert np.allclose(img, img[0, 0])                # constant along the other axis, as the ramp is
+    assert not np.allclose(y, ramp)

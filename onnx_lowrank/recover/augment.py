@@ -46,6 +46,39 @@ class Shift(Augmentation):
         return out
 
 
+class Zoom(Augmentation):
+    """Enlarge a random window of 80 to 100 % of each side back to full size (bilinear): a new framing
+    of the same photograph, with no padded border (the edge padding of ``crop`` is not what a camera gives)."""
+
+    name = "zoom"
+
+    def __call__(self, x, axes, rng):
+        h, w = x.shape[axes[0]], x.shape[axes[1]]
+        out = np.empty_like(x)
+        for i in range(len(x)):
+            img = np.moveaxis(x[i], (axes[0] - 1, axes[1] - 1), (0, 1))
+            s = rng.uniform(0.8, 1.0)
+            ys = _grid(h, s, rng.random())
+            xs = _grid(w, s, rng.random())
+            rows = _lerp(img, ys, 0)
+            out[i] = np.moveaxis(_lerp(rows, xs, 1), (0, 1), (axes[0] - 1, axes[1] - 1))
+        return out
+
+
+def _grid(n: int, scale: float, where: float) -> np.ndarray:
+    """Sample positions of ``n`` pixels over a window of ``scale * n`` starting at ``where`` of the slack."""
+    size = scale * n
+    start = where * (n - size)
+    return np.clip(start + (np.arange(n) + 0.5) * scale - 0.5, 0, n - 1)
+
+
+def _lerp(a: np.ndarray, pos: np.ndarray, axis: int) -> np.ndarray:
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, a.shape[axis] - 1)
+    t = (pos - lo).astype(a.dtype).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+    return (np.take(a, lo, axis=axis) * (1 - t) + np.take(a, hi, axis=axis) * t).astype(a.dtype)
+
+
 class Noise(Augmentation):
     """Gaussian noise of 2 % of the batch's standard deviation."""
 
@@ -56,7 +89,42 @@ class Noise(Augmentation):
         return (x + rng.standard_normal(x.shape).astype(x.dtype) * scale).astype(x.dtype)
 
 
-REGISTRY = {a.name: a for a in (Flip(), Shift(), Noise())}
+class Mixup(Augmentation):
+    """Blend each image with another of the batch, weight drawn uniformly in [0, 1]: images the
+    factorisation was not fitted to (the solver saw every fit image), still made of real content.
+    The teacher labels the blend, so no labels are needed."""
+
+    name = "mixup"
+
+    def __call__(self, x, axes, rng):
+        if len(x) < 2:
+            return x
+        other = x[rng.permutation(len(x))]
+        lam = rng.random(len(x)).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        return (lam * x + (1 - lam) * other).astype(x.dtype)
+
+
+class Cutmix(Augmentation):
+    """Paste a random box (up to half of each side) of another image of the batch into each image."""
+
+    name = "cutmix"
+
+    def __call__(self, x, axes, rng):
+        if len(x) < 2:
+            return x
+        h, w = x.shape[axes[0]], x.shape[axes[1]]
+        other = rng.permutation(len(x))
+        out = x.copy()
+        for i in range(len(x)):
+            bh, bw = rng.integers(1, h // 2 + 1), rng.integers(1, w // 2 + 1)
+            y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+            idx = [slice(None)] * (x.ndim - 1)
+            idx[axes[0] - 1], idx[axes[1] - 1] = slice(y0, y0 + bh), slice(x0, x0 + bw)
+            out[i][tuple(idx)] = x[other[i]][tuple(idx)]
+        return out
+
+
+REGISTRY = {a.name: a for a in (Flip(), Shift(), Zoom(), Noise(), Mixup(), Cutmix())}
 AUTO = ("crop", "noise")
 
 

@@ -187,5 +187,6 @@ def format_recovery(rep: dict) -> str:
                  f"on {rep['fit_images']} images, early stop on {rep['held_back_images']} held back; augmentations: "
                  f"{aug}; lr {rep['lr']:g}, {rep['seconds']:.1f} s")
     lines.append(f"held-back loss (output NMSE against the original): {rep['held_back_loss_before']:.5g} -> "
-                 f"{rep['held_back_loss_after']:.5g} (epoch {rep['epoch_kept']} kept)")
+                 f"{rep['held_back_loss_after']:.5g} (epoch {rep['epoch_kept']} kept); fit loss before training "
+                 f"{rep['fit_loss_before']:.5g} (the images the compression was fitted to)")
     return "\n".join(lines)

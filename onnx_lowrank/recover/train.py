@@ -17,6 +17,11 @@ from . import augment
 from .student import Student
 
 
+#: Fit loss below this share of the held-back loss before training: the solver has fitted the fit
+#: images themselves (EfficientNet-Lite0, benchmarks/results/section_recover2.md: 0.037 against 0.139).
+OVERFIT_GAP = 0.5
+
+
 def nmse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Mean over outputs of sum((s - t)^2) / sum(t^2): each output counts alike whatever its scale."""
     terms = [((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12) for s, t in zip(student, teacher)]
@@ -42,7 +47,8 @@ def _tensors(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def held_back_loss(student: Student, held: dict, targets: list[np.ndarray], batch: int) -> float:
-    """NMSE over the whole held-back set (sums over batches first, then the ratio)."""
+    """NMSE over a whole set of images, the held-back ones or (before training) the fit ones: sums over
+    batches first, then the ratio."""
     n = len(next(iter(held.values())))
     err = np.zeros(len(targets))
     with torch.no_grad():
@@ -66,15 +72,19 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
     """Train; leave the student at its best epoch; return the per-epoch record."""
     rng = np.random.default_rng(cfg.seed)
     held_targets = teacher(held)
-    plain_targets = None if augmentations else teacher(fit_data)
+    plain_targets = teacher(fit_data)
     n = len(next(iter(fit_data.values())))
     opt = torch.optim.Adam(_groups(student, cfg.lr), lr=cfg.lr)
     steps_per_epoch = -(-n // cfg.batch_size)
     # Warm up over the first epoch: Adam's first steps move every weight by about lr at once.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     best = held_back_loss(student, held, held_targets, cfg.batch_size)
-    epochs = [{"epoch": 0, "fit_loss": None, "held_back_loss": best, "seconds": 0.0}]
-    progress.log(f"recovery: before training, held-back loss {best:.5g}")
+    fit_before = held_back_loss(student, fit_data, plain_targets, cfg.batch_size)
+    epochs = [{"epoch": 0, "fit_loss": fit_before, "held_back_loss": best, "seconds": 0.0}]
+    progress.log(f"recovery: before training, fit loss {fit_before:.5g}, held-back loss {best:.5g}")
+    if fit_before < OVERFIT_GAP * best:
+        progress.log("recovery: the compression already fits the fit images far better than the held-back ones, "
+                     "so training on them has little that carries over; more calibration images help")
     best_state, kept, stale = student.state(), 0, 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -116,5 +126,6 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
             progress.log(f"recovery: time limit of {cfg.time_limit:g} s reached, stopping")
             break
     student.load(best_state)
-    return {"epochs": epochs, "epoch_kept": kept, "held_back_loss_before": epochs[0]["held_back_loss"],
+    return {"epochs": epochs, "epoch_kept": kept, "fit_loss_before": fit_before,
+            "held_back_loss_before": epochs[0]["held_back_loss"],
             "held_back_loss_after": best}
