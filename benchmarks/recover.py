@@ -179,11 +179,14 @@ def efficientnet(args) -> None:
     fact_model, theoretical = _cached_compression(original, calib, args)
     base = evaluate_model(fact_model)
     print(f"compressed {theoretical:.2f}x FLOPs, agreement {base['agreement']:.4f}", flush=True)
-    rows = _recover_rows(original, fact_model, {"input": calib}, evaluate_model, args)
+    # Recovery data: the compression's crops, or --recover-crops fresh ones (seed 3) it never fitted.
+    rec = preprocess(common.photo_crops(args.recover_crops, seed=3)) if args.recover_crops else calib
+    rows = _recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
     md = common.header("Recovery on EfficientNet-Lite0 (ImageNet)")
     md += (f"Photo crops as in benchmarks/efficientnet_lite0.py: {args.calib} calibration crops (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back), {args.eval} evaluation crops (seed 2, "
-           f"never seen by compression or recovery); no labels, so top-1 agreement with the original. Compressed "
+           f"never seen by compression or recovery); recovery on "
+           f"{'the same crops' if not args.recover_crops else f'{args.recover_crops} other crops (seed 3, never seen by the compression; every 5th held back)'}; no labels, so top-1 agreement with the original. Compressed "
            f"at {args.speedup}x FLOPs (defaults, ranks multiples of 1): {theoretical:.2f}x "
            f"theoretical (factorised model cached in .cache/ after the first run); factorised: agreement {base['agreement']:.4f}, logit NMSE {base['nmse']:.4f}. Up to "
            f"{args.epochs} epochs, patience {args.patience}, batch {args.batch_size}, 1 thread, time limit {args.time_limit} s.\n\n")
@@ -241,6 +244,8 @@ def main() -> None:
     e.add_argument("--speedup", type=float, default=1.3)
     e.add_argument("--calib", type=int, default=256)
     e.add_argument("--eval", type=int, default=500)
+    e.add_argument("--recover-crops", type=int, default=0, help="recover on this many fresh crops (seed 3) "
+                   "instead of the compression's calibration crops")
     for p in (d, r, e):
         p.add_argument("--time-limit", type=float, default=540.0)
         p.add_argument("--train", default="factorised", choices=["factorised", "all"])

@@ -83,8 +83,9 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
     epochs = [{"epoch": 0, "fit_loss": fit_before, "held_back_loss": best, "seconds": 0.0}]
     progress.log(f"recovery: before training, fit loss {fit_before:.5g}, held-back loss {best:.5g}")
     if fit_before < OVERFIT_GAP * best:
-        progress.log("recovery: the compression already fits the fit images far better than the held-back ones, "
-                     "so training on them has little that carries over; more calibration images help")
+        progress.log("recovery: the factorised model fits these images far better than the held-back ones (the "
+                     "compression was fitted to them), so training on them has little that carries over: give "
+                     "recover other images than the compression's calibration data")
     best_state, kept, stale = student.state(), 0, 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
