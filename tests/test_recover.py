@@ -226,3 +226,16 @@ def test_zoom_enlarges_a_window_without_padding():
         assert np.allclose(slope, slope[0], atol=1e-4) and 0.8 - 1e-4 <= slope[0] <= 1 + 1e-4
         assert np.allclose(img, img[0, 0])                # constant along the other axis, as the ramp is
     assert not np.allclose(y, ramp)
+
+
+def test_no_augmentation_unless_asked():
+    """Crop + noise raised EfficientNet-Lite0's held-back loss from the first epoch (section_recover2.md):
+    recovery augments only on request, from the API and from the command line."""
+    from onnx_lowrank.cli_recover import recover_cmd
+    from onnx_lowrank.recover import RecoverConfig
+    from onnx_lowrank.recover.augment import resolve
+
+    images = {"input": _batch()}
+    assert resolve(RecoverConfig().augment, images) == []
+    assert resolve([p for p in recover_cmd.params if p.name == "augment"][0].default, images) == []
+    assert resolve("auto", images) == ["crop", "noise"]

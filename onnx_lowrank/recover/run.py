@@ -34,7 +34,9 @@ class RecoverConfig:
     seed: int = 0
     train: str = "factorised"          # which weights train: the factorised stages, or every weight
     outputs: list[str] | None = None   # tensors compared (default: every float graph output)
-    augment: str = "auto"              # auto (image inputs: crop, noise), none, or names (flip, crop, noise)
+    augment: str = "none"              # none, auto (image inputs: crop, noise) or names: see augment.REGISTRY.
+    # Not auto by default: crop + noise raised the held-back loss on EfficientNet-Lite0 from the first epoch
+    # and did worse than none on the demo (benchmarks/results/section_recover2.md).
     patience: int = 2                  # epochs without a better held-back loss before stopping
     holdout_every: int = 5             # every n-th calibration image is held back (as the solver does)
     threads: int = 1                   # torch and onnxruntime threads: 2 are many times slower on a busy 2-core machine
