@@ -104,7 +104,8 @@ def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dic
     for aug in args.augments.split(";"):
         for lr in [float(v) for v in args.lrs.split(",")]:
             cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience,
-                                train=args.train, time_limit=args.time_limit, batch_size=args.batch_size)
+                                train=args.train, time_limit=args.time_limit, batch_size=args.batch_size,
+                                warmup=args.warmup)
             res, secs = run_recovery(original, factorised, calib, cfg)
             rows.append({"lr": lr, "augment": aug, "train": args.train, "epoch_kept": res.report["epoch_kept"],
                          "epochs_run": len(res.report["epochs"]) - 1,
@@ -250,6 +251,7 @@ def main() -> None:
         p.add_argument("--time-limit", type=float, default=540.0)
         p.add_argument("--train", default="factorised", choices=["factorised", "all"])
         p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default: one epoch)")
     for p in (r, e):
         p.add_argument("--lrs", default="1e-4")
         p.add_argument("--augments", default="auto", help="';'-separated settings, e.g. 'auto;crop,noise'")

@@ -239,3 +239,21 @@ def test_no_augmentation_unless_asked():
     assert resolve(RecoverConfig().augment, images) == []
     assert resolve([p for p in recover_cmd.params if p.name == "augment"][0].default, images) == []
     assert resolve("auto", images) == ["crop", "noise"]
+
+
+def test_warmup_scales_the_first_steps(files):
+    """With a warm-up of 10^6 steps the first epoch's steps are a millionth of the default's: the weights
+    barely move, while the default (one epoch of warm-up) moves them."""
+    pytest.importorskip("torch")
+    from onnx_lowrank.recover import recover
+
+    fact = {t.name: numpy_helper.to_array(t) for t in onnx.load(files["factorised"]).graph.initializer}
+
+    def moved(**kw):
+        m = recover(str(files["original"]), str(files["factorised"]), str(files["calib"]), epochs=1, patience=5,
+                    **kw).model
+        return max(float(np.abs(numpy_helper.to_array(t) - fact[t.name]).max() / (np.abs(fact[t.name]).max() + 1e-12))
+                   for t in m.graph.initializer)
+
+    default, slow = moved(), moved(warmup=10 ** 6)
+    assert default > 1e-4 and slow < default * 1e-3

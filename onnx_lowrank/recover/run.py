@@ -42,6 +42,7 @@ class RecoverConfig:
     threads: int = 1                   # torch and onnxruntime threads: 2 are many times slower on a busy 2-core machine
     max_images: int | None = None
     time_limit: float | None = None    # seconds of training; the best epoch so far is kept
+    warmup: int | None = None          # steps of linear lr warm-up (None: one epoch)
 
     def check(self) -> None:
         if self.epochs < 1:

@@ -77,7 +77,8 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
     opt = torch.optim.Adam(_groups(student, cfg.lr), lr=cfg.lr)
     steps_per_epoch = -(-n // cfg.batch_size)
     # Warm up over the first epoch: Adam's first steps move every weight by about lr at once.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / steps_per_epoch))
+    warm = cfg.warmup or steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
     best = held_back_loss(student, held, held_targets, cfg.batch_size)
     fit_before = held_back_loss(student, fit_data, plain_targets, cfg.batch_size)
     epochs = [{"epoch": 0, "fit_loss": fit_before, "held_back_loss": best, "seconds": 0.0}]
