@@ -97,8 +97,9 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
     y_key = sample_key(lay.output, p.layer_id)
     s_key = sample_key(lay.shortcut, p.layer_id) if lay.shortcut else None
     fit, held = split(original, y_key, cfg.holdout_every)
-    y = original.rows[y_key].astype(np.float64)
-    s = original.rows[s_key].astype(np.float64) if s_key else None
+    # The rows as kept (float32): the solver widens only the rows it fits, once (solver/layer.py).
+    y = original.rows[y_key]
+    s = original.rows[s_key] if s_key else None
     n_fit, d = int(fit.sum()), y.shape[1]
     note = p.note
     if approximated is not None and n_fit < MIN_ROWS_PER_CHANNEL * d:
@@ -106,18 +107,18 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
                 "(more images or --samples-per-image allow asymmetric)")
         progress.log(f"warning: {lay.name}: {note}")
         approximated = None
-    yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
-    sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
+    yh = approximated.rows[y_key] if approximated is not None else None
+    sh = approximated.rows[s_key] if s_key and approximated is not None else None
     plain_key = sample_key(_plain(lay.output), p.layer_id)
     if approximated is None and plain is not None and plain_key in plain.rows:
-        yh, sh = plain.rows[plain_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
+        yh, sh = plain.rows[plain_key], s  # symmetric: the core's response, original shortcut
     p = replace(p, asymmetric=approximated is not None)
     sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule,
                          safety_net=cfg.safety_net)
     alt = p.alternative
     if alt:
         rows = (approximated.rows[sample_key(alt.tensor, p.layer_id)] if approximated is not None
-                else plain.rows[sample_key(_plain(alt.tensor), p.layer_id)]).astype(np.float64)
+                else plain.rows[sample_key(_plain(alt.tensor), p.layer_id)])
         other = alt.scheme.solve(y, rows, alt.rank, lay, fit, held, s=s, sh=sh if approximated is not None else s,
                                  method=cfg.method, schedule=cfg.schedule, safety_net=cfg.safety_net)
         compared = (f"auto: {p.scheme.name} rank {p.rank} err {_pct(sol.rel_error)}, {alt.scheme.name} rank "
