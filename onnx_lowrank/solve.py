@@ -18,8 +18,9 @@ from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .plan import LayerPlan
-from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
+from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, solve_bytes, split, tensors
 from .solver.balance import balance
+from .solver.layer import solve_arrays
 
 
 def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
@@ -61,10 +62,15 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
     return solved
 
 
-def cache_budget(samples, cfg) -> int:
-    """Bytes of feature maps the asymmetric pass may cache in memory: what the samples leave of
-    --max-memory, so that the two together stay within it (the rest goes to a temporary folder)."""
-    return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()))
+def cache_budget(samples, chosen: list[LayerPlan], cfg) -> int:
+    """Bytes of feature maps the asymmetric pass may cache in memory: what the samples and the largest layer's
+    solve leave of --max-memory, so that the three together stay within it (the rest goes to a temporary folder)."""
+    solve = 0
+    for p in chosen:
+        rows = samples.rows[sample_key(p.layer.output, p.layer_id)]
+        solve = max(solve, solve_bytes(len(rows), rows.shape[1], len(tensors(p)),
+                                       fitted_rows(p, samples, cfg.holdout_every), solve_arrays(p.layer.activation)))
+    return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()) - solve)
 
 
 def _item(p: LayerPlan) -> str:
@@ -150,7 +156,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         by_stop.setdefault(stop, []).append(p)
     solved: dict[int, LayerPlan] = {}
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
-                    cfg.cache_dir, cfg.threads, cache_budget(samples, cfg)) as prop, \
+                    cfg.cache_dir, cfg.threads, cache_budget(samples, chosen, cfg)) as prop, \
             progress.bar("asymmetric solve", len(chosen), "layer") as update:
         for stop, approx in prop.run(stops):
             for i, p in enumerate(by_stop[stop]):

@@ -49,13 +49,23 @@ def test_default_does_not_bind_on_small_data():
     assert report["samples_bytes"] == _kept_bytes(comp)
 
 
+def _solve_bytes(comp) -> int:
+    """By hand: 10 float64 arrays of the widest layer's fitted rows (8 of 10 images) and two layers' float32 rows
+    of the approximated samples; conv1 (64 channels) is the widest, with no shortcut."""
+    rows = comp.samples.rows[f"{1}:{comp.layers[1].output}"]
+    assert rows.shape[1] == 64
+    return 8 * 10 * (len(rows) * 8 // 10) * 64 + 2 * 4 * len(rows) * 64
+
+
 def test_a_small_cap_scales_every_layer_down_and_holds():
-    free = _kept_bytes(_compressor())
-    cap = free // 3
+    free = _compressor()
+    need = _kept_bytes(free) + _solve_bytes(free)
+    assert free.memory["samples_and_solve_bytes"] == need
+    cap = need // 3
     comp = _compressor(max_memory=cap)
     report = comp.run().report
     assert report["rows_limited_by_memory"] is True and report["max_memory_bytes"] == cap
-    assert _kept_bytes(comp) <= cap
+    assert _kept_bytes(comp) + _solve_bytes(comp) <= cap
     assert report["samples_bytes"] == _kept_bytes(comp)
     rows = [lay["rows"] for lay in report["layers"]]
     assert all(r < full for r, full in zip(rows, [8 * 16, 8 * 36, 8 * 32]))
@@ -90,7 +100,7 @@ def test_joining_the_sampled_pieces_holds_them_about_once():
 
 
 def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkeypatch):
-    """Samples + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
+    """Samples + the largest solve + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
     from onnx_lowrank.calibration import sampling
 
     held: list[int] = []
@@ -106,7 +116,7 @@ def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkey
     unbounded = free.run().model.SerializeToString()
     assert max(held) > 4096   # with the default cap the cache holds more than the tight cap below leaves
     held.clear()
-    tight = _compressor(max_memory=kept + 4096)
+    tight = _compressor(max_memory=kept + _solve_bytes(free) + 4096)
     assert _kept_bytes(tight) == kept   # the samples fit: only the cache is squeezed
     assert tight.run().model.SerializeToString() == unbounded
     assert held and max(held) <= 4096

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import Activation
+from .activations import SMOOTH, Activation
 from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction
 
 
@@ -19,6 +19,14 @@ from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reco
 #: the target ``y + s``, ``yhat``, ``shat``, and the nonlinear solve's ``r(y + s)``, centred ``yhat``, two
 #: predictions and two z iterates, and one (rows, rank) product (tests/solver/test_solve_memory.py measures it).
 SOLVE_ARRAYS = 10
+#: ... and the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
+#: the long descent of the elements outside its table (how many are outside depends on the data; measured).
+SMOOTH_EXTRA_ARRAYS = 4
+
+
+def solve_arrays(kind: str) -> int:
+    """:data:`SOLVE_ARRAYS`, plus :data:`SMOOTH_EXTRA_ARRAYS` for an activation kind with a smooth z step."""
+    return SOLVE_ARRAYS + (SMOOTH_EXTRA_ARRAYS if kind in SMOOTH else 0)
 
 
 @dataclass
@@ -46,7 +54,7 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     what the compressed model feeds the channel step (``None``: symmetric, the originals). ``fit`` /
     ``held``: boolean row masks; the errors are measured on ``held``. The rows may be float32 (samples as
     kept): only the fitted rows are widened to float64, once each, and nothing full-sized is copied, so
-    the solve holds at most :data:`SOLVE_ARRAYS` float64 arrays of the fitted rows beyond its inputs.
+    the solve holds at most :func:`solve_arrays` float64 arrays of the fitted rows beyond its inputs.
     """
     asym = yh is not None
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
