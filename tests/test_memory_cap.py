@@ -154,3 +154,42 @@ def test_rows_kept_in_final_arrays_are_the_rows_joined_from_pieces(expected):
     kept = sum(a.nbytes for a in truth.values())
     if expected == 42:   # exactly known: the rows are never held twice (slack: one batch's gathering)
         assert peak <= kept + 4 * batches[0].nbytes < 2 * kept, (peak, kept)
+
+
+def _traced_run(model, data, cfg) -> tuple[int, int, bool]:
+    """(traced peak of the compress's run() beyond what was held before it, bytes of the samples, limited):
+    tracemalloc sees every NumPy buffer (samples, cached maps, the solver's arrays), not the tool's accounting."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        comp = Compressor(model, data, cfg)
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        report = comp.run().report
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, _kept_bytes(comp), report["rows_limited_by_memory"]
+
+
+def test_the_nonlinear_asymmetric_compress_stays_within_the_cap():
+    """Samples + everything the asymmetric nonlinear solve allocates stay within --max-memory (before, the cap
+    bounded the samples only and the solve's float64 copies came on top: 8 x the samples here), and what the
+    run holds grows no faster than the cap: the part the cap does not bound (one batch of feature maps, the
+    rewritten model) is fixed."""
+    from onnx_lowrank.config import CompressConfig
+
+    cfg = dict(method="nonlinear", speedup=None, ranks={"conv0": 24, "conv1": 32, "conv2": 24}, threads=1,
+               schedule=((2, 0.01), (2, 1.0)))
+    data = {"input": np.random.default_rng(0).standard_normal((20, 8, 12, 12)).astype(np.float32)}
+    model = conv_chain([8, 96, 128, 96], size=12, seed=2, lowrank_bias=8)
+    need = Compressor(model, data, CompressConfig(**cfg)).memory["samples_and_solve_bytes"]
+    totals = {}
+    for cap in (need, need // 2, need // 8):
+        peak, kept, limited = _traced_run(model, data, CompressConfig(**cfg, max_memory=cap))
+        assert limited is (cap < need)
+        totals[cap] = peak + kept
+        if cap >= need // 2:
+            assert peak + kept <= cap, f"{(peak + kept) / cap:.2f} x --max-memory {cap}"
+    assert totals[need // 2] - totals[need // 8] <= need // 2 - need // 8
