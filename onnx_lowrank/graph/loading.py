@@ -9,7 +9,6 @@ an in-memory copy and write results atomically.
 from __future__ import annotations
 
 import copy
-import ctypes
 import os
 import re
 import tempfile
@@ -20,8 +19,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import LowRankError
-from .external import (attach_external_data, externalise, has_external_data, is_large, save_with_external_data,
-                       tensor_array, uses_external_data)
+from .external import (attach_external_data, externalise, has_external_data, is_large, return_freed_heap,
+                       save_with_external_data, tensor_array, uses_external_data)
 from .subgraph import consumers, node_reads
 
 MIN_OPSET = 9
@@ -123,17 +122,8 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     # folded model would hold about three times its weights for the whole run (light ResNet-50: +300 MB).
     compact = onnx.ModelProto.FromString(model.SerializeToString())
     del model
-    _return_freed_heap()
+    return_freed_heap()
     return compact
-
-
-def _return_freed_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc keeps them after many small frees, e.g. a
-    protobuf arena's blocks); nothing where the C library has no ``malloc_trim``."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _unique_node_names(model: onnx.ModelProto) -> None:
