@@ -16,8 +16,8 @@ included (so it never does worse than either, up to z in float32). Elements outs
 descent from the best point so far, ``u`` and the kind's special points, all blocks together.
 Near the curve where two minima cost the same the nearest entry may lie in the other basin (a
 property test found a SiLU element 2.4 % above the global minimum that way), so where the neighbouring
-entries jump to another basin they are polished too and the cheaper end point is kept
-(:func:`other_basins`; ``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
+entries jump to another basin the farthest of them is polished too (for all blocks together, after
+the last) and the cheaper end point is kept (:func:`flagged`; ``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class ZTable:
     """``z[i * nu + j]`` is the minimiser for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``."""
 
     z: np.ndarray  # float32, (na * nu,)
-    switch: np.ndarray  # bool, (na * nu,): a neighbouring entry lies in another basin (see other_basins)
+    switch: np.ndarray  # bool, (na * nu,): a neighbouring entry lies in another basin (see flagged)
+    alt: np.ndarray  # float32, (na * nu,): where ``switch``, the entry of the neighbour farthest from ``z``
     a0: float
     inv_da: float
     na: int
@@ -84,15 +85,24 @@ def _build(kind, lam: float) -> ZTable:
             best_z[better], best_c[better] = zz[better], c[better]
         T[i] = best_z
     z = np.ascontiguousarray(T.reshape(-1), dtype=np.float32)
+    switch, alt = _other_basin(z, _NU)
+    return ZTable(z, switch, alt, float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+
+
+def _other_basin(z: np.ndarray, nu: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry: does a neighbour (one step in ``u`` either way, one in ``a``) lie in another basin
+    (its minimiser more than ``JUMP`` away, relative), and the entry of the farthest such neighbour
+    (``z`` itself where none): the one start in the other basin that :func:`flagged` polishes."""
     switch = np.zeros(z.size, bool)
-    for off in _offsets(_NU):
-        switch |= np.abs(z[np.clip(np.arange(z.size) + off, 0, z.size - 1)] - z) > JUMP * (1.0 + np.abs(z))
-    return ZTable(z, switch, float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
-
-
-def _offsets(nu: int) -> tuple[int, ...]:
-    """Flat offsets of the neighbouring entries: one step in ``u`` either way, one in ``a``."""
-    return (-1, 1, -nu, nu)
+    alt, far = z.copy(), np.zeros(z.size, np.float32)
+    for off in (-1, 1, -nu, nu):
+        nb = z[np.clip(np.arange(z.size) + off, 0, z.size - 1)]
+        gap = np.abs(nb - z)
+        jump = gap > JUMP * (1.0 + np.abs(z))
+        switch |= jump
+        farther = jump & (gap > far)
+        alt[farther], far[farther] = nb[farther], gap[farther]
+    return switch, alt
 
 
 def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray, np.ndarray]:
@@ -118,15 +128,13 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray,
     return np.take(t.z, k, out=x), out, k
 
 
-def other_basins(t: ZTable, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def flagged(t: ZTable, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Elements whose nearest entry ``k`` has a neighbour (one step in ``a`` or ``u``) in another basin
     (flagged when the table is built): near the curve where the global minimiser jumps, the nearest
     entry may be on the wrong side, and Newton would then stay in a local minimum. Returns their indices
-    and the neighbours' entries (4, m) as further starts; usually a small fraction of the elements."""
+    and the other basin's entry (``alt``) as a further start; a few per cent of the elements."""
     idx = np.flatnonzero(np.take(t.switch, k))
-    ki = k[idx]
-    starts = [np.take(t.z, np.clip(ki + off, 0, t.z.size - 1)) for off in _offsets(t.nu)]
-    return idx, np.stack(starts)
+    return idx, np.take(t.alt, k[idx])
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
