@@ -51,24 +51,27 @@ class SmoothKind(ActivationKind):
 
 
 class _Solver:
-    """The block solver of a smooth kind: per block, lookup, ``table.POLISH`` Newton steps, and
-    the candidates ``u`` and ``z0`` (float32 arithmetic). Two small sets of elements are collected
-    and revisited once, for all blocks together (``finish``): those whose table entry lies next to
-    a basin switch (polished from the other basin's entry as well) and those outside the table
-    (a longer descent). ``loss_u`` sums the cost of ``u``, which the caller would otherwise
-    compute again in float64."""
+    """The block solver of a smooth kind: per block, the table's start, ``table.POLISH`` Newton
+    steps, and the candidates ``u`` and ``z0`` (float32 arithmetic). Three small sets of elements
+    are collected and revisited once, for all blocks together (``finish``): those whose table
+    entry lies next to a basin switch (polished from the other basin's entry as well), those whose
+    Newton step was still long (``table.MOVED``: a flat objective, where one step is not enough;
+    ``table.MORE`` steps), and those outside the table (a longer descent). ``loss_u`` sums the cost
+    of ``u``, which the caller would otherwise compute again in float64."""
 
     def __init__(self, kind, t, lam):
         self.kind, self.t, self.lam = kind, t, lam
-        self.pending: list[np.ndarray] = []  # flat indices outside the table
-        self.switch: list[tuple] = []  # (flat indices, other basin's start, cost so far) near a basin switch
+        # per block: (flat indices,) and for the first the other basin's start
+        self.switch: list[tuple] = []
+        self.moved: list[tuple] = []
+        self.outside: list[tuple] = []
         self.loss_u = 0.0  # sum of (a - r(u))^2 over the blocks so far (the u candidate's cost)
 
     def __call__(self, a, u, z0, z_out, P, offset=0):
         kind, lam = self.kind, self.lam
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
         a32, u32 = _f32(a, P), _f32(u, P)
-        z, outside, k = table.lookup(self.t, a32, u32, P)
+        z, outside, idx, start = table.lookup(self.t, a32, u32, P)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
         best_c = kind.fast_derivs(u32, P, value_only=True)
@@ -78,52 +81,53 @@ class _Solver:
         if z0 is not None:
             z0_32 = _f32(z0.reshape(-1), P)
             keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)
+        z_start = new(P, z)
+        np.copyto(z_start, z)
         table.newton_steps(kind, z, a32, u32, lam, table.POLISH, best_z, best_c, P)
-        idx, start = table.flagged(self.t, k)
+        z_start -= z
+        np.abs(z_start, out=z_start)
         if idx.size:
-            self.switch.append((offset + idx, start, best_c[idx]))
+            self.switch.append((offset + idx, start))
+        self.moved.append((offset + np.flatnonzero(z_start > table.MOVED),))
         if outside.any():
-            self.pending.append(offset + np.flatnonzero(outside))
+            self.outside.append((offset + np.flatnonzero(outside),))
         z_out.reshape(-1)[...] = best_z
         return best_c.reshape(z_out.shape)
 
     def finish(self, a, u, z, cost):
         """Revisit the collected elements (flat arrays ``z`` and ``cost``, if given, updated in
-        place): first those near a basin switch (``POLISH`` Newton steps from the other basin's
-        entry), then those outside the table (the longer descent from the best point so far,
-        ``u`` and ``r``'s special points). Returns the change of the sums of the objective and of
-        ``(z - u)^2``."""
+        place): those near a basin switch (``POLISH`` Newton steps from the other basin's entry),
+        then those whose step was long (``MORE`` Newton steps from the best point so far), then
+        those outside the table (the longer descent from the best point so far, ``u`` and ``r``'s
+        special points); the cheapest point seen is kept. Returns the change of the sums of the
+        objective and of ``(z - u)^2``."""
         d_obj = d_pen = 0.0
-        if self.switch:
-            idx, start, c0 = (np.concatenate(x) for x in zip(*self.switch))
-            self.switch = []
+        kind, lam = self.kind, self.lam
+        stages = ((self.switch, lambda zi, ai, ui, ci, start: table.newton_steps(
+                       kind, start, ai, ui, lam, table.POLISH, zi, ci)),
+                  (self.moved, lambda zi, ai, ui, ci: table.newton_steps(
+                       kind, zi.copy(), ai, ui, lam, table.MORE, zi, ci)),
+                  (self.outside, lambda zi, ai, ui, ci: table.descend(
+                       kind, np.stack([zi, ui] + [np.full_like(zi, c) for c in kind.special]), ai, ui, lam, zi, ci)))
+        for collected, method in stages:
+            if not collected:
+                continue
+            idx, *more = (np.concatenate(x) for x in zip(*collected))
+            collected.clear()
             ai, ui, zi = (x[idx].astype(np.float32) for x in (a, u, z))
+            c0 = _cost(kind, zi, ai, ui, lam)
             p0, ci = _pen(zi, ui), c0.copy()
-            table.newton_steps(self.kind, start, ai, ui, self.lam, table.POLISH, zi, ci)
-            d_obj, d_pen = _store(idx, zi, ci, z, cost, c0, p0, ui)
-        if self.pending:
-            idx = np.concatenate(self.pending)
-            self.pending = []
-            ai, ui, zi = (x[idx].astype(np.float32) for x in (a, u, z))
-            c0 = _cost(self.kind, zi, ai, ui, self.lam)
-            p0, ci = _pen(zi, ui), c0.copy()
-            starts = np.stack([zi, ui] + [np.full_like(zi, c) for c in self.kind.special])
-            table.descend(self.kind, starts, ai, ui, self.lam, zi, ci)
-            do, dp = _store(idx, zi, ci, z, cost, c0, p0, ui)
-            d_obj, d_pen = d_obj + do, d_pen + dp
+            method(zi, ai, ui, ci, *more)
+            z[idx] = zi
+            if cost is not None:
+                cost[idx] = ci
+            d_obj += ci.sum(dtype=np.float64) - c0.sum(dtype=np.float64)
+            d_pen += _pen(zi, ui) - p0
         return d_obj, d_pen
 
 
 def _pen(z, u):
     return np.sum((z - u) ** 2, dtype=np.float64)
-
-
-def _store(idx, zi, ci, z, cost, c0, p0, ui):
-    """Write the revisited elements back; the change of the objective's and the penalty's sums."""
-    z[idx] = zi
-    if cost is not None:
-        cost[idx] = ci
-    return ci.sum(dtype=np.float64) - c0.sum(dtype=np.float64), _pen(zi, ui) - p0
 
 
 def _f32(x, P):

@@ -28,7 +28,9 @@ import numpy as np
 
 from .base import keep_better, new
 
-POLISH = 2  # Newton steps after the lookup
+POLISH = 1  # Newton steps after the lookup
+MOVED = 3e-3  # where that step moved z further than this (a flat objective) ...
+MORE = 3  # ... this many more are taken
 JUMP = 0.25  # neighbouring entries this far apart (relative) lie in different basins: both are polished
 FALLBACK_ITERS = 40  # safeguarded Newton iterations for the elements outside the table
 _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to build the table
@@ -36,11 +38,12 @@ _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to bui
 
 @dataclass(frozen=True)
 class ZTable:
-    """``z[i * nu + j]`` is the minimiser for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``."""
+    """Row ``i * nu + j`` of ``rows`` is for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``: the
+    minimiser ``z`` there, its change per grid step in ``a`` and in ``u`` (central differences; zero
+    where a neighbour lies in another basin) and ``alt``, the entry of the neighbour in another basin
+    farthest from ``z`` (``z`` itself where none). Four float32 in a row: one gather per element."""
 
-    z: np.ndarray  # float32, (na * nu,)
-    switch: np.ndarray  # bool, (na * nu,): a neighbouring entry lies in another basin (see flagged)
-    alt: np.ndarray  # float32, (na * nu,): where ``switch``, the entry of the neighbour farthest from ``z``
+    rows: np.ndarray  # float32, (na * nu, 4): z, dz/di, dz/dj, alt
     a0: float
     inv_da: float
     na: int
@@ -84,57 +87,69 @@ def _build(kind, lam: float) -> ZTable:
             better = c < best_c
             best_z[better], best_c[better] = zz[better], c[better]
         T[i] = best_z
-    z = np.ascontiguousarray(T.reshape(-1), dtype=np.float32)
-    switch, alt = _other_basin(z, _NU)
-    return ZTable(z, switch, alt, float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+    T = T.astype(np.float32)
+    switch, alt = _other_basin(T)
+    rows = np.empty((_NA, _NU, 4), np.float32)
+    rows[..., 0], rows[..., 3] = T, alt
+    rows[..., 1], rows[..., 2] = np.gradient(T)  # per grid step; one-sided at the edges
+    rows[switch, 1:3] = 0.0
+    return ZTable(rows.reshape(-1, 4), float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
 
 
-def _other_basin(z: np.ndarray, nu: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per entry: does a neighbour (one step in ``u`` either way, one in ``a``) lie in another basin
-    (its minimiser more than ``JUMP`` away, relative), and the entry of the farthest such neighbour
-    (``z`` itself where none): the one start in the other basin that :func:`flagged` polishes."""
-    switch = np.zeros(z.size, bool)
-    alt, far = z.copy(), np.zeros(z.size, np.float32)
-    for off in (-1, 1, -nu, nu):
-        nb = z[np.clip(np.arange(z.size) + off, 0, z.size - 1)]
-        gap = np.abs(nb - z)
-        jump = gap > JUMP * (1.0 + np.abs(z))
+def _other_basin(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry of the (na, nu) table: does a neighbour (one step in ``a`` or ``u`` either way) lie
+    in another basin (its minimiser more than ``JUMP`` away, relative), and the entry of the farthest
+    such neighbour (``T`` itself where none): the one start in the other basin that is polished too."""
+    P = np.pad(T, 1, mode="edge")
+    switch = np.zeros(T.shape, bool)
+    alt, far = T.copy(), np.zeros(T.shape, np.float32)
+    for nb in (P[:-2, 1:-1], P[2:, 1:-1], P[1:-1, :-2], P[1:-1, 2:]):
+        gap = np.abs(nb - T)
+        jump = gap > JUMP * (1.0 + np.abs(T))
         switch |= jump
         farther = jump & (gap > far)
         alt[farther], far[farther] = nb[farther], gap[farther]
     return switch, alt
 
 
-def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray, np.ndarray]:
-    """The table's entry nearest to (a, u) (float32 in and out), clamped to its edges, and a mask
-    of the elements outside the table. Nearest, not interpolated: across the curve where the
-    global minimiser jumps from one basin to another an interpolated start would lie between
-    the basins; the nearest entry lies in one of them, and Newton takes it from there."""
-    x = np.subtract(a, t.a0, out=new(P, a))
-    x *= t.inv_da
-    y = np.subtract(u, t.u0, out=new(P, a))
-    y *= t.inv_du
-    out = np.less(x, -0.5, out=P.mask(a) if P is not None else None)
-    out |= x > t.na - 0.5
-    out |= y < -0.5
-    out |= y > t.nu - 0.5
-    np.clip(x, 0.0, t.na - 1, out=x)
-    np.clip(y, 0.0, t.nu - 1, out=y)
-    x += 0.5
-    y += 0.5
-    k = x.astype(np.int32)
-    k *= t.nu
-    k += y.astype(np.int32)
-    return np.take(t.z, k, out=x), out, k
-
-
-def flagged(t: ZTable, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Elements whose nearest entry ``k`` has a neighbour (one step in ``a`` or ``u``) in another basin
-    (flagged when the table is built): near the curve where the global minimiser jumps, the nearest
-    entry may be on the wrong side, and Newton would then stay in a local minimum. Returns their indices
-    and the other basin's entry (``alt``) as a further start; a few per cent of the elements."""
-    idx = np.flatnonzero(np.take(t.switch, k))
-    return idx, np.take(t.alt, k[idx])
+def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
+    """Start points from the table (float32 in and out): per element the nearest entry, moved to
+    (a, u) along the entry's gradient (first order: the start is then within a few 1e-4 of the
+    answer where the table is smooth, and one Newton step polishes it); a mask of the elements
+    outside the table (clamped to its edges); the indices of the elements whose entry lies next to
+    a basin switch, and the other basin's entry for them. Nearest, not interpolated between
+    entries: across the curve where the global minimiser jumps from one basin to another an
+    interpolated start would lie between the basins; the nearest entry lies in one of them (its
+    gradient is zero there), and the other basin's entry is polished too (``finish``)."""
+    out = P.mask(a) if P is not None else np.empty(a.shape, bool)
+    far = P.mask(a) if P is not None else np.empty(a.shape, bool)
+    ij = []
+    for v, scale, v0, n in ((a, t.inv_da, t.a0, t.na), (u, t.inv_du, t.u0, t.nu)):
+        x = np.multiply(v, scale, out=new(P, a))
+        x -= v0 * scale  # grid position
+        if ij:
+            out |= np.less(x, -0.5, out=far)
+        else:
+            np.less(x, -0.5, out=out)
+        out |= np.greater(x, n - 0.5, out=far)
+        np.clip(x, 0.0, n - 1, out=x)
+        i = np.rint(x, out=new(P, a))
+        x -= i  # offset from the nearest grid point
+        ij.append((x, i.astype(np.int32)))
+    (fx, i), (fy, j) = ij
+    i *= t.nu
+    i += j
+    g = np.take(t.rows.view(np.complex128).reshape(-1), i.reshape(-1),
+                out=(P(a, "D") if P is not None else np.empty(a.shape, np.complex128)).reshape(-1))
+    g = g.view(np.float32).reshape(-1, 4)
+    z = np.multiply(fx.reshape(-1), g[:, 1], out=fx.reshape(-1))
+    fy = fy.reshape(-1)
+    fy *= g[:, 2]
+    z += fy
+    z += g[:, 0]
+    near = np.not_equal(g[:, 3], g[:, 0], out=far.reshape(-1))
+    idx = np.flatnonzero(near)
+    return z.reshape(a.shape), out, idx, g[idx, 3]
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
@@ -144,7 +159,11 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
     not lower the objective, the next one is half of it from the best point (for long descents)."""
     step = None
     for it in range(steps + 1):
-        r, r1, r2 = kind.fast_derivs(z, P)
+        mark = P.mark() if P is not None else None
+        if it == steps:  # only the cost is needed at the last point
+            r = kind.fast_derivs(z, P, value_only=True)
+        else:
+            r, r1, r2 = kind.fast_derivs(z, P)
         res = np.subtract(r, a, out=r)
         dz = np.subtract(z, u, out=new(P, z))
         c = np.multiply(res, res, out=new(P, z))
@@ -166,10 +185,12 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
         res *= ok
         res += gn  # the Newton curvature where it is clearly positive, else Gauss-Newton
         d = np.divide(g, res, out=g)
-        d *= -1.0
         if not safeguard:
-            z += d
-        elif step is None:
+            z -= d
+            P is not None and P.release(mark)
+            continue
+        d *= -1.0
+        if step is None:
             step = d.copy()
             z += step
         else:
@@ -178,7 +199,7 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
             d *= ~worse
             step += d  # the new step where the last one helped, else half the last one
             np.add(best_z, step, out=z)
-        if safeguard and np.all(np.abs(step) <= 1e-6 * (1.0 + np.abs(best_z))):
+        if np.all(np.abs(step) <= 1e-6 * (1.0 + np.abs(best_z))):
             break  # converged (checked on the few elements a safeguarded descent runs on)
     return best_z, best_c
 
