@@ -304,11 +304,9 @@ def keep_better(z, c, z_new, c_new, tmp, P=None) -> None:
 
 
 def clip_into(x: np.ndarray, lo: float, hi: float, out: np.ndarray) -> np.ndarray:
-    if lo > -math.inf and hi < math.inf:
-        return np.clip(x, lo, hi, out=out)
-    if lo > -math.inf:
-        return np.maximum(x, lo, out=out)
-    if hi < math.inf:
-        return np.minimum(x, hi, out=out)
-    np.copyto(out, x)
-    return out
+    """``x`` clipped into ``[lo, hi]`` (either may be infinite). Always ``np.clip``: ``np.maximum`` /
+    ``np.minimum`` with a scalar take a slow path in NumPy 2.4 (three to five times the time)."""
+    if lo == -math.inf and hi == math.inf:
+        np.copyto(out, x)
+        return out
+    return np.clip(x, lo, hi, out=out)
