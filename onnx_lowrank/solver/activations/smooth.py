@@ -54,14 +54,14 @@ class _Solver:
     """The block solver of a smooth kind: per block, the table's start, ``table.POLISH`` Newton
     steps, and the candidates ``u`` and ``z0`` (float32 arithmetic). Three small sets of elements
     are collected and revisited once, for all blocks together (``finish``): those whose table
-    entry lies next to a basin switch (polished from the other basin's entry as well), those whose
+    entry lies next to a basin switch (polished from the neighbouring entries' extremes as well), those whose
     Newton step was still long (``table.MOVED``: a flat objective, where one step is not enough;
     ``table.MORE`` steps), and those outside the table (a longer descent). ``loss_u`` sums the cost
     of ``u``, which the caller would otherwise compute again in float64."""
 
     def __init__(self, kind, t, lam):
         self.kind, self.t, self.lam = kind, t, lam
-        # per block: (flat indices,) and for the first the other basin's start
+        # per block: (flat indices,) and for the first their table entries
         self.switch: list[tuple] = []
         self.moved: list[tuple] = []
         self.outside: list[tuple] = []
@@ -71,7 +71,7 @@ class _Solver:
         kind, lam = self.kind, self.lam
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
         a32, u32 = _f32(a, P), _f32(u, P)
-        z, outside, idx, start = table.lookup(self.t, a32, u32, P)
+        z, outside, idx, entry = table.lookup(self.t, a32, u32, P)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
         best_c = kind.fast_derivs(u32, P, value_only=True)
@@ -87,7 +87,7 @@ class _Solver:
         z_start -= z
         np.abs(z_start, out=z_start)
         if idx.size:
-            self.switch.append((offset + idx, start))
+            self.switch.append((offset + idx, entry))
         self.moved.append((offset + np.flatnonzero(z_start > table.MOVED),))
         if outside.any():
             self.outside.append((offset + np.flatnonzero(outside),))
@@ -96,15 +96,21 @@ class _Solver:
 
     def finish(self, a, u, z, cost):
         """Revisit the collected elements (flat arrays ``z`` and ``cost``, if given, updated in
-        place): those near a basin switch (``POLISH`` Newton steps from the other basin's entry),
+        place): those near a basin switch (``POLISH + MORE`` Newton steps from the least and from
+        the greatest of their entry's neighbours),
         then those whose step was long (``MORE`` Newton steps from the best point so far), then
         those outside the table (the longer descent from the best point so far, ``u`` and ``r``'s
         special points); the cheapest point seen is kept. Returns the change of the sums of the
         objective and of ``(z - u)^2``."""
         d_obj = d_pen = 0.0
         kind, lam = self.kind, self.lam
-        stages = ((self.switch, lambda zi, ai, ui, ci, start: table.newton_steps(
-                       kind, start, ai, ui, lam, table.POLISH, zi, ci)),
+        t = self.t
+
+        def polish_both_sides(zi, ai, ui, ci, entry):
+            for start in (t.lo[entry], t.hi[entry]):
+                table.newton_steps(kind, start, ai, ui, lam, table.POLISH + table.MORE, zi, ci)
+
+        stages = ((self.switch, polish_both_sides),
                   (self.moved, lambda zi, ai, ui, ci: table.newton_steps(
                        kind, zi.copy(), ai, ui, lam, table.MORE, zi, ci)),
                   (self.outside, lambda zi, ai, ui, ci: table.descend(

@@ -16,8 +16,11 @@ included (so it never does worse than either, up to z in float32). Elements outs
 descent from the best point so far, ``u`` and the kind's special points, all blocks together.
 Near the curve where two minima cost the same the nearest entry may lie in the other basin (a
 property test found a SiLU element 2.4 % above the global minimum that way), so where the neighbouring
-entries jump to another basin the farthest of them is polished too (for all blocks together, after
-the last) and the cheaper end point is kept (:func:`flagged`; ``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
+entries jump to another basin (flagged when the table is built) the least and the greatest of them
+are polished too, for all blocks together after the last, and the cheapest end point is kept
+(``smooth._Solver.finish``; ``tests/solver/test_zstep_paths.py``). The start is the nearest entry
+moved along its gradient (first order), so one Newton step suffices where the objective is not
+flat; where that step was long (``MOVED``) a few more follow, again after the last block.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to bui
 class ZTable:
     """Row ``i * nu + j`` of ``rows`` is for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``: the
     minimiser ``z`` there, its change per grid step in ``a`` and in ``u`` (central differences; zero
-    where a neighbour lies in another basin) and ``alt``, the entry of the neighbour in another basin
-    farthest from ``z`` (``z`` itself where none). Four float32 in a row: one gather per element."""
+    where a neighbour lies in another basin) and 1 where a neighbour lies in another basin, else 0.
+    Four float32 in a row: one gather per element. ``lo`` / ``hi``: the least / greatest of an entry
+    and its four neighbours, the further starts for the elements next to a basin switch."""
 
-    rows: np.ndarray  # float32, (na * nu, 4): z, dz/di, dz/dj, alt
+    rows: np.ndarray  # float32, (na * nu, 4): z, dz/di, dz/dj, switch
+    lo: np.ndarray  # float32, (na * nu,)
+    hi: np.ndarray  # float32, (na * nu,)
     a0: float
     inv_da: float
     na: int
@@ -88,28 +94,29 @@ def _build(kind, lam: float) -> ZTable:
             best_z[better], best_c[better] = zz[better], c[better]
         T[i] = best_z
     T = T.astype(np.float32)
-    switch, alt = _other_basin(T)
+    switch, lo, hi = _other_basin(T)
     rows = np.empty((_NA, _NU, 4), np.float32)
-    rows[..., 0], rows[..., 3] = T, alt
+    rows[..., 0], rows[..., 3] = T, switch
     rows[..., 1], rows[..., 2] = np.gradient(T)  # per grid step; one-sided at the edges
     rows[switch, 1:3] = 0.0
-    return ZTable(rows.reshape(-1, 4), float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+    return ZTable(rows.reshape(-1, 4), lo.reshape(-1), hi.reshape(-1), float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA,
+                  float(-U), (_NU - 1) / (2.0 * U), _NU)
 
 
-def _other_basin(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _other_basin(T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per entry of the (na, nu) table: does a neighbour (one step in ``a`` or ``u`` either way) lie
-    in another basin (its minimiser more than ``JUMP`` away, relative), and the entry of the farthest
-    such neighbour (``T`` itself where none): the one start in the other basin that is polished too."""
+    in another basin (its minimiser more than ``JUMP`` away, relative); and the least and the
+    greatest of the entry and its neighbours. Both extremes, not only the neighbour across the jump:
+    an entry on a flat stretch between two basins (built by interpolation there) may have the
+    other basin on either side."""
     P = np.pad(T, 1, mode="edge")
     switch = np.zeros(T.shape, bool)
-    alt, far = T.copy(), np.zeros(T.shape, np.float32)
+    lo, hi = T.copy(), T.copy()
     for nb in (P[:-2, 1:-1], P[2:, 1:-1], P[1:-1, :-2], P[1:-1, 2:]):
-        gap = np.abs(nb - T)
-        jump = gap > JUMP * (1.0 + np.abs(T))
-        switch |= jump
-        farther = jump & (gap > far)
-        alt[farther], far[farther] = nb[farther], gap[farther]
-    return switch, alt
+        switch |= np.abs(nb - T) > JUMP * (1.0 + np.abs(T))
+        np.minimum(lo, nb, out=lo)
+        np.maximum(hi, nb, out=hi)
+    return switch, lo, hi
 
 
 def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
@@ -117,10 +124,10 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
     (a, u) along the entry's gradient (first order: the start is then within a few 1e-4 of the
     answer where the table is smooth, and one Newton step polishes it); a mask of the elements
     outside the table (clamped to its edges); the indices of the elements whose entry lies next to
-    a basin switch, and the other basin's entry for them. Nearest, not interpolated between
+    a basin switch, and their entries' (row indices of ``rows``). Nearest, not interpolated between
     entries: across the curve where the global minimiser jumps from one basin to another an
     interpolated start would lie between the basins; the nearest entry lies in one of them (its
-    gradient is zero there), and the other basin's entry is polished too (``finish``)."""
+    gradient is zero there), and the extremes of the neighbouring entries are polished too."""
     out = P.mask(a) if P is not None else np.empty(a.shape, bool)
     far = P.mask(a) if P is not None else np.empty(a.shape, bool)
     ij = []
@@ -139,7 +146,8 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
     (fx, i), (fy, j) = ij
     i *= t.nu
     i += j
-    g = np.take(t.rows.view(np.complex128).reshape(-1), i.reshape(-1),
+    # mode="clip": the indices are in range already, and the default "raise" checks cost half the gather
+    g = np.take(t.rows.view(np.complex128).reshape(-1), i.reshape(-1), mode="clip",
                 out=(P(a, "D") if P is not None else np.empty(a.shape, np.complex128)).reshape(-1))
     g = g.view(np.float32).reshape(-1, 4)
     z = np.multiply(fx.reshape(-1), g[:, 1], out=fx.reshape(-1))
@@ -147,9 +155,9 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
     fy *= g[:, 2]
     z += fy
     z += g[:, 0]
-    near = np.not_equal(g[:, 3], g[:, 0], out=far.reshape(-1))
+    near = np.not_equal(g[:, 3], 0.0, out=far.reshape(-1))
     idx = np.flatnonzero(near)
-    return z.reshape(a.shape), out, idx, g[idx, 3]
+    return z.reshape(a.shape), out, idx, i.reshape(-1)[idx]
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
@@ -187,7 +195,8 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
         d = np.divide(g, res, out=g)
         if not safeguard:
             z -= d
-            P is not None and P.release(mark)
+            if P is not None:
+                P.release(mark)
             continue
         d *= -1.0
         if step is None:

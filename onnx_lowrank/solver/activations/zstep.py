@@ -21,7 +21,7 @@ from .base import Activation, Pool
 # solvers below make 20 to a few hundred passes.  The Python loop over blocks costs a few
 # microseconds per block and operation, which is small next to that.
 
-_BLOCK = 1 << 14  # elements per block: the scratch arrays of a block stay in L2
+_BLOCK = 1 << 15  # elements per block: the scratch arrays of a block stay in L2
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
