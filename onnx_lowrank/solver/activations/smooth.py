@@ -53,11 +53,11 @@ class SmoothKind(ActivationKind):
 class _Solver:
     """The block solver of a smooth kind: per block, the table's start, ``table.POLISH`` Newton
     steps, and the candidates ``u`` and ``z0`` (float32 arithmetic). Three small sets of elements
-    are collected and revisited once, for all blocks together (``finish``): those whose table
-    entry lies next to a basin switch (polished from the neighbouring entries' extremes as well), those whose
-    Newton step was still long (``table.MOVED``: a flat objective, where one step is not enough;
-    ``table.MORE`` steps), and those outside the table (a longer descent). ``loss_u`` sums the cost
-    of ``u``, which the caller would otherwise compute again in float64."""
+    are collected and revisited once, for all blocks together (``finish``; per block, their Python
+    overhead would cost more than their arithmetic): those whose table entry lies next to a basin
+    switch, those whose Newton step was long (``table.MOVED``: a flat objective, where one step is
+    not enough) and those outside the table. ``loss_u`` sums the cost of ``u``, which the caller
+    would otherwise compute again in float64."""
 
     def __init__(self, kind, t, lam):
         self.kind, self.t, self.lam = kind, t, lam
@@ -97,11 +97,10 @@ class _Solver:
     def finish(self, a, u, z, cost):
         """Revisit the collected elements (flat arrays ``z`` and ``cost``, if given, updated in
         place): those near a basin switch (``POLISH + MORE`` Newton steps from the least and from
-        the greatest of their entry's neighbours),
-        then those whose step was long (``MORE`` Newton steps from the best point so far), then
-        those outside the table (the longer descent from the best point so far, ``u`` and ``r``'s
-        special points); the cheapest point seen is kept. Returns the change of the sums of the
-        objective and of ``(z - u)^2``."""
+        the greatest of their entry and its neighbours), then those whose step was long (``MORE``
+        Newton steps from the best point so far), then those outside the table (the longer descent
+        from the best point so far, ``u`` and ``r``'s special points); the cheapest point seen is
+        kept. Returns the change of the sums of the objective and of ``(z - u)^2``."""
         d_obj = d_pen = 0.0
         kind, lam = self.kind, self.lam
         t = self.t
