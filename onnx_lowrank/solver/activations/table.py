@@ -56,6 +56,7 @@ class ZTable:
     u0: float
     inv_du: float
     nu: int
+    any_switch: bool  # some entry lies next to a basin switch (not so for Sigmoid at lambda >= 0.1)
 
 
 _CACHE: dict[tuple, ZTable] = {}
@@ -100,7 +101,7 @@ def _build(kind, lam: float) -> ZTable:
     rows[..., 1], rows[..., 2] = np.gradient(T)  # per grid step; one-sided at the edges
     rows[switch, 1:3] = 0.0
     return ZTable(rows.reshape(-1, 4), lo.reshape(-1), hi.reshape(-1), float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA,
-                  float(-U), (_NU - 1) / (2.0 * U), _NU)
+                  float(-U), (_NU - 1) / (2.0 * U), _NU, bool(switch.any()))
 
 
 def _other_basin(T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,9 +156,14 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
     fy *= g[:, 2]
     z += fy
     z += g[:, 0]
+    if not t.any_switch:
+        return z.reshape(a.shape), out, _NONE, _NONE
     near = np.not_equal(g[:, 3], 0.0, out=far.reshape(-1))
     idx = np.flatnonzero(near)
     return z.reshape(a.shape), out, idx, i.reshape(-1)[idx]
+
+
+_NONE = np.empty(0, np.intp)
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
