@@ -280,6 +280,13 @@ def new(P: Pool | None, like: np.ndarray) -> np.ndarray:
     return np.empty(like.shape, dtype=like.dtype) if P is None else P(like)
 
 
+def f32(x: np.ndarray, P: Pool | None = None) -> np.ndarray:
+    """``x`` as float32, in a scratch array."""
+    out = P(x, "f") if P is not None else np.empty(x.shape, np.float32)
+    np.copyto(out, x, casting="same_kind")
+    return out
+
+
 def objective_into(r, z, a, u, lam, P=None) -> np.ndarray:
     """The z-step objective ``(a - r)^2 + lam (z - u)^2``, written into ``r`` (the activation's
     values at ``z``)."""

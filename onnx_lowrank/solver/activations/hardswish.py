@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .base import ActivationKind, keep_better, new, objective_into, register
+from .base import ActivationKind, f32, keep_better, new, objective_into, register
 from .piecewise import piecewise_linear
 
 CUBIC_NEWTON = 1  # float64 Newton steps on the cubic after the float32 estimate of its root
@@ -73,7 +73,7 @@ def _largest_root(p, Q, P=None):
     """The largest root of ``t^3 + p t - Q`` (``Q >= 0``) per element, float64: a float32
     estimate, then Newton. The root is simple, and from above (where the cubic is convex and
     increasing) Newton converges monotonically; a start a little below it jumps above."""
-    p32, Q32 = _f32(p, P), _f32(Q, P)
+    p32, Q32 = f32(p, P), f32(Q, P)
     half = np.multiply(Q32, 0.5, out=new(P, Q32))
     # one real root (disc > 0): A = cbrt(Q/2 + sqrt(disc)), s = A - p / (3 A)
     disc = np.multiply(half, half, out=new(P, Q32))
@@ -120,12 +120,6 @@ def _largest_root(p, Q, P=None):
         f /= d
         s -= f
     return s
-
-
-def _f32(x, P):
-    out = P(x, "f") if P is not None else np.empty(x.shape, np.float32)
-    np.copyto(out, x, casting="same_kind")
-    return out
 
 
 def _mid_cost(z, a, u, lam, P=None):

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import erf, expit
 
 from . import table
-from .base import ActivationKind, keep_better, new, objective_into, register
+from .base import ActivationKind, f32, keep_better, new, objective_into, register
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -70,7 +70,7 @@ class _Solver:
     def __call__(self, a, u, z0, z_out, P, offset=0):
         kind, lam = self.kind, self.lam
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
-        a32, u32 = _f32(a, P), _f32(u, P)
+        a32, u32 = f32(a, P), f32(u, P)
         z, outside, idx, entry = table.lookup(self.t, a32, u32, P)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
@@ -79,7 +79,7 @@ class _Solver:
         best_c *= best_c
         self.loss_u += float(best_c.sum(dtype=np.float64))
         if z0 is not None:
-            z0_32 = _f32(z0.reshape(-1), P)
+            z0_32 = f32(z0.reshape(-1), P)
             keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)
         z_start = new(P, z)
         np.copyto(z_start, z)
@@ -133,13 +133,6 @@ class _Solver:
 
 def _pen(z, u):
     return np.sum((z - u) ** 2, dtype=np.float64)
-
-
-def _f32(x, P):
-    """``x`` as float32, in a scratch array."""
-    out = P(x, "f") if P is not None else np.empty(x.shape, np.float32)
-    np.copyto(out, x, casting="same_kind")
-    return out
 
 
 def _cost(kind, z, a, u, lam, P=None):
