@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -74,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     old = load_old(args.old)
     y, u = data(args.rows, args.cols, 0)
+    load0 = os.getloadavg()
     lines = [common.header("z step per activation: this tree vs the single-module solver of d330607"),
              f"{args.rows} x {args.cols} elements per call (pre-activations y of 64 channels with different spread "
              "and offset; u = y + noise; a = r(y)); warm start z0 = the old solver's answer for a nearby u; median "
@@ -108,6 +110,9 @@ def main() -> None:
             lines.append(f"| {name} | {lam:g} | {mo:.4f} | {mn:.4f} | {mo / mn:.1f}x | {f_old:.6g} | {f_new:.6g} | "
                          f"{100 * rel:+.4f} % |")
             print(lines[-1], flush=True)
+    load1 = os.getloadavg()
+    lines.append(f"\nLoad average (1, 5, 15 min) at the start: {load0[0]:.2f}, {load0[1]:.2f}, {load0[2]:.2f}; at the end: "
+                 f"{load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f} (2 cores).")
     lines.append(f"\nWorst objective difference (new vs old): {100 * worst:+.4f} %. The outer iterations of the "
                  f"nonlinear solver now end a stage once an iteration improves the relaxed objective by less than "
                  f"{STOP_TOL:g} (relative).")

@@ -18,11 +18,11 @@ def shapes_option(f):
 
 def max_memory_option(f):
     return click.option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, metavar="SIZE",
-                        help="Bound on the calibration samples kept in memory, all layers together (e.g. 512M, 8G): "
-                             "with more, every layer samples fewer positions per image (the report gives the rows). "
-                             "The asymmetric pass keeps its cached feature maps within what the samples leave of it (the rest "
-                             "goes to a temporary folder). The process needs this plus the model and onnxruntime's own "
-                             "memory.")(f)
+                        help="Bound on the calibration samples kept in memory, all layers together, plus the largest "
+                             "layer's solve (e.g. 512M, 8G): with more, every layer samples fewer positions per image "
+                             "(the report gives the rows). The asymmetric pass keeps its cached feature maps within what "
+                             "these leave of it (the rest goes to a temporary folder). The process needs this plus the "
+                             "model and onnxruntime's own memory.")(f)
 
 
 def image_options(f):

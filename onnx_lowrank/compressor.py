@@ -34,8 +34,8 @@ from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks
 from .report import build_report
 from .runtime import CALIBRATION, session
-from .sampling_plan import (check_enough, collect_original, positions_per_image, sample_bytes, sampling_settings,
-                            tensors, within_memory)
+from .sampling_plan import (check_enough, collect_original, memory_need, positions_per_image, sample_bytes,
+                            sampling_settings, tensors, within_memory)
 from .schemes import SCHEME_CHOICES
 from .sensitivity import measure_layer_damage
 from .solver.allocation import ALLOCATORS
@@ -100,9 +100,11 @@ class Compressor:
         counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
         total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
         wanted = positions_per_image(candidates, total, cfg)
-        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory))
+        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory), cfg.holdout_every)
         self.memory = {"max_memory_bytes": parse_size(cfg.max_memory), "rows_limited_by_memory": self.positions != wanted,
-                       "samples_bytes": sample_bytes(candidates, self.positions, total) if total else None}
+                       "samples_bytes": sample_bytes(candidates, self.positions, total) if total else None,
+                       "samples_and_solve_bytes": memory_need(candidates, self.positions, total, cfg.holdout_every)
+                       if total else None}
         self._sampled_keys = [t.key for p in candidates for t in tensors(p)]
         self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}
         if samples is not None:

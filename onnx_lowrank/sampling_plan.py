@@ -15,6 +15,7 @@ from .calibration.sampling import SampledTensor, collect, sample_key
 from .config import parse_size
 from .errors import LowRankError
 from .graph.dense import is_dense
+from .solver.layer import SOLVE_ARRAYS, solve_arrays
 
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
@@ -67,23 +68,45 @@ def sample_bytes(plan, positions: dict[int, int], images: int) -> int:
     return sum(4 * positions[p.layer_id] * images * p.layer.out_channels * len(tensors(p)) for p in plan)
 
 
-def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int) -> dict[int, int]:
-    """``positions`` scaled down together (keeping each layer's share) until the samples fit ``max_bytes``.
+def solve_bytes(rows: int, d: int, sampled: int, fitted: int, arrays: int = SOLVE_ARRAYS) -> int:
+    """Memory one layer's solve takes beyond the samples: ``arrays`` float64 arrays of its ``fitted`` rows
+    (:func:`~.solver.layer.solve_arrays` of its activation), and the float32 rows of the asymmetric pass's
+    approximated samples of two layers like it (those solved at one stop: a block's two Convs feeding one Add),
+    ``sampled`` tensors each."""
+    return 8 * arrays * fitted * d + 2 * 4 * rows * d * sampled
+
+
+def memory_need(plan, positions: dict[int, int], images: int, holdout_every: int = 5) -> int:
+    """What --max-memory bounds: the samples, plus the largest layer's solve (:func:`solve_bytes`)."""
+    fit = fit_images(images, holdout_every)
+    return sample_bytes(plan, positions, images) + max(
+        (solve_bytes(positions[p.layer_id] * images, p.layer.out_channels, len(tensors(p)),
+                     positions[p.layer_id] * fit, solve_arrays(p.layer.activation)) for p in plan), default=0)
+
+
+def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int,
+                  holdout_every: int = 5) -> dict[int, int]:
+    """``positions`` scaled down together (keeping each layer's share) until the samples and the largest
+    layer's solve (:func:`memory_need`) fit ``max_bytes``.
 
     Unknown image counts (a stream that is not counted) cannot be bounded in advance: returned as they are.
     """
-    if not images or sample_bytes(plan, positions, images) <= max_bytes:
+    def need(pos):
+        return memory_need(plan, pos, images, holdout_every)
+
+    if not images or need(positions) <= max_bytes:
         return positions
-    scale = max_bytes / sample_bytes(plan, positions, images)
+    scale = max_bytes / need(positions)
     out = {i: max(1, int(k * scale)) for i, k in positions.items()}
-    while sample_bytes(plan, out, images) > max_bytes and any(k > 1 for k in out.values()):
+    while need(out) > max_bytes and any(k > 1 for k in out.values()):
         out = {i: max(1, k - 1) for i, k in out.items()}
-    need = sample_bytes(plan, out, images)
-    if need > max_bytes:
+    if need(out) > max_bytes:
         raise LowRankError(f"--max-memory {max_bytes / 2 ** 20:.0f}M cannot hold one sampled position per image of "
-                           f"{images} images ({need / 2 ** 20:.0f}M): raise --max-memory or lower --max-images")
-    progress.log(f"note: calibration samples limited to --max-memory {max_bytes / 2 ** 20:.0f}M: positions per "
-                 f"image scaled by {scale:.2f} (the report gives the rows per layer)")
+                           f"{images} images ({need(out) / 2 ** 20:.0f}M with the largest layer's solve): raise "
+                           "--max-memory or lower --max-images")
+    progress.log(f"note: calibration samples limited to --max-memory {max_bytes / 2 ** 20:.0f}M (samples and the "
+                 f"largest layer's solve): positions per image scaled by {scale:.2f} (the report gives the rows per "
+                 "layer)")
     return out
 
 

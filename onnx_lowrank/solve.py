@@ -18,8 +18,9 @@ from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .plan import LayerPlan
-from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, split, tensors
+from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, solve_bytes, split, tensors
 from .solver.balance import balance
+from .solver.layer import solve_arrays
 
 
 def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
@@ -61,10 +62,15 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
     return solved
 
 
-def cache_budget(samples, cfg) -> int:
-    """Bytes of feature maps the asymmetric pass may cache in memory: what the samples leave of
-    --max-memory, so that the two together stay within it (the rest goes to a temporary folder)."""
-    return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()))
+def cache_budget(samples, chosen: list[LayerPlan], cfg) -> int:
+    """Bytes of feature maps the asymmetric pass may cache in memory: what the samples and the largest layer's
+    solve leave of --max-memory, so that the three together stay within it (the rest goes to a temporary folder)."""
+    solve = 0
+    for p in chosen:
+        rows = samples.rows[sample_key(p.layer.output, p.layer_id)]
+        solve = max(solve, solve_bytes(len(rows), rows.shape[1], len(tensors(p)),
+                                       fitted_rows(p, samples, cfg.holdout_every), solve_arrays(p.layer.activation)))
+    return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()) - solve)
 
 
 def _item(p: LayerPlan) -> str:
@@ -97,8 +103,9 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
     y_key = sample_key(lay.output, p.layer_id)
     s_key = sample_key(lay.shortcut, p.layer_id) if lay.shortcut else None
     fit, held = split(original, y_key, cfg.holdout_every)
-    y = original.rows[y_key].astype(np.float64)
-    s = original.rows[s_key].astype(np.float64) if s_key else None
+    # The rows as kept (float32): the solver widens only the rows it fits, once (solver/layer.py).
+    y = original.rows[y_key]
+    s = original.rows[s_key] if s_key else None
     n_fit, d = int(fit.sum()), y.shape[1]
     note = p.note
     if approximated is not None and n_fit < MIN_ROWS_PER_CHANNEL * d:
@@ -106,18 +113,18 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
                 "(more images or --samples-per-image allow asymmetric)")
         progress.log(f"warning: {lay.name}: {note}")
         approximated = None
-    yh = approximated.rows[y_key].astype(np.float64) if approximated is not None else None
-    sh = approximated.rows[s_key].astype(np.float64) if s_key and approximated is not None else None
+    yh = approximated.rows[y_key] if approximated is not None else None
+    sh = approximated.rows[s_key] if s_key and approximated is not None else None
     plain_key = sample_key(_plain(lay.output), p.layer_id)
     if approximated is None and plain is not None and plain_key in plain.rows:
-        yh, sh = plain.rows[plain_key].astype(np.float64), s  # symmetric: the core's response, original shortcut
+        yh, sh = plain.rows[plain_key], s  # symmetric: the core's response, original shortcut
     p = replace(p, asymmetric=approximated is not None)
     sol = p.scheme.solve(y, yh, p.rank, lay, fit, held, s=s, sh=sh, method=cfg.method, schedule=cfg.schedule,
                          safety_net=cfg.safety_net)
     alt = p.alternative
     if alt:
         rows = (approximated.rows[sample_key(alt.tensor, p.layer_id)] if approximated is not None
-                else plain.rows[sample_key(_plain(alt.tensor), p.layer_id)]).astype(np.float64)
+                else plain.rows[sample_key(_plain(alt.tensor), p.layer_id)])
         other = alt.scheme.solve(y, rows, alt.rank, lay, fit, held, s=s, sh=sh if approximated is not None else s,
                                  method=cfg.method, schedule=cfg.schedule, safety_net=cfg.safety_net)
         compared = (f"auto: {p.scheme.name} rank {p.rank} err {_pct(sol.rel_error)}, {alt.scheme.name} rank "
@@ -149,7 +156,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         by_stop.setdefault(stop, []).append(p)
     solved: dict[int, LayerPlan] = {}
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
-                    cfg.cache_dir, cfg.threads, cache_budget(samples, cfg)) as prop, \
+                    cfg.cache_dir, cfg.threads, cache_budget(samples, chosen, cfg)) as prop, \
             progress.bar("asymmetric solve", len(chosen), "layer") as update:
         for stop, approx in prop.run(stops):
             for i, p in enumerate(by_stop[stop]):

@@ -49,13 +49,23 @@ def test_default_does_not_bind_on_small_data():
     assert report["samples_bytes"] == _kept_bytes(comp)
 
 
+def _solve_bytes(comp) -> int:
+    """By hand: 10 float64 arrays of the widest layer's fitted rows (8 of 10 images) and two layers' float32 rows
+    of the approximated samples; conv1 (64 channels) is the widest, with no shortcut."""
+    rows = comp.samples.rows[f"{1}:{comp.layers[1].output}"]
+    assert rows.shape[1] == 64
+    return 8 * 10 * (len(rows) * 8 // 10) * 64 + 2 * 4 * len(rows) * 64
+
+
 def test_a_small_cap_scales_every_layer_down_and_holds():
-    free = _kept_bytes(_compressor())
-    cap = free // 3
+    free = _compressor()
+    need = _kept_bytes(free) + _solve_bytes(free)
+    assert free.memory["samples_and_solve_bytes"] == need
+    cap = need // 3
     comp = _compressor(max_memory=cap)
     report = comp.run().report
     assert report["rows_limited_by_memory"] is True and report["max_memory_bytes"] == cap
-    assert _kept_bytes(comp) <= cap
+    assert _kept_bytes(comp) + _solve_bytes(comp) <= cap
     assert report["samples_bytes"] == _kept_bytes(comp)
     rows = [lay["rows"] for lay in report["layers"]]
     assert all(r < full for r, full in zip(rows, [8 * 16, 8 * 36, 8 * 32]))
@@ -90,7 +100,7 @@ def test_joining_the_sampled_pieces_holds_them_about_once():
 
 
 def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkeypatch):
-    """Samples + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
+    """Samples + the largest solve + cached feature maps stay within --max-memory; what does not fit goes to disk, same output."""
     from onnx_lowrank.calibration import sampling
 
     held: list[int] = []
@@ -106,7 +116,7 @@ def test_the_asymmetric_cache_keeps_in_memory_only_what_the_samples_leave(monkey
     unbounded = free.run().model.SerializeToString()
     assert max(held) > 4096   # with the default cap the cache holds more than the tight cap below leaves
     held.clear()
-    tight = _compressor(max_memory=kept + 4096)
+    tight = _compressor(max_memory=kept + _solve_bytes(free) + 4096)
     assert _kept_bytes(tight) == kept   # the samples fit: only the cache is squeezed
     assert tight.run().model.SerializeToString() == unbounded
     assert held and max(held) <= 4096
@@ -144,3 +154,42 @@ def test_rows_kept_in_final_arrays_are_the_rows_joined_from_pieces(expected):
     kept = sum(a.nbytes for a in truth.values())
     if expected == 42:   # exactly known: the rows are never held twice (slack: one batch's gathering)
         assert peak <= kept + 4 * batches[0].nbytes < 2 * kept, (peak, kept)
+
+
+def _traced_run(model, data, cfg) -> tuple[int, int, bool]:
+    """(traced peak of the compress's run() beyond what was held before it, bytes of the samples, limited):
+    tracemalloc sees every NumPy buffer (samples, cached maps, the solver's arrays), not the tool's accounting."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        comp = Compressor(model, data, cfg)
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        report = comp.run().report
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, _kept_bytes(comp), report["rows_limited_by_memory"]
+
+
+def test_the_nonlinear_asymmetric_compress_stays_within_the_cap():
+    """Samples + everything the asymmetric nonlinear solve allocates stay within --max-memory (before, the cap
+    bounded the samples only and the solve's float64 copies came on top: 8 x the samples here), and what the
+    run holds grows no faster than the cap: the part the cap does not bound (one batch of feature maps, the
+    rewritten model) is fixed."""
+    from onnx_lowrank.config import CompressConfig
+
+    cfg = dict(method="nonlinear", speedup=None, ranks={"conv0": 24, "conv1": 32, "conv2": 24}, threads=1,
+               schedule=((2, 0.01), (2, 1.0)))
+    data = {"input": np.random.default_rng(0).standard_normal((20, 8, 12, 12)).astype(np.float32)}
+    model = conv_chain([8, 96, 128, 96], size=12, seed=2, lowrank_bias=8)
+    need = Compressor(model, data, CompressConfig(**cfg)).memory["samples_and_solve_bytes"]
+    totals = {}
+    for cap in (need, need // 2, need // 8):
+        peak, kept, limited = _traced_run(model, data, CompressConfig(**cfg, max_memory=cap))
+        assert limited is (cap < need)
+        totals[cap] = peak + kept
+        if cap >= need // 2:
+            assert peak + kept <= cap, f"{(peak + kept) / cap:.2f} x --max-memory {cap}"
+    assert totals[need // 2] - totals[need // 8] <= need // 2 - need // 8

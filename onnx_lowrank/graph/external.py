@@ -17,6 +17,7 @@ tiny model takes the same path in tests.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import mmap
 import os
 import shutil
@@ -133,6 +134,15 @@ def release_mapped_pages() -> None:
         m = getattr(ref(), "_mmap", None)
         if m is not None and not m.closed:
             m.madvise(mmap.MADV_DONTNEED)
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them after many small frees, e.g. a
+    protobuf arena's blocks); nothing where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class WeightFile:

@@ -11,8 +11,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import Activation
+from .activations import SMOOTH, Activation
 from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction
+
+
+#: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most:
+#: the target ``y + s``, ``yhat``, ``shat``, and the nonlinear solve's ``r(y + s)``, centred ``yhat``, two
+#: predictions and two z iterates, and one (rows, rank) product (tests/solver/test_solve_memory.py measures it).
+SOLVE_ARRAYS = 10
+#: ... and the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
+#: the long descent of the elements outside its table (how many are outside depends on the data; measured).
+SMOOTH_EXTRA_ARRAYS = 4
+
+
+def solve_arrays(kind: str) -> int:
+    """:data:`SOLVE_ARRAYS`, plus :data:`SMOOTH_EXTRA_ARRAYS` for an activation kind with a smooth z step."""
+    return SOLVE_ARRAYS + (SMOOTH_EXTRA_ARRAYS if kind in SMOOTH else 0)
 
 
 @dataclass
@@ -24,6 +38,11 @@ class LayerSolution:
     note: str = ""                   # why a simpler fit was kept (the safety net), if it was
 
 
+def _rows(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
+    """The ``mask`` rows of ``a`` as a new float64 array (float32 samples are widened exactly)."""
+    return None if a is None else np.asarray(a[mask], dtype=np.float64)
+
+
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
                 method: str = "nonlinear", schedule=None, safety_net: bool = True) -> LayerSolution:
@@ -33,28 +52,40 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
 
     ``y``, ``s``: the original model's pre-activation response and shortcut (targets); ``yh``, ``sh``:
     what the compressed model feeds the channel step (``None``: symmetric, the originals). ``fit`` /
-    ``held``: boolean row masks; the errors are measured on ``held``.
+    ``held``: boolean row masks; the errors are measured on ``held``. The rows may be float32 (samples as
+    kept): only the fitted rows are widened to float64, once each, and nothing full-sized is copied, so
+    the solve holds at most :func:`solve_arrays` float64 arrays of the fitted rows beyond its inputs.
     """
     asym = yh is not None
-    if not asym:
-        yh, sh = y, s
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
-    lin_target = y if s is None else y + s - sh
-    lin = linear_reconstruction(lin_target[fit], rank, yh[fit] if asym else None)
+    pre = _rows(y, fit)             # y + s on the fitted rows (the nonlinear fit's target before r)
+    if s is not None:
+        pre += _rows(s, fit)
+    xf = _rows(yh, fit) if asym else None
+    shf = _rows(sh if asym else s, fit)
+    lin_target = pre if shf is None else pre - shf
+    lin = linear_reconstruction(lin_target, rank, xf)
+    # The symmetric fit the safety net compares against needs the same target: fitted now, so that the
+    # target is freed before the nonlinear solve.
+    sym = linear_reconstruction(lin_target, rank) if asym and safety_net else None
+    del lin_target
     f, used = lin, "linear"
     if method == "nonlinear" and not act.is_identity:
-        kwargs = {} if schedule is None else {"schedule": schedule}
+        # ``pre`` already holds the shortcut: given as Y with no offset, and yhat given explicitly in the
+        # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
         f, _ = nonlinear_reconstruction(
-            y[fit], rank, act, Yhat=yh[fit] if asym else None,
-            offset=None if s is None else s[fit], offset_hat=None if sh is None else sh[fit],
-            init=lin, **kwargs)
+            pre, rank, act, Yhat=xf if asym else (pre if s is None else _rows(y, fit)), offset_hat=shf,
+            init=lin, **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
-    target = act.apply(y[held] + (0 if s is None else s[held]))
+    del pre, xf, shf
+    yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
+    target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
+    target = act.apply(target)
 
     def err(fz: Factorisation) -> float | None:
         if not held.any():
             return None
-        pred = act.apply(fz.predict(yh[held]) + (0 if sh is None else sh[held]))
+        pred = act.apply(fz.predict(yh_held) + (0 if sh_held is None else sh_held))
         den = float(np.sum(target ** 2))
         return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
 
@@ -63,8 +94,7 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     # Safety net: on held-back rows the nonlinear (or asymmetric) fit can lose to a simpler one when it
     # overfits the fitted rows (few rows per channel, e.g. MiniLM's feed-forward layers): keep the better.
     simpler = [(rel_lin, lin, "linear", "the nonlinear fit")] if used == "nonlinear" and safety_net else []
-    if asym and safety_net:
-        sym = linear_reconstruction(lin_target[fit], rank)
+    if sym is not None:
         simpler.append((err(sym), sym, "linear", "the asymmetric fit" if used == "linear" else "the nonlinear "
                         "fit on the approximated inputs"))
     note = ""

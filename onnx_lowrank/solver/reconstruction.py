@@ -327,6 +327,7 @@ def nonlinear_reconstruction(
             if tol > 0 and prev < math.inf and prev - obj <= tol * prev:
                 break  # stopped improving at this lambda
             prev = obj
+    del W, W_prev, u_new   # the last scoring's temporaries take their place
     if pending:
         loss = _sq(A - activation.apply(u))
         if loss < best_loss:

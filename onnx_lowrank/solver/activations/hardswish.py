@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 
-from .base import ActivationKind, keep_better, new, objective_into, register
+from .base import ActivationKind, f32, keep_better, new, objective_into, register
 from .piecewise import piecewise_linear
+
+CUBIC_NEWTON = 1  # float64 Newton steps on the cubic after the float32 estimate of its root
 
 
 @register
@@ -25,106 +27,103 @@ class HardSwish(ActivationKind):
 
 def _hardswish(a, u, lam, z, P=None):
     """HardSwish = 0 on z <= -3, z on z >= 3, z (z + 3) / 6 in between. The outer pieces are
-    linear (closed form); on the middle piece the stationary points solve the cubic
-    ``z^3 + 4.5 z^2 + (4.5 - 6a + 18 lam) z - 9a - 18 lam u = 0``, i.e. with ``t = z + 1.5``
-    ``t^3 + p t + q = 0``, ``p = 18 lam - 6 a - 2.25``, ``q = -18 lam (u + 1.5)`` (solved
-    exactly: Cardano in its cancellation-free form for one real root, the trigonometric form
-    for three, of which only the outer two can be minima), each root polished by a Newton
-    step."""
+    linear (closed form, their ends included). On the middle piece, with ``t = z + 1.5`` and
+    ``v = u + 1.5``, the objective is ``(t^2 / 6 - c)^2 + lam (t - v)^2`` (``c = a + 3/8``), whose
+    stationary points solve ``t^3 + p t + q = 0``, ``p = 18 lam - 6 a - 9/4``, ``q = -18 lam v``.
+    The term ``-2 lam v t`` makes the root on the side of ``v`` the global minimum of the quartic:
+    ``sign(v) s`` where ``s`` is the largest root of ``t^3 + p t - |q|`` (positive; a simple root,
+    so Newton converges fast). Where there are three real roots the other local minimum is the most
+    negative of the other two, which sum to ``-s`` and multiply to ``|q| / s``: ``sign(v) r`` with
+    ``r = -(s + sqrt(s^2 - 4 |q| / s)) / 2``. Both, clipped into the piece, are candidates (an
+    interior minimum of the piece is one of them; its ends belong to the outer pieces too).
+    ``s`` is estimated in float32 (Cardano's formula where there is one real root, the
+    trigonometric one where three: no float64 cos, which costs twenty times as much) and made exact
+    by ``CUBIC_NEWTON`` float64 Newton steps."""
     inf = math.inf
     c = piecewise_linear(a, u, lam, [(0.0, 0.0, -inf, -3.0), (1.0, 0.0, 3.0, inf)], z, P)
     p = np.multiply(a, -6.0, out=new(P, a))
     p += 18.0 * lam - 2.25
-    q = np.add(u, 1.5, out=new(P, a))
-    q *= -18.0 * lam
-    # disc = (q/2)^2 + (p/3)^3
-    disc = np.multiply(q, q, out=new(P, a))
-    disc *= 0.25
-    t = np.multiply(p, p, out=new(P, a))
-    t *= p
-    t *= 1.0 / 27.0
-    disc += t
-    one = np.greater(disc, 0.0, out=new(P, a))  # as 0.0 / 1.0
-    # one real root: A = -sign(q) cbrt(|q|/2 + sqrt(disc)), t = A - p / (3 A)
-    np.maximum(disc, 0.0, out=t)
-    np.sqrt(t, out=t)
-    A = np.abs(q, out=disc)
-    A *= 0.5
-    A += t
-    np.cbrt(A, out=A)
-    np.negative(q, out=t)
-    np.copysign(A, t, out=A)
-    np.equal(A, 0.0, out=t)
-    A += t
-    t_one = np.divide(p, A, out=t)
-    t_one *= -1.0 / 3.0
-    t_one += A
-    # three real roots: m cos(theta), m cos(theta - 4 pi / 3), theta = arccos(3q/(2p) sqrt(-3/p)) / 3
-    pn = np.minimum(p, -1e-300, out=p)
-    m = np.multiply(pn, -1.0 / 3.0, out=new(P, a))
-    np.sqrt(m, out=m)  # sqrt(-p/3)
-    arg = np.divide(q, pn, out=A)
-    arg *= 1.5
-    arg /= m
-    np.clip(arg, -1.0, 1.0, out=arg)
-    np.arccos(arg, out=arg)
-    arg *= 1.0 / 3.0
-    cos = np.cos(arg, out=arg)
-    m *= 2.0
-    sin = np.multiply(cos, cos, out=q)
-    np.subtract(1.0, sin, out=sin)
-    np.maximum(sin, 0.0, out=sin)
-    np.sqrt(sin, out=sin)
-    sin *= -0.5 * math.sqrt(3.0)
-    tmp = pn
-    np.multiply(cos, 0.5, out=tmp)
-    sin -= tmp  # cos(theta - 4 pi / 3)
-    for root in (cos, sin):
-        root *= m
-        # root <- where(one, t_one, root) - 1.5, clipped into the middle piece
-        np.subtract(t_one, root, out=tmp)
-        tmp *= one
-        root += tmp
+    v = np.add(u, 1.5, out=new(P, a))
+    Q = np.abs(v, out=new(P, a))
+    Q *= 18.0 * lam
+    s = _largest_root(p, Q, P)
+    # the other local minimum: sign(v) r, r = -(s + sqrt(max(s^2 - 4 Q / s, 0))) / 2 (where not real:
+    # -s / 2, a harmless extra candidate)
+    r = np.clip(s, 1e-300, math.inf, out=new(P, a))
+    np.divide(Q, r, out=r)
+    r *= -4.0
+    t = np.multiply(s, s, out=p)
+    r += t
+    np.clip(r, 0.0, math.inf, out=r)
+    np.sqrt(r, out=r)
+    r += s
+    r *= 0.5  # |r|
+    np.copysign(r, v, out=r)
+    np.negative(r, out=r)  # sign(v) r
+    np.copysign(s, v, out=s)  # sign(v) s
+    tmp = Q
+    for root in (s, r):
         root -= 1.5
         np.clip(root, -3.0, 3.0, out=root)
-        cr = _hardswish_polish(root, a, u, lam, tmp, P)
-        keep_better(z, c, root, cr, tmp, P)
+        keep_better(z, c, root, _mid_cost(root, a, u, lam, P), tmp, P)
     return c
 
 
-def _hardswish_mid_cost(z, a, u, lam, P=None):
+def _largest_root(p, Q, P=None):
+    """The largest root of ``t^3 + p t - Q`` (``Q >= 0``) per element, float64: a float32
+    estimate, then Newton. The root is simple, and from above (where the cubic is convex and
+    increasing) Newton converges monotonically; a start a little below it jumps above."""
+    p32, Q32 = f32(p, P), f32(Q, P)
+    half = np.multiply(Q32, 0.5, out=new(P, Q32))
+    # one real root (disc > 0): A = cbrt(Q/2 + sqrt(disc)), s = A - p / (3 A)
+    disc = np.multiply(half, half, out=new(P, Q32))
+    m3 = np.multiply(p32, p32, out=new(P, Q32))
+    m3 *= p32
+    m3 *= 1.0 / 27.0
+    disc += m3  # (Q/2)^2 + (p/3)^3
+    one = np.greater(disc, 0.0, out=P.mask(Q32) if P is not None else None)
+    np.clip(disc, 0.0, math.inf, out=disc)
+    np.sqrt(disc, out=disc)
+    A = np.add(half, disc, out=disc)
+    np.cbrt(A, out=A)
+    np.clip(A, 1e-30, math.inf, out=A)
+    sc = np.divide(p32, A, out=new(P, Q32))
+    sc *= -1.0 / 3.0
+    sc += A
+    # three real roots (disc <= 0, p < 0): s = 2 m cos(arccos(Q / (2 m^3)) / 3), m = sqrt(-p / 3)
+    m = np.multiply(p32, -1.0 / 3.0, out=m3)
+    np.clip(m, 1e-10, math.inf, out=m)
+    np.sqrt(m, out=m)
+    cos = np.divide(half, m, out=half)
+    cos /= m
+    cos /= m  # Q / (2 m^3)
+    np.clip(cos, -1.0, 1.0, out=cos)
+    np.arccos(cos, out=cos)
+    cos *= 1.0 / 3.0
+    np.cos(cos, out=cos)
+    cos *= m
+    cos *= 2.0
+    sc -= cos
+    sc *= one
+    sc += cos  # Cardano's where one real root, else the trigonometric one
+    s = new(P, p)
+    np.copyto(s, sc, casting="same_kind")
+    f, d = new(P, p), new(P, p)
+    for _ in range(CUBIC_NEWTON):
+        np.multiply(s, s, out=d)
+        np.add(d, p, out=f)
+        f *= s
+        f -= Q  # s^3 + p s - Q
+        d *= 3.0
+        d += p
+        d += 1e-300  # > 0: 3 s^2 + p > 0 at (and near) the largest root but where p = Q = 0, s = 0
+        f /= d
+        s -= f
+    return s
+
+
+def _mid_cost(z, a, u, lam, P=None):
     r = np.add(z, 3.0, out=new(P, z))
     r *= z
     r *= 1.0 / 6.0
     return objective_into(r, z, a, u, lam, P)
-
-
-def _hardswish_polish(z, a, u, lam, tmp, P=None):
-    """One Newton step on the middle-piece quartic to clean up round-off in the cubic roots,
-    kept only where it helps; updates ``z`` in place and returns its cost."""
-    r = np.add(z, 3.0, out=new(P, z))
-    r *= z
-    r *= 1.0 / 6.0
-    r -= a  # r - a
-    r1 = np.multiply(z, 1.0 / 3.0, out=new(P, z))
-    r1 += 0.5
-    g = np.multiply(r, r1, out=new(P, z))
-    np.subtract(z, u, out=tmp)
-    tmp *= lam
-    g += tmp
-    h = r1
-    h *= h
-    r *= 1.0 / 3.0
-    h += r
-    h += lam
-    safe = np.greater(h, 0.0, out=r)  # as 0.0 / 1.0
-    np.subtract(1.0, safe, out=tmp)
-    h += tmp  # h -> 1 where not safe, the step is zeroed below
-    g /= h
-    g *= safe
-    z2 = np.subtract(z, g, out=g)
-    np.clip(z2, -3.0, 3.0, out=z2)
-    c = _hardswish_mid_cost(z, a, u, lam, P)
-    c2 = _hardswish_mid_cost(z2, a, u, lam, P)
-    keep_better(z, c, z2, c2, tmp, P)
-    return c

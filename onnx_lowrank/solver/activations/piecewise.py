@@ -82,7 +82,7 @@ class ReLU(ActivationKind):
         return np.maximum(y, 0.0)
 
     def value_block(self, z, P):
-        return np.maximum(z, 0.0, out=P(z))
+        return clip_into(z, 0.0, _INF, P(z))
 
     def linear_pieces(self):
         return [(0.0, 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]

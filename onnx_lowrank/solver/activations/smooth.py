@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import erf, expit
 
 from . import table
-from .base import ActivationKind, keep_better, new, objective_into, register
+from .base import ActivationKind, f32, keep_better, new, objective_into, register
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -51,22 +51,27 @@ class SmoothKind(ActivationKind):
 
 
 class _Solver:
-    """The block solver of a smooth kind: per block, lookup, ``table.POLISH`` Newton steps, and
-    the candidates ``u`` and ``z0`` (float32 arithmetic); the elements outside the table are
-    collected and given a longer descent once, for all blocks together (``finish``). ``loss_u``
-    sums the cost of ``u``, which the caller would otherwise compute again in float64."""
+    """The block solver of a smooth kind: per block, the table's start, ``table.POLISH`` Newton
+    steps, and the candidates ``u`` and ``z0`` (float32 arithmetic). Three small sets of elements
+    are collected and revisited once, for all blocks together (``finish``; per block, their Python
+    overhead would cost more than their arithmetic): those whose table entry lies next to a basin
+    switch, those whose Newton step was long (``table.MOVED``: a flat objective, where one step is
+    not enough) and those outside the table. ``loss_u`` sums the cost of ``u``, which the caller
+    would otherwise compute again in float64."""
 
     def __init__(self, kind, t, lam):
         self.kind, self.t, self.lam = kind, t, lam
-        self.pending: list[np.ndarray] = []
+        # per block: (flat indices,) and for the first their table entries
+        self.switch: list[tuple] = []
+        self.moved: list[tuple] = []
+        self.outside: list[tuple] = []
         self.loss_u = 0.0  # sum of (a - r(u))^2 over the blocks so far (the u candidate's cost)
 
     def __call__(self, a, u, z0, z_out, P, offset=0):
         kind, lam = self.kind, self.lam
         a, u = a.reshape(-1), u.reshape(-1)  # flat: cheaper scratch arrays
-        a32, u32 = _f32(a, P), _f32(u, P)
-        z, outside, k = table.lookup(self.t, a32, u32, P)
-        idx, starts = table.other_basins(self.t, k)
+        a32, u32 = f32(a, P), f32(u, P)
+        z, outside, idx, entry = table.lookup(self.t, a32, u32, P)
         best_z = new(P, u32)
         np.copyto(best_z, u32)
         best_c = kind.fast_derivs(u32, P, value_only=True)
@@ -74,45 +79,60 @@ class _Solver:
         best_c *= best_c
         self.loss_u += float(best_c.sum(dtype=np.float64))
         if z0 is not None:
-            z0_32 = _f32(z0.reshape(-1), P)
+            z0_32 = f32(z0.reshape(-1), P)
             keep_better(best_z, best_c, z0_32, _cost(kind, z0_32, a32, u32, lam, P), new(P, z0_32), P)
+        z_start = new(P, z)
+        np.copyto(z_start, z)
         table.newton_steps(kind, z, a32, u32, lam, table.POLISH, best_z, best_c, P)
-        if idx.size:   # near a basin switch: the neighbouring entries' basins too
-            bz, bc, ai, ui = best_z[idx], best_c[idx], a32[idx], u32[idx]
-            for start in starts:
-                table.newton_steps(kind, start.copy(), ai, ui, lam, table.POLISH, bz, bc)
-            best_z[idx], best_c[idx] = bz, bc
+        z_start -= z
+        np.abs(z_start, out=z_start)
+        if idx.size:
+            self.switch.append((offset + idx, entry))
+        self.moved.append((offset + np.flatnonzero(z_start > table.MOVED),))
         if outside.any():
-            self.pending.append(offset + np.flatnonzero(outside))
+            self.outside.append((offset + np.flatnonzero(outside),))
         z_out.reshape(-1)[...] = best_z
         return best_c.reshape(z_out.shape)
 
     def finish(self, a, u, z, cost):
-        """The longer descent (from the best point so far, ``u`` and ``r``'s special points) for
-        the collected
-        elements; updates the flat arrays ``z`` and ``cost`` (if given) and returns the change
-        of the sums of the objective and of ``(z - u)^2``."""
-        if not self.pending:
-            return 0.0, 0.0
-        idx = np.concatenate(self.pending)
-        self.pending = []
-        ai, ui = a[idx].astype(np.float32), u[idx].astype(np.float32)
-        zi = z[idx].astype(np.float32)
-        ci = _cost(self.kind, zi, ai, ui, self.lam)
-        f_old, p_old = ci.sum(dtype=np.float64), np.sum((zi - ui) ** 2, dtype=np.float64)
-        starts = np.stack([zi, ui] + [np.full_like(zi, c) for c in self.kind.special])
-        table.descend(self.kind, starts, ai, ui, self.lam, zi, ci)
-        z[idx] = zi
-        if cost is not None:
-            cost[idx] = ci
-        return ci.sum(dtype=np.float64) - f_old, np.sum((zi - ui) ** 2, dtype=np.float64) - p_old
+        """Revisit the collected elements (flat arrays ``z`` and ``cost``, if given, updated in
+        place): those near a basin switch (``POLISH + MORE`` Newton steps from the least and from
+        the greatest of their entry and its neighbours), then those whose step was long (``MORE``
+        Newton steps from the best point so far), then those outside the table (the longer descent
+        from the best point so far, ``u`` and ``r``'s special points); the cheapest point seen is
+        kept. Returns the change of the sums of the objective and of ``(z - u)^2``."""
+        d_obj = d_pen = 0.0
+        kind, lam = self.kind, self.lam
+        t = self.t
+
+        def polish_both_sides(zi, ai, ui, ci, entry):
+            for start in (t.lo[entry], t.hi[entry]):
+                table.newton_steps(kind, start, ai, ui, lam, table.POLISH + table.MORE, zi, ci)
+
+        stages = ((self.switch, polish_both_sides),
+                  (self.moved, lambda zi, ai, ui, ci: table.newton_steps(
+                       kind, zi.copy(), ai, ui, lam, table.MORE, zi, ci)),
+                  (self.outside, lambda zi, ai, ui, ci: table.descend(
+                       kind, np.stack([zi, ui] + [np.full_like(zi, c) for c in kind.special]), ai, ui, lam, zi, ci)))
+        for collected, method in stages:
+            if not collected:
+                continue
+            idx, *more = (np.concatenate(x) for x in zip(*collected))
+            collected.clear()
+            ai, ui, zi = (x[idx].astype(np.float32) for x in (a, u, z))
+            c0 = _cost(kind, zi, ai, ui, lam)
+            p0, ci = _pen(zi, ui), c0.copy()
+            method(zi, ai, ui, ci, *more)
+            z[idx] = zi
+            if cost is not None:
+                cost[idx] = ci
+            d_obj += ci.sum(dtype=np.float64) - c0.sum(dtype=np.float64)
+            d_pen += _pen(zi, ui) - p0
+        return d_obj, d_pen
 
 
-def _f32(x, P):
-    """``x`` as float32, in a scratch array."""
-    out = P(x, "f") if P is not None else np.empty(x.shape, np.float32)
-    np.copyto(out, x, casting="same_kind")
-    return out
+def _pen(z, u):
+    return np.sum((z - u) ** 2, dtype=np.float64)
 
 
 def _cost(kind, z, a, u, lam, P=None):

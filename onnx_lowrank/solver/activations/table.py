@@ -16,8 +16,11 @@ included (so it never does worse than either, up to z in float32). Elements outs
 descent from the best point so far, ``u`` and the kind's special points, all blocks together.
 Near the curve where two minima cost the same the nearest entry may lie in the other basin (a
 property test found a SiLU element 2.4 % above the global minimum that way), so where the neighbouring
-entries jump to another basin they are polished too and the cheaper end point is kept
-(:func:`other_basins`; ``benchmarks/solver_speed.py``, ``tests/solver/test_activations.py``).
+entries jump to another basin (flagged when the table is built) the least and the greatest of them
+are polished too, for all blocks together after the last, and the cheapest end point is kept
+(``smooth._Solver.finish``; ``tests/solver/test_zstep_paths.py``). The start is the nearest entry
+moved along its gradient (first order), so one Newton step suffices where the objective is not
+flat; where that step was long (``MOVED``) a few more follow, again after the last block.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import numpy as np
 
 from .base import keep_better, new
 
-POLISH = 2  # Newton steps after the lookup
+POLISH = 1  # Newton steps after the lookup
+MOVED = 3e-3  # where that step moved z further than this (a flat objective) ...
+MORE = 3  # ... this many more are taken
 JUMP = 0.25  # neighbouring entries this far apart (relative) lie in different basins: both are polished
 FALLBACK_ITERS = 40  # safeguarded Newton iterations for the elements outside the table
 _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to build the table
@@ -36,16 +41,22 @@ _NA, _NU, _NZ = 384, 768, 12001  # grid of a, grid of u, fine z grid used to bui
 
 @dataclass(frozen=True)
 class ZTable:
-    """``z[i * nu + j]`` is the minimiser for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``."""
+    """Row ``i * nu + j`` of ``rows`` is for ``a = a0 + i / inv_da``, ``u = u0 + j / inv_du``: the
+    minimiser ``z`` there, its change per grid step in ``a`` and in ``u`` (central differences; zero
+    where a neighbour lies in another basin) and 1 where a neighbour lies in another basin, else 0.
+    Four float32 in a row: one gather per element. ``lo`` / ``hi``: the least / greatest of an entry
+    and its four neighbours, the further starts for the elements next to a basin switch."""
 
-    z: np.ndarray  # float32, (na * nu,)
-    switch: np.ndarray  # bool, (na * nu,): a neighbouring entry lies in another basin (see other_basins)
+    rows: np.ndarray  # float32, (na * nu, 4): z, dz/di, dz/dj, switch
+    lo: np.ndarray  # float32, (na * nu,)
+    hi: np.ndarray  # float32, (na * nu,)
     a0: float
     inv_da: float
     na: int
     u0: float
     inv_du: float
     nu: int
+    any_switch: bool  # some entry lies next to a basin switch (not so for Sigmoid at lambda >= 0.1)
 
 
 _CACHE: dict[tuple, ZTable] = {}
@@ -83,50 +94,76 @@ def _build(kind, lam: float) -> ZTable:
             better = c < best_c
             best_z[better], best_c[better] = zz[better], c[better]
         T[i] = best_z
-    z = np.ascontiguousarray(T.reshape(-1), dtype=np.float32)
-    switch = np.zeros(z.size, bool)
-    for off in _offsets(_NU):
-        switch |= np.abs(z[np.clip(np.arange(z.size) + off, 0, z.size - 1)] - z) > JUMP * (1.0 + np.abs(z))
-    return ZTable(z, switch, float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA, float(-U), (_NU - 1) / (2.0 * U), _NU)
+    T = T.astype(np.float32)
+    switch, lo, hi = _other_basin(T)
+    rows = np.empty((_NA, _NU, 4), np.float32)
+    rows[..., 0], rows[..., 3] = T, switch
+    rows[..., 1], rows[..., 2] = np.gradient(T)  # per grid step; one-sided at the edges
+    rows[switch, 1:3] = 0.0
+    return ZTable(rows.reshape(-1, 4), lo.reshape(-1), hi.reshape(-1), float(a_lo), (_NA - 1) / (a_hi - a_lo), _NA,
+                  float(-U), (_NU - 1) / (2.0 * U), _NU, bool(switch.any()))
 
 
-def _offsets(nu: int) -> tuple[int, ...]:
-    """Flat offsets of the neighbouring entries: one step in ``u`` either way, one in ``a``."""
-    return (-1, 1, -nu, nu)
+def _other_basin(T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per entry of the (na, nu) table: does a neighbour (one step in ``a`` or ``u`` either way) lie
+    in another basin (its minimiser more than ``JUMP`` away, relative); and the least and the
+    greatest of the entry and its neighbours. Both extremes, not only the neighbour across the jump:
+    an entry on a flat stretch between two basins (built by interpolation there) may have the
+    other basin on either side."""
+    P = np.pad(T, 1, mode="edge")
+    switch = np.zeros(T.shape, bool)
+    lo, hi = T.copy(), T.copy()
+    for nb in (P[:-2, 1:-1], P[2:, 1:-1], P[1:-1, :-2], P[1:-1, 2:]):
+        switch |= np.abs(nb - T) > JUMP * (1.0 + np.abs(T))
+        np.minimum(lo, nb, out=lo)
+        np.maximum(hi, nb, out=hi)
+    return switch, lo, hi
 
 
-def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None) -> tuple[np.ndarray, np.ndarray]:
-    """The table's entry nearest to (a, u) (float32 in and out), clamped to its edges, and a mask
-    of the elements outside the table. Nearest, not interpolated: across the curve where the
-    global minimiser jumps from one basin to another an interpolated start would lie between
-    the basins; the nearest entry lies in one of them, and Newton takes it from there."""
-    x = np.subtract(a, t.a0, out=new(P, a))
-    x *= t.inv_da
-    y = np.subtract(u, t.u0, out=new(P, a))
-    y *= t.inv_du
-    out = np.less(x, -0.5, out=P.mask(a) if P is not None else None)
-    out |= x > t.na - 0.5
-    out |= y < -0.5
-    out |= y > t.nu - 0.5
-    np.clip(x, 0.0, t.na - 1, out=x)
-    np.clip(y, 0.0, t.nu - 1, out=y)
-    x += 0.5
-    y += 0.5
-    k = x.astype(np.int32)
-    k *= t.nu
-    k += y.astype(np.int32)
-    return np.take(t.z, k, out=x), out, k
+def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
+    """Start points from the table (float32 in and out): per element the nearest entry, moved to
+    (a, u) along the entry's gradient (first order: the start is then within a few 1e-4 of the
+    answer where the table is smooth, and one Newton step polishes it); a mask of the elements
+    outside the table (clamped to its edges); the indices of the elements whose entry lies next to
+    a basin switch, and their entries' (row indices of ``rows``). Nearest, not interpolated between
+    entries: across the curve where the global minimiser jumps from one basin to another an
+    interpolated start would lie between the basins; the nearest entry lies in one of them (its
+    gradient is zero there), and the extremes of the neighbouring entries are polished too."""
+    out = P.mask(a) if P is not None else np.empty(a.shape, bool)
+    far = P.mask(a) if P is not None else np.empty(a.shape, bool)
+    ij = []
+    for v, scale, v0, n in ((a, t.inv_da, t.a0, t.na), (u, t.inv_du, t.u0, t.nu)):
+        x = np.multiply(v, scale, out=new(P, a))
+        x -= v0 * scale  # grid position
+        if ij:
+            out |= np.less(x, -0.5, out=far)
+        else:
+            np.less(x, -0.5, out=out)
+        out |= np.greater(x, n - 0.5, out=far)
+        np.clip(x, 0.0, n - 1, out=x)
+        i = np.rint(x, out=new(P, a))
+        x -= i  # offset from the nearest grid point
+        ij.append((x, i.astype(np.int32)))
+    (fx, i), (fy, j) = ij
+    i *= t.nu
+    i += j
+    # mode="clip": the indices are in range already, and the default "raise" checks cost half the gather
+    g = np.take(t.rows.view(np.complex128).reshape(-1), i.reshape(-1), mode="clip",
+                out=(P(a, "D") if P is not None else np.empty(a.shape, np.complex128)).reshape(-1))
+    g = g.view(np.float32).reshape(-1, 4)
+    z = np.multiply(fx.reshape(-1), g[:, 1], out=fx.reshape(-1))
+    fy = fy.reshape(-1)
+    fy *= g[:, 2]
+    z += fy
+    z += g[:, 0]
+    if not t.any_switch:
+        return z.reshape(a.shape), out, _NONE, _NONE
+    near = np.not_equal(g[:, 3], 0.0, out=far.reshape(-1))
+    idx = np.flatnonzero(near)
+    return z.reshape(a.shape), out, idx, i.reshape(-1)[idx]
 
 
-def other_basins(t: ZTable, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Elements whose nearest entry ``k`` has a neighbour (one step in ``a`` or ``u``) in another basin
-    (flagged when the table is built): near the curve where the global minimiser jumps, the nearest
-    entry may be on the wrong side, and Newton would then stay in a local minimum. Returns their indices
-    and the neighbours' entries (4, m) as further starts; usually a small fraction of the elements."""
-    idx = np.flatnonzero(np.take(t.switch, k))
-    ki = k[idx]
-    starts = [np.take(t.z, np.clip(ki + off, 0, t.z.size - 1)) for off in _offsets(t.nu)]
-    return idx, np.stack(starts)
+_NONE = np.empty(0, np.intp)
 
 
 def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=False):
@@ -136,7 +173,11 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
     not lower the objective, the next one is half of it from the best point (for long descents)."""
     step = None
     for it in range(steps + 1):
-        r, r1, r2 = kind.fast_derivs(z, P)
+        mark = P.mark() if P is not None else None
+        if it == steps:  # only the cost is needed at the last point
+            r = kind.fast_derivs(z, P, value_only=True)
+        else:
+            r, r1, r2 = kind.fast_derivs(z, P)
         res = np.subtract(r, a, out=r)
         dz = np.subtract(z, u, out=new(P, z))
         c = np.multiply(res, res, out=new(P, z))
@@ -158,10 +199,13 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
         res *= ok
         res += gn  # the Newton curvature where it is clearly positive, else Gauss-Newton
         d = np.divide(g, res, out=g)
-        d *= -1.0
         if not safeguard:
-            z += d
-        elif step is None:
+            z -= d
+            if P is not None:
+                P.release(mark)
+            continue
+        d *= -1.0
+        if step is None:
             step = d.copy()
             z += step
         else:
@@ -170,7 +214,7 @@ def newton_steps(kind, z, a, u, lam, steps, best_z, best_c, P=None, safeguard=Fa
             d *= ~worse
             step += d  # the new step where the last one helped, else half the last one
             np.add(best_z, step, out=z)
-        if safeguard and np.all(np.abs(step) <= 1e-6 * (1.0 + np.abs(best_z))):
+        if np.all(np.abs(step) <= 1e-6 * (1.0 + np.abs(best_z))):
             break  # converged (checked on the few elements a safeguarded descent runs on)
     return best_z, best_c
 
