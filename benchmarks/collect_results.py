@@ -63,15 +63,27 @@ ORDER = [
     ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
     ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
     ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
+    ("recover2_notes", "Issue 16: why EfficientNet-Lite0 got worse, and mixing augmentations (reading)"),
+    ("recover_probe", "Issue 16: recovery probe on EfficientNet-Lite0 (augmentations)"),
+    ("recover_efficientnet_2", "Issue 16: recovery on EfficientNet-Lite0, augmentations none / mixup / auto"),
+    ("recover_efficientnet_fresh", "Issue 16: recovery on EfficientNet-Lite0 from fresh crops"),
+    ("recover_efficientnet_fresh_lr", "Issue 16: recovery on EfficientNet-Lite0 from fresh crops, higher lr"),
+    ("recover_efficientnet_fresh_warm", "Issue 16: recovery on EfficientNet-Lite0 from fresh crops, longer warm-up"),
+    ("recover_demo_mix", "Issue 16: recovery on the demo with mixup / cutmix"),
+    ("recover_demo_mix_long", "Issue 16: recovery on the demo with cutmix / zoom, 40 epochs"),
+    ("recover_demo_warm", "Issue 16: recovery on the demo, longer warm-up"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
     ("memory_cap", "Issue 17: peak memory of a compress (light ResNet-50, --max-memory)"),
+    ("memory_cap_100", "Issue 17: peak memory after the solve's memory fix, 100 images"),
+    ("memory_cap_500", "Issue 17: peak memory after the solve's memory fix, 500 images (the issue's case)"),
     ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),
     ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
     ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
+    ("suite_time", "Issue 13: test suite time, the tests both trees hold"),
 ]
 
 PREAMBLE = """# Benchmark results

@@ -173,7 +173,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=2))
     md = header(f"Peak memory of a compress: light ResNet-50, {args.images} images of 224 x 224 (issue 17)")
-    md += (f"Each run: `python -m {runs[0]['cmd']}` with the --max-memory shown, in a fresh process; machine "
+    md += (f"Each run: `python {runs[0]['cmd']}` with the --max-memory shown, in a fresh process; machine "
            "shared with other jobs (2 cores): wall times are noisy, memory is not" + (" (the runs ran at the same time)"
            if args.together else "") + ". Images: PNG crops of the "
            "scikit-image photographs, read from a folder a batch at a time. Peak = the child's ru_maxrss (os.wait4); "
