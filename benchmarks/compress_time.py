@@ -156,12 +156,17 @@ def compress(case, tree: str, tag: str, timeout: float) -> dict:
     report = WORK / f"{case.name}.{tag}.report.json"
     for p in (out, report):
         p.unlink(missing_ok=True)
+    # cwd = the tree too: ``python -m`` puts the working directory ahead of PYTHONPATH
     env = dict(os.environ, PYTHONPATH=tree)
+    where = subprocess.run([sys.executable, "-c", "import onnx_lowrank; print(onnx_lowrank.__file__)"], env=env,
+                           cwd=tree, capture_output=True, text=True).stdout.strip()
+    if not where.startswith(str(Path(tree).resolve())):
+        raise SystemExit(f"{tree}: python imports onnx_lowrank from {where}")
     cmd = [sys.executable, "-m", "onnx_lowrank", "compress", *case.args(), "-o", str(out), "--report", str(report)]
-    row = {"case": case.name, "tree": tree, "tag": tag, "load": load()}
+    row = {"case": case.name, "tree": tree, "tag": tag, "load": load(), "module": where}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=timeout)
         row["rc"], err = p.returncode, p.stderr
     except subprocess.TimeoutExpired as exc:
         row["rc"], err = "timeout", (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
@@ -228,8 +233,8 @@ def write(cases, rows: list[dict], args) -> None:
             md += f"\n\nPer-layer solve seconds, {case.label}, new code (last run):\n\n"
             md += common.markdown_table(["layer", "d -> rank", "s"],
                                         [[x["name"], f"{x['d']} -> {x['rank']}", fmt(x["s"])] for x in last[-1]["layers"]])
-    common.write_result("compress_time", md)
-    (common.RESULTS / "compress_time.json").write_text(json.dumps(rows, indent=1, default=str))
+    common.write_result(args.name, md)
+    (common.RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 def profile(case, top: int = 25) -> None:
@@ -312,6 +317,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a run is stopped (counted as not finished)")
     ap.add_argument("--minilm-old-timeout", type=float, default=300, help="the old code on MiniLM: issue 17 "
                     "saw it not finish in 5 minutes")
+    ap.add_argument("--name", default="compress_time", help="result file stem in benchmarks/results")
     ap.add_argument("--profile", action="store_true", help="instead: one timed and profiled compress per case "
                     "with this tree (results/compress_time_profile_<case>.md)")
     args = ap.parse_args()
