@@ -155,6 +155,7 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         stops.setdefault(stop, []).extend(tensors(p) + ([SampledTensor(alt.tensor, p.layer_id)] if alt else []))
         by_stop.setdefault(stop, []).append(p)
     solved: dict[int, LayerPlan] = {}
+    last = max(by_stop)
     with Propagator(model, value_types, source, batch, cfg.seed, positions, limit,
                     cfg.cache_dir, cfg.threads, cache_budget(samples, chosen, cfg)) as prop, \
             progress.bar("asymmetric solve", len(chosen), "layer") as update:
@@ -163,9 +164,10 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
                 q = solved[p.layer_id] = _solve(p, samples, approx, cfg, plain)
                 update(1, _item(q))
                 f = q.factorisation
-                prop.transform(q.layer.output, lambda maps, q=q, f=f: q.scheme.propagate(f, maps),
-                               source=q.alternative.tensor if q.alternative else None,
-                               channels_last=is_dense(q.layer))
+                if stop != last:  # the last segment's maps are read by nothing after it
+                    prop.transform(q.layer.output, lambda maps, q=q, f=f: q.scheme.propagate(f, maps),
+                                   source=q.alternative.tensor if q.alternative else None,
+                                   channels_last=is_dense(q.layer))
                 # Two layers feeding one Add are each other's shortcut: the second one must see the
                 # first one's approximation, as the rewritten model will.
                 for r in by_stop[stop][i + 1:]:

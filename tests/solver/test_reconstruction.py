@@ -62,6 +62,39 @@ def _rrr_reference(Z, X, rank):
     return Factorisation(P=np.eye(Z.shape[1]), Q=M_T, b=b)
 
 
+@pytest.mark.parametrize("rank", [1, 5, 12])
+def test_partial_eigensolver_gives_the_pca_of_a_full_decomposition(rank, monkeypatch):
+    """Few of many eigenvectors come from Lanczos (large d); lowered thresholds let a small case take that
+    path: the PCA it gives spans what a full eigendecomposition gives and leaves the same residual."""
+    import onnx_lowrank.solver.reconstruction as rec
+
+    rng = np.random.default_rng(rank)
+    Y = _responses(400, 200, rng, decay=20.0)
+    full = linear_reconstruction(Y, rank)
+    monkeypatch.setattr(rec, "PARTIAL_MIN_D", 100)
+    calls = []
+    lanczos = rec._lanczos_top
+    monkeypatch.setattr(rec, "_lanczos_top", lambda G, r: calls.append(r) or lanczos(G, r))
+    part = linear_reconstruction(Y, rank)
+    assert calls == [rank]
+    np.testing.assert_allclose(part.P @ part.P.T, full.P @ full.P.T, atol=1e-9)
+    np.testing.assert_allclose(part.predict(Y), full.predict(Y), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(part.P, axis=0), 1.0, atol=1e-12)
+
+
+def test_partial_eigensolver_is_not_used_on_too_few_rows(monkeypatch):
+    """Fewer rows than twice the rank: a repeated zero eigenvalue Lanczos cannot resolve; the full
+    decomposition answers (and the PCA still reconstructs the rows exactly at their rank)."""
+    import onnx_lowrank.solver.reconstruction as rec
+
+    rng = np.random.default_rng(3)
+    Y = _responses(13, 200, rng)
+    monkeypatch.setattr(rec, "PARTIAL_MIN_D", 100)
+    monkeypatch.setattr(rec, "_lanczos_top", lambda G, r: pytest.fail("Lanczos on a rank-deficient matrix"))
+    f = linear_reconstruction(Y, 12)
+    np.testing.assert_allclose(f.predict(Y), Y, atol=1e-9)
+
+
 @pytest.mark.parametrize("rank", [1, 4])
 def test_reduced_rank_regression_is_optimal(rank):
     rng = np.random.default_rng(10 + rank)
