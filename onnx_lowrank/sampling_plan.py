@@ -76,12 +76,31 @@ def solve_bytes(rows: int, d: int, sampled: int, fitted: int, arrays: int = SOLV
     return 8 * arrays * fitted * d + 2 * 4 * rows * d * sampled
 
 
+def _layer_solve(p, k: int, images: int, fit: int) -> int:
+    return solve_bytes(k * images, p.layer.out_channels, len(tensors(p)), k * fit, solve_arrays(p.layer.activation))
+
+
 def memory_need(plan, positions: dict[int, int], images: int, holdout_every: int = 5) -> int:
     """What --max-memory bounds: the samples, plus the largest layer's solve (:func:`solve_bytes`)."""
     fit = fit_images(images, holdout_every)
     return sample_bytes(plan, positions, images) + max(
-        (solve_bytes(positions[p.layer_id] * images, p.layer.out_channels, len(tensors(p)),
-                     positions[p.layer_id] * fit, solve_arrays(p.layer.activation)) for p in plan), default=0)
+        (_layer_solve(p, positions[p.layer_id], images, fit) for p in plan), default=0)
+
+
+def _cap_wide_layers(plan, positions: dict[int, int], images: int, max_bytes: int, holdout_every: int) -> dict:
+    """Layers whose own solve would take more than half of ``max_bytes`` (a very wide layer, e.g. a
+    6,625-class classifier) are capped alone first, so that one such layer does not scale every other
+    layer's rows down with it."""
+    fit = fit_images(images, holdout_every)
+    out = dict(positions)
+    for p in plan:
+        per_position = _layer_solve(p, 1, images, fit)
+        k_max = max(1, (max_bytes // 2) // per_position) if per_position else out[p.layer_id]
+        if out[p.layer_id] > k_max:
+            progress.log(f"note: {p.layer.name}: {out[p.layer_id]} -> {k_max} positions per image, so that its "
+                         "solve fits half of --max-memory")
+            out[p.layer_id] = k_max
+    return out
 
 
 def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int,
@@ -95,6 +114,9 @@ def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes
         return memory_need(plan, pos, images, holdout_every)
 
     if not images or need(positions) <= max_bytes:
+        return positions
+    positions = _cap_wide_layers(plan, positions, images, max_bytes, holdout_every)
+    if need(positions) <= max_bytes:
         return positions
     scale = max_bytes / need(positions)
     out = {i: max(1, int(k * scale)) for i, k in positions.items()}
