@@ -62,7 +62,6 @@ ORDER = [
     ("recover_demo_long", "Issue 16: recovery on the demo, longer runs"),
     ("recover_demo_all", "Issue 16: recovery on the demo, every weight trained"),
     ("recover_ppocr_rec", "Issue 16: recovery on the PP-OCRv4 recogniser"),
-    ("recover_efficientnet", "Issue 16: recovery on EfficientNet-Lite0"),
     ("recover2_notes", "Issue 16: why EfficientNet-Lite0 got worse, and mixing augmentations (reading)"),
     ("recover_probe", "Issue 16: recovery probe on EfficientNet-Lite0 (augmentations)"),
     ("recover_efficientnet_2", "Issue 16: recovery on EfficientNet-Lite0, augmentations none / mixup / auto"),
@@ -77,7 +76,6 @@ ORDER = [
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
-    ("memory_cap", "Issue 17: peak memory of a compress (light ResNet-50, --max-memory)"),
     ("memory_cap_100", "Issue 17: peak memory after the solve's memory fix, 100 images"),
     ("memory_cap_500", "Issue 17: peak memory after the solve's memory fix, 500 images (the issue's case)"),
     ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),

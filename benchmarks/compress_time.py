@@ -202,7 +202,8 @@ def fmt(v) -> str:
 
 
 def write(cases, rows: list[dict], args) -> None:
-    md = common.header("Compress time: issue 17's targets, old code against new")
+    versus = f"against {_commit(args.old)}" if args.old else "alone"
+    md = common.header(f"Compress time ({', '.join(c.name for c in cases)}): this tree {_commit(str(common.ROOT))} {versus}")
     md += (f"Old = `{args.old}` (`git -C {args.old} log -1 --format=%h`: {_commit(args.old)}), new = this tree "
            f"({_commit(str(common.ROOT))}). Each case compressed by the CLI in a subprocess, old and new alternately, "
            f"{args.repeats} repeat(s); medians over the runs that finished. `solve` = the CLI's own `asymmetric "

@@ -183,7 +183,9 @@ def efficientnet(args) -> None:
     # Recovery data: the compression's crops, or --recover-crops fresh ones (seed 3) it never fitted.
     rec = preprocess(common.photo_crops(args.recover_crops, seed=3)) if args.recover_crops else calib
     rows = _recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
-    md = common.header("Recovery on EfficientNet-Lite0 (ImageNet)")
+    crops = f"{args.recover_crops} fresh crops" if args.recover_crops else "the calibration crops"
+    md = common.header(f"Recovery on EfficientNet-Lite0 (ImageNet): lr {args.lrs}, augment {args.augments}, {crops}, "
+                       f"warm-up {args.warmup if args.warmup else 'one epoch'}")
     md += (f"Photo crops as in benchmarks/efficientnet_lite0.py: {args.calib} calibration crops (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back), {args.eval} evaluation crops (seed 2, "
            f"never seen by compression or recovery); recovery on "
