@@ -212,7 +212,8 @@ def layers(model, input_shapes):
     some are skipped."""
     from .graph.dense import find_dense_layers
     from .graph.layers import find_conv_layers
-    from .graph.loading import infer_value_types, load_model, normalise, parse_input_shapes, with_input_shapes
+    from .graph.loading import infer_value_types, load_model, parse_input_shapes, with_input_shapes
+    from .graph.normalise import normalise
 
     from .report import format_layers
 

@@ -28,7 +28,8 @@ from .errors import LowRankError
 from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.external import release_mapped_pages, uses_external_data
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
-from .graph.loading import infer_value_types, load_model, normalise, with_input_shapes
+from .graph.loading import infer_value_types, load_model, with_input_shapes
+from .graph.normalise import normalise
 from .graph.rewrite import rewrite_convs
 from .plan import make_plan, no_candidate_message
 from .rank_choice import choose_ranks

@@ -15,7 +15,8 @@ from builders import he, model_from, run
 
 from onnx_lowrank import compress
 from onnx_lowrank.graph.layers import find_conv_layers
-from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
+from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.solver.activations import REGISTRY, Activation, ActivationKind, OpNode, z_objective, z_step
 
 

@@ -60,7 +60,8 @@ def test_conv_after_runtime_shape_is_measured_not_skipped():
     from builders import he, model_from
 
     from onnx_lowrank.graph.layers import find_conv_layers
-    from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+    from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
+    from onnx_lowrank.graph.normalise import normalise
 
     rng = np.random.default_rng(0)
     inits = {"w0": he(rng, (16, 4, 3, 3), 36), "w1": he(rng, (24, 16, 3, 3), 144)}

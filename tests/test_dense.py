@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from builders import model_from, run
 from onnx_lowrank import compress
 from onnx_lowrank.graph.dense import DenseLayer, find_dense_layers
-from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
+from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import rewrite_convs
 from onnx_lowrank.schemes.dense import DenseScheme
 from onnx_lowrank.solver.reconstruction import Factorisation

@@ -19,7 +19,8 @@ from onnx import numpy_helper
 from builders import conv_chain
 from onnx_lowrank import runtime
 from onnx_lowrank.graph import external
-from onnx_lowrank.graph.loading import load_model, normalise
+from onnx_lowrank.graph.loading import load_model
+from onnx_lowrank.graph.normalise import normalise
 
 SMALL = {"ONNX_LOWRANK_LARGE_MODEL_BYTES": "1000"}
 COMMON = ["--speedup", "1.5", "--objective", "flops", "--samples-per-image", "8", "--no-measure", "--threads", "1"]

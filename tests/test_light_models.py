@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import light_models  # noqa: E402
 from onnx_lowrank import compress  # noqa: E402
 from onnx_lowrank.graph.layers import find_conv_layers, node_flops  # noqa: E402
-from onnx_lowrank.graph.loading import infer_value_types, normalise  # noqa: E402
+from onnx_lowrank.graph.loading import infer_value_types  # noqa: E402
+from onnx_lowrank.graph.normalise import normalise  # noqa: E402
 
 # These tests check FLOP counts of the rewritten graphs: FLOP objective (the latency one is in test_latency.py).
 FAST = dict(max_images=5, samples_per_image=6, schedule=((2, 0.01), (2, 1.0)), threads=2, objective="flops")

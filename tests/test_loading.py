@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_lowrank
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.graph.layers import find_conv_layers, node_flops
-from onnx_lowrank.graph.loading import (infer_value_types, load_model, normalise, parse_input_shapes, real_inputs,
-                                        with_input_shapes)
+from onnx_lowrank.graph.loading import infer_value_types, load_model, parse_input_shapes, real_inputs, with_input_shapes
+from onnx_lowrank.graph.normalise import normalise
 
 from builders import conv_chain, run
 

@@ -18,7 +18,8 @@ import onnx_lowrank
 from onnx_lowrank import progress
 from onnx_lowrank.cli import main
 from onnx_lowrank.graph.layers import find_conv_layers
-from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
+from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.solver.activations import Activation
 
 

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from onnx_lowrank.graph.layers import find_conv_layers
-from onnx_lowrank.graph.loading import infer_value_types, normalise, with_input_shapes
+from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
+from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.rewrite import ConvStage, first_stage_attrs, pointwise_attrs, rewrite_convs
 from onnx_lowrank.plan import LayerPlan
 from onnx_lowrank.schemes import CHANNEL

@@ -8,7 +8,8 @@ from onnx_lowrank import CompressConfig, Compressor
 from onnx_lowrank.calibration.damage import measure_damage
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.graph.layers import find_conv_layers
-from onnx_lowrank.graph.loading import infer_value_types, normalise
+from onnx_lowrank.graph.loading import infer_value_types
+from onnx_lowrank.graph.normalise import normalise
 from onnx_lowrank.graph.probe import PROBE_B, PROBE_W, probe_model
 from onnx_lowrank.graph.rewrite import rewrite_convs
 from onnx_lowrank.schemes import SCHEMES
