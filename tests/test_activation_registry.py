@@ -17,16 +17,14 @@ from onnx_lowrank import compress
 from onnx_lowrank.graph.layers import find_conv_layers
 from onnx_lowrank.graph.loading import infer_value_types, with_input_shapes
 from onnx_lowrank.graph.normalise import normalise
-from onnx_lowrank.solver.activations import REGISTRY, Activation, ActivationKind, OpNode, z_objective, z_step
+from onnx_lowrank.solver.activations import (REGISTRY, Activation, ActivationKind, OpNode, register, z_objective,
+                                             z_step)
 
 
 class SoftShrink(ActivationKind):
     """The worked example: ONNX ``Shrink`` with ``bias == lambd`` (PyTorch's Softshrink): ``y - l``
     above ``l``, ``y + l`` below ``-l``, 0 in between. Other Shrink nodes (a jump at +-lambd) are
     declined: ``from_op`` returns None and the layer's conv output is fitted instead."""
-
-    name = "softshrink"
-    op_types = ("Shrink",)
 
     @classmethod
     def normalise(cls, params):
@@ -49,11 +47,17 @@ class SoftShrink(ActivationKind):
         return [(1.0, lam, -np.inf, -lam), (0.0, 0.0, -lam, lam), (1.0, -lam, lam, np.inf)]
 
 
+def _register_softshrink():
+    """In a kind's module this is the class's decorator; here it is applied in the tests that ask
+    for the kind, so that the others see the registry as it ships."""
+    register("softshrink", op_types=("Shrink",))(SoftShrink)
+
+
 @pytest.fixture
 def thresholded():
-    REGISTRY[SoftShrink.name] = SoftShrink
+    _register_softshrink()
     yield Activation("softshrink", {"lambd": 0.5})
-    del REGISTRY[SoftShrink.name]
+    del REGISTRY["softshrink"]
 
 
 def test_new_kind_z_step_matches_grid_search(thresholded):
@@ -100,12 +104,12 @@ def test_new_kind_is_found_in_a_graph_and_compressed(thresholded, tmp_path):
 @pytest.mark.parametrize("registered, bias", [(False, 0.5), (True, 0.0)])
 def test_unregistered_or_declined_op_is_not_used(registered, bias):
     if registered:
-        REGISTRY[SoftShrink.name] = SoftShrink
+        _register_softshrink()
     try:
         norm = normalise(_conv_shrink(bias))
         (layer,) = find_conv_layers(norm, infer_value_types(with_input_shapes(norm, {"input": [1, 8, 10, 10]})))
     finally:
-        REGISTRY.pop(SoftShrink.name, None)
+        REGISTRY.pop("softshrink", None)
     assert (layer.activation, layer.target) == ("identity", "y")  # the conv output is fitted, not the Shrink
 
 
@@ -124,3 +128,19 @@ def test_recognition_data_is_consistent(name):
         assert params is not None
         act = Activation(name, params)
         assert act.is_identity == bool(np.allclose(act.apply(y), y))
+
+
+def test_register_sets_the_data_and_refuses_typos_and_twice():
+    try:
+        register("softshrink", op_types=("Shrink",))(SoftShrink)
+        assert (SoftShrink.name, SoftShrink.op_types, SoftShrink.written_out) == ("softshrink", ("Shrink",), ())
+        assert REGISTRY["softshrink"] is SoftShrink
+        with pytest.raises(ValueError, match="registered twice"):
+            register("softshrink")(SoftShrink)
+    finally:
+        REGISTRY.pop("softshrink", None)
+    with pytest.raises(TypeError, match="op_type"):
+        register("softshrink", op_type=("Shrink",))(SoftShrink)
+    with pytest.raises(TypeError, match="table_a"):  # a smooth kind's datum on a piecewise-linear class
+        register("softshrink", table_a=(0.0, 1.0))(SoftShrink)
+    assert "softshrink" not in REGISTRY

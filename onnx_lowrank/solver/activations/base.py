@@ -5,11 +5,12 @@ parameters, its value (and derivatives where smooth), its z step (method.md sect
 graph spells it -- the ONNX op types that are this activation (``op_types``, with ``from_op``
 reading the parameters off an ``OpNode``) and the parameter sets a written-out elementwise region
 is compared against (``written_out``). The graph code uses that data; this package never imports
-onnx. Adding an activation is one subclass decorated with ``@register``.
+onnx. Adding an activation is one subclass decorated with ``@register(name, ...its data)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -19,12 +20,25 @@ import numpy as np
 REGISTRY: dict[str, type["ActivationKind"]] = {}
 
 
-def register(cls: type["ActivationKind"]) -> type["ActivationKind"]:
-    """Class decorator: make ``cls`` known under ``cls.name``."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"activation kind {cls.name!r} registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
+def register(name: str, **data: Any) -> Callable[[type["ActivationKind"]], type["ActivationKind"]]:
+    """Class decorator: make the class known under ``name``, with its declarative data (``op_types``,
+    ``written_out``, ``defaults``; a smooth kind's ``table_a``, ``special``) set as class attributes,
+    so that a class body holds behaviour only. Names the class does not declare are refused (typos)."""
+
+    def add(cls: type["ActivationKind"]) -> type["ActivationKind"]:
+        if name in REGISTRY:
+            raise ValueError(f"activation kind {name!r} registered twice")
+        declared = {k for c in cls.__mro__ for k in inspect.get_annotations(c)}
+        unknown = sorted(set(data) - declared)
+        if unknown:
+            raise TypeError(f"{cls.__name__} declares no {unknown}")
+        cls.name = name
+        for k, v in data.items():
+            setattr(cls, k, v)
+        REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
 RUNTIME = object()  # an OpNode input computed at run time (not a constant)
@@ -50,8 +64,8 @@ class OpNode:
 class ActivationKind:
     """One nonlinearity, bound to its (normalised) parameters.
 
-    Subclasses set ``name`` and implement ``value``; the z step comes from ``linear_pieces`` by
-    default (exact per piece) or from ``block_solver``.
+    Subclasses implement ``value``, and get ``name`` and their data from ``register``; the z step
+    comes from ``linear_pieces`` by default (exact per piece) or from ``block_solver``.
     """
 
     name: ClassVar[str]

@@ -12,12 +12,8 @@ from .piecewise import piecewise_linear
 CUBIC_NEWTON = 1  # float64 Newton steps on the cubic after the float32 estimate of its root
 
 
-@register
+@register("hardswish", op_types=("HardSwish",), written_out=({},))
 class HardSwish(ActivationKind):
-    name = "hardswish"
-    op_types = ("HardSwish",)
-    written_out = ({},)
-
     def value(self, y):
         return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
 

@@ -58,10 +58,8 @@ def piecewise_linear(a, u, lam, pieces, z, P=None):
     return c
 
 
-@register
+@register("identity")
 class Identity(ActivationKind):
-    name = "identity"
-
     def is_identity(self) -> bool:
         return True
 
@@ -72,12 +70,8 @@ class Identity(ActivationKind):
         return [(1.0, 0.0, -_INF, _INF)]
 
 
-@register
+@register("relu", op_types=("Relu",), written_out=({},))
 class ReLU(ActivationKind):
-    name = "relu"
-    op_types = ("Relu",)
-    written_out = ({},)
-
     def value(self, y):
         return np.maximum(y, 0.0)
 
@@ -88,12 +82,9 @@ class ReLU(ActivationKind):
         return [(0.0, 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]
 
 
-@register
+@register("clip", op_types=("Clip",))
 class Clip(ActivationKind):
     """``min(max(y, min), max)``; either bound may be None (ReLU6 is min 0, max 6)."""
-
-    name = "clip"
-    op_types = ("Clip",)
 
     @classmethod
     def normalise(cls, params):
@@ -150,12 +141,8 @@ def _scalar(v: np.ndarray | None) -> float | None:
     return None if v is None else float(v.reshape(-1)[0])
 
 
-@register
+@register("leaky_relu", op_types=("LeakyRelu",), defaults={"alpha": 0.01})
 class LeakyReLU(ActivationKind):
-    name = "leaky_relu"
-    op_types = ("LeakyRelu",)
-    defaults = {"alpha": 0.01}
-
     @property
     def slope(self):
         return self.params["alpha"]
@@ -170,12 +157,9 @@ class LeakyReLU(ActivationKind):
         return [(self.slope, 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)]
 
 
-@register
+@register("prelu", op_types=("PRelu",))
 class PReLU(LeakyReLU):
     """LeakyReLU with a learnt slope, a scalar or one per channel (the last axis)."""
-
-    name = "prelu"
-    op_types = ("PRelu",)
 
     @classmethod
     def normalise(cls, params):
@@ -198,13 +182,9 @@ class PReLU(LeakyReLU):
         return self.params["slope"]
 
 
-@register
+@register("hardsigmoid", op_types=("HardSigmoid",), defaults={"alpha": 0.2, "beta": 0.5})
 class HardSigmoid(ActivationKind):
     """``clip(alpha y + beta, 0, 1)`` (ONNX defaults alpha 0.2, beta 0.5)."""
-
-    name = "hardsigmoid"
-    op_types = ("HardSigmoid",)
-    defaults = {"alpha": 0.2, "beta": 0.5}
 
     def value(self, y):
         return np.clip(self.params["alpha"] * y + self.params["beta"], 0.0, 1.0)

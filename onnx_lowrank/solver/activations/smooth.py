@@ -25,8 +25,9 @@ _GELU_TANH_C = 0.044715
 
 
 class SmoothKind(ActivationKind):
-    """A smooth activation. ``table_a``: the range of values ``a`` the z-step table covers (the
-    range of ``r``, or up to where ``r`` is linear); ``table_u``: it covers ``|u| <= table_u``."""
+    """A smooth activation; its data, given to ``register``: ``table_a``, the range of values ``a``
+    the z-step table covers (the range of ``r``, or up to where ``r`` is linear); ``table_u``: it
+    covers ``|u| <= table_u``; ``special``."""
 
     table_a: tuple[float, float]
     table_u: float = 12.0
@@ -139,14 +140,9 @@ def _cost(kind, z, a, u, lam, P=None):
     return objective_into(kind.fast_derivs(z, P, value_only=True), z, a, u, lam, P)
 
 
-@register
+@register("silu", written_out=({},), table_a=(-0.2785, 10.0), special=(-1.2785, -2.3994, 2.3994))
 class SiLU(SmoothKind):
     """``y sigmoid(y)`` (Swish): non-monotone, a minimum of about -0.278 at y = -1.28."""
-
-    name = "silu"
-    written_out = ({},)
-    table_a = (-0.2785, 10.0)
-    special = (-1.2785, -2.3994, 2.3994)
 
     def value(self, y):
         return y * expit(y)
@@ -172,15 +168,10 @@ class SiLU(SmoothKind):
         return r, r1, s1
 
 
-@register
+@register("gelu", op_types=("Gelu",), written_out=({"approximate": "none"}, {"approximate": "tanh"}),
+          table_a=(-0.1701, 10.0), special=(-0.7518, -1.4142, 1.4142))
 class GELU(SmoothKind):
     """``y Phi(y)`` (``approximate='none'``) or its tanh approximation (``'tanh'``)."""
-
-    name = "gelu"
-    op_types = ("Gelu",)
-    written_out = ({"approximate": "none"}, {"approximate": "tanh"})
-    table_a = (-0.1701, 10.0)
-    special = (-0.7518, -1.4142, 1.4142)
 
     @classmethod
     def normalise(cls, params):
@@ -224,14 +215,8 @@ class GELU(SmoothKind):
         return (_d_gelu_tanh if self._tanh else _d_gelu_erf)(z, P, value_only)
 
 
-@register
+@register("sigmoid", op_types=("Sigmoid",), written_out=({},), table_a=(0.0, 1.0), special=(0.0,))
 class Sigmoid(SmoothKind):
-    name = "sigmoid"
-    op_types = ("Sigmoid",)
-    written_out = ({},)
-    table_a = (0.0, 1.0)
-    special = (0.0,)
-
     def value(self, y):
         return expit(y)
 
@@ -252,14 +237,8 @@ class Sigmoid(SmoothKind):
         return s, r1, r2
 
 
-@register
+@register("tanh", op_types=("Tanh",), written_out=({},), table_a=(-1.0, 1.0), special=(0.0,))
 class Tanh(SmoothKind):
-    name = "tanh"
-    op_types = ("Tanh",)
-    written_out = ({},)
-    table_a = (-1.0, 1.0)
-    special = (0.0,)
-
     def value(self, y):
         return np.tanh(y)
 
