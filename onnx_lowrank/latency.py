@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .runtime import time_models
+from .runtime.timing import MIN_SECONDS
 
 __all__ = ["time_layer", "measure_model", "compare_models", "timed_ranks"]
 
@@ -66,6 +67,9 @@ def measure_model(model: onnx.ModelProto, feed: dict, threads: int | None, secon
 
 def compare_models(original: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict, threads: int | None,
                    seconds: float = 3.0) -> float:
-    """Speed-up of ``candidate`` over ``original``: median of per-round ratios, rounds interleaved for at
-    least ``seconds`` and until that median is stable (runtime.timing; as ``bench``), at most ``10 * seconds``."""
-    return time_models([original, candidate], feed, threads, min_seconds=seconds, seconds=10 * seconds).speedup(1).median
+    """Speed-up of ``candidate`` over ``original``: median of per-round ratios, rounds interleaved until that
+    median is stable (runtime.timing; as ``bench``: at least its ``MIN_ROUNDS`` and ``MIN_SECONDS``), at most
+    ``10 * seconds``. The stability test, not a fixed duration, says when the ratio is known: a fast model is
+    known after the floor (a 3 s floor made every check of a 1 ms model take 3 s), a slow one runs longer."""
+    return time_models([original, candidate], feed, threads, min_seconds=min(MIN_SECONDS, seconds),
+                       seconds=10 * seconds).speedup(1).median
