@@ -30,6 +30,12 @@ from .cli_options import image_options, preprocess
 @click.option("--augment", default="none", show_default=True, metavar="none|auto|NAMES",
               help="Image inputs: flip, crop, zoom, noise, mixup, cutmix (auto: crop and noise for image inputs, "
                    "none otherwise). None by default: on the measured models they cost more than they gave.")
+@click.option("--loss", type=click.Choice(["nmse", "kl"]), default="nmse", show_default=True,
+              help="What training and early stopping minimise: nmse (squared error of the outputs over their energy, "
+                   "any output) or kl (T^2 KL divergence of the softmax at --temperature over the last axis, for "
+                   "class logits).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Softmax temperature T of --loss kl.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch / onnxruntime threads.")
 @click.option("--max-images", type=int, default=None, help="Use at most this many calibration samples.")
@@ -39,7 +45,7 @@ from .cli_options import image_options, preprocess
 @click.option("-q", "--quiet", is_flag=True, help="No progress or table.")
 @image_options
 def recover_cmd(original, factorised, calib, output, epochs, patience, outputs, lr, batch_size, seed, train, augment,
-                threads, max_images, time_limit, report_path, quiet, **image):
+                loss, temperature, threads, max_images, time_limit, report_path, quiet, **image):
     """Win back accuracy the factorisation cost: distil FACTORISED towards ORIGINAL on the calibration data.
 
     The original model is the teacher, the factorised model the student; only the weights change,
@@ -55,7 +61,7 @@ def recover_cmd(original, factorised, calib, output, epochs, patience, outputs, 
     progress.set_enabled(not quiet)
     kw = {"lr": lr} if lr is not None else {}
     cfg = RecoverConfig(epochs=epochs, patience=patience, batch_size=batch_size, seed=seed, train=train,
-                        augment=augment, threads=threads, max_images=max_images, time_limit=time_limit,
+                        augment=augment, loss=loss, temperature=temperature, threads=threads, max_images=max_images, time_limit=time_limit,
                         outputs=[o.strip() for o in outputs.split(",") if o.strip()] if outputs else None, **kw)
     result = recover(original, factorised, calib, output, cfg, report=report_path, preprocess=preprocess(**image))
     if not quiet:

@@ -257,3 +257,137 @@ def test_warmup_scales_the_first_steps(files):
 
     default, slow = moved(), moved(warmup=10 ** 6)
     assert default > 1e-4 and slow < default * 1e-3
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _kl(student, teacher, T):
+    """Hinton's loss in NumPy: T^2 times the mean over rows of KL(softmax(t / T) || softmax(s / T))."""
+    p, q = _softmax(teacher.astype(np.float64) / T), _softmax(student.astype(np.float64) / T)
+    return T * T * float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+
+
+def test_kl_loss_is_hintons_value_by_hand():
+    """Teacher logits (0, 0), student (ln 3, 0): at T = 1, p = (1/2, 1/2), q = (3/4, 1/4), so
+    KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3); at T = 2, q = (r, 1) / (1 + r) with r = sqrt 3, and the
+    loss is 4 (1/2 ln((1 + r) / (2 r)) + 1/2 ln((1 + r) / 2)) = 2 ln((1 + r)^2 / (4 r)). A second row with
+    equal logits adds 0, so the mean over the two rows is half; two outputs are averaged."""
+    torch = pytest.importorskip("torch")
+    from onnx_lowrank.recover.losses import resolve
+
+    s = torch.tensor([[np.log(3.0), 0.0], [1.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    r = np.sqrt(3.0)
+    assert float(resolve("kl", 1.0)([s], [t])) == pytest.approx(0.5 * 0.5 * np.log(4 / 3), rel=1e-12)
+    assert float(resolve("kl", 2.0)([s], [t])) == pytest.approx(0.5 * 2 * np.log((1 + r) ** 2 / (4 * r)), rel=1e-12)
+    assert float(resolve("kl", 1.0)([s, s], [t, s])) == pytest.approx(0.5 * 0.25 * np.log(4 / 3), rel=1e-12)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 3, 7)) * 3, rng.standard_normal((5, 3, 7)) * 3   # a sequence: rows are (image, position)
+    assert float(resolve("kl", 4.0)([torch.from_numpy(a)], [torch.from_numpy(b)])) == pytest.approx(_kl(a, b, 4.0),
+                                                                                                      rel=1e-12)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_kl_gradient_is_T_times_the_softmax_difference(T):
+    """d(T^2 KL)/ds = T (softmax(s / T) - softmax(t / T)) / rows (Hinton et al.), checked by autograd and by
+    central differences; zero where the student equals the teacher."""
+    torch = pytest.importorskip("torch")
+    from onnx_lowrank.recover.losses import resolve
+
+    rng = np.random.default_rng(1)
+    s0, t0 = rng.standard_normal((4, 5)) * 2, rng.standard_normal((4, 5)) * 2
+    s = torch.tensor(s0, requires_grad=True)
+    loss = resolve("kl", T)
+    loss([s], [torch.from_numpy(t0)]).backward()
+    want = T * (_softmax(s0 / T) - _softmax(t0 / T)) / 4
+    np.testing.assert_allclose(s.grad.numpy(), want, atol=1e-12)
+    h, fd = 1e-6, np.zeros_like(s0)
+    for idx in np.ndindex(s0.shape):
+        up, down = s0.copy(), s0.copy()
+        up[idx] += h
+        down[idx] -= h
+        fd[idx] = (_kl(up, t0, T) - _kl(down, t0, T)) / (2 * h)
+    np.testing.assert_allclose(fd, want, atol=1e-8)
+    same = torch.tensor(t0, requires_grad=True)
+    value = loss([same], [torch.from_numpy(t0)])
+    value.backward()
+    assert abs(value.item()) < 1e-12 and float(same.grad.abs().max()) < 1e-12
+
+
+def test_set_losses_equal_the_loss_on_the_whole_set():
+    """The held-back check sums over batches before the ratio: with batches of 3 over 7 rows it gives what
+    one batch of all 7 gives, for NMSE and for KL."""
+    pytest.importorskip("torch")
+    from onnx_lowrank.recover.losses import resolve
+    from onnx_lowrank.recover.train import set_losses
+
+    rng = np.random.default_rng(2)
+    x, t = rng.standard_normal((7, 6)).astype(np.float32), rng.standard_normal((7, 6)).astype(np.float32)
+    student = lambda feed: [feed["x"] * 2]  # noqa: E731
+    got = set_losses(student, {"x": x}, [t], 3, [resolve("kl", 2.0), resolve("nmse", 1.0)])
+    assert got[0] == pytest.approx(_kl(2 * x, t, 2.0), rel=1e-6)
+    assert got[1] == pytest.approx(_nmse(2.0 * x.astype(np.float64), t.astype(np.float64)), rel=1e-6)
+
+
+def test_kl_refuses_an_output_without_classes():
+    pytest.importorskip("torch")
+    from onnx_lowrank.errors import LowRankError
+    from onnx_lowrank.recover.losses import resolve
+
+    resolve("kl", 1.0).check("logits", (8, 10))
+    for shape in [(8,), (8, 1)]:
+        with pytest.raises(LowRankError, match="--loss nmse"):
+            resolve("kl", 1.0).check("y", shape)
+
+
+def test_loss_choices_are_the_registry():
+    """The config checks names without importing torch; they must be the registry's."""
+    pytest.importorskip("torch")
+    from onnx_lowrank.recover.losses import REGISTRY
+    from onnx_lowrank.recover.run import LOSS_CHOICES
+
+    assert tuple(REGISTRY) == LOSS_CHOICES
+
+
+def test_cli_kl_loss_reported_and_judged_by_itself(files, recovered):
+    """--loss kl --temperature 2 from the command line: the report's held-back loss before and after is the
+    KL at T = 2 recomputed from onnxruntime outputs, the held-back NMSE beside it too; the same seed gives
+    the same bytes; and it trains a different model than the default loss."""
+    pytest.importorskip("torch")
+    import json
+
+    out = [files["tmp"] / f"kl{i}.onnx" for i in range(2)]
+    rep = files["tmp"] / "kl.json"
+    common = [files["original"], files["factorised"], "--calib", files["calib"], "--epochs", 3, "--augment", "none",
+              "--seed", 1, "--loss", "kl", "--temperature", 2]
+    r0 = _cli("recover", *common, "-o", out[0], "--report", rep)
+    assert r0.exit_code == 0, r0.output
+    assert "T^2 KL of softmax at T = 2" in r0.output and "held-back NMSE" in r0.output
+    r1 = _cli("recover", *common, "-o", out[1], "-q")
+    assert r1.exit_code == 0, r1.output
+    assert out[0].read_bytes() == out[1].read_bytes()
+    assert out[0].read_bytes() != recovered[0].read_bytes()
+    report = json.loads(rep.read_text())
+    assert report["loss"] == "kl" and report["temperature"] == 2
+    x = np.load(files["calib"])["input"]
+    held = {"input": x[np.arange(len(x)) % 5 == 4]}
+    teacher = run(onnx.load(files["original"]), held)[0]
+    for model, key in [(files["factorised"], "before"), (out[0], "after")]:
+        student = run(onnx.load(model), held)[0]
+        assert report[f"held_back_loss_{key}"] == pytest.approx(_kl(student, teacher, 2.0), rel=1e-3)
+        assert report[f"held_back_nmse_{key}"] == pytest.approx(_nmse(student, teacher), rel=1e-3)
+    assert report["held_back_loss_after"] < report["held_back_loss_before"]
+
+
+def test_cli_refuses_an_unknown_loss(files, tmp_path):
+    r = _cli("recover", files["original"], files["factorised"], "--calib", files["calib"], "-o", tmp_path / "o.onnx",
+             "--loss", "ce")
+    assert r.exit_code == 2 and "ce" in r.output
+    from onnx_lowrank.errors import LowRankError
+    from onnx_lowrank.recover import RecoverConfig
+
+    with pytest.raises(LowRankError, match="--temperature"):
+        RecoverConfig(loss="kl", temperature=0).check()

@@ -22,6 +22,7 @@ from ..graph.loading import load_model, model_writer, real_inputs
 
 INSTALL_HINT = 'pip install "onnx-lowrank[recover]"'
 TRAIN_CHOICES = ("factorised", "all")
+LOSS_CHOICES = ("nmse", "kl")          # losses.REGISTRY's names, kept here so checking a config imports no torch
 
 
 @dataclass
@@ -43,6 +44,8 @@ class RecoverConfig:
     max_images: int | None = None
     time_limit: float | None = None    # seconds of training; the best epoch so far is kept
     warmup: int | None = None          # steps of linear lr warm-up (None: one epoch)
+    loss: str = "nmse"                 # nmse (any output) or kl (class logits, softened at temperature)
+    temperature: float = 1.0           # kl only: softmax temperature T (loss T^2 KL)
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -53,6 +56,10 @@ class RecoverConfig:
             raise LowRankError("--batch-size and --threads must be 1 or more")
         if self.train not in TRAIN_CHOICES:
             raise LowRankError(f"--train takes {' or '.join(TRAIN_CHOICES)}, not {self.train!r}")
+        if self.loss not in LOSS_CHOICES:
+            raise LowRankError(f"--loss takes {' or '.join(LOSS_CHOICES)}, not {self.loss!r}")
+        if not self.temperature > 0:
+            raise LowRankError(f"--temperature must be positive, not {self.temperature}")
 
 
 @dataclass
@@ -104,7 +111,7 @@ def recover(original, factorised, data, output: str | Path | None = None, config
 def recover_models(teacher_model: onnx.ModelProto, student_model: onnx.ModelProto, source, cfg: RecoverConfig
                    ) -> RecoveryResult:
     """The work of :func:`recover` on loaded models and an open :class:`FeedSource`."""
-    from . import augment
+    from . import augment, losses
     from .student import Student
     from .teacher import Teacher, choose_outputs, load_all, split
     from .train import deterministic, fit
@@ -126,7 +133,7 @@ def recover_models(teacher_model: onnx.ModelProto, student_model: onnx.ModelProt
         if conversion > 1e-3:
             raise LowRankError(f"onnx2torch converts this model inexactly (relative difference {conversion:.2g} "
                                "against onnxruntime): recovery would train a different model")
-        record = fit(student, teacher, fit_data, held, cfg, augmentations)
+        record = fit(student, teacher, fit_data, held, cfg, augmentations, losses.resolve(cfg.loss, cfg.temperature))
         written = student.written()
         writeback = _agreement(student, written, outputs, probe)
     if writeback > 1e-3:
@@ -134,7 +141,8 @@ def recover_models(teacher_model: onnx.ModelProto, student_model: onnx.ModelProt
                            f"{writeback:.2g}): please report this model")
     trained = sum(int(np.prod(b.tensor.shape)) for b in student.bindings.values())
     report = {**record, "seconds": time.perf_counter() - t0, "lr": cfg.lr, "batch_size": cfg.batch_size,
-              "seed": cfg.seed, "threads": cfg.threads, "train": cfg.train, "trained_tensors": len(student.bindings),
+              "seed": cfg.seed, "loss": cfg.loss,
+              **({"temperature": cfg.temperature} if cfg.loss == "kl" else {}), "threads": cfg.threads, "train": cfg.train, "trained_tensors": len(student.bindings),
               "trained_parameters": trained, "augmentations": augmentations, "outputs": outputs,
               "fit_images": len(next(iter(fit_data.values()))), "held_back_images": len(next(iter(held.values()))),
               "conversion_difference": conversion, "writeback_difference": writeback}
@@ -178,18 +186,28 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
+def _loss_name(rep: dict) -> str:
+    return "output NMSE" if rep["loss"] == "nmse" else f"T^2 KL of softmax at T = {rep['temperature']:g}"
+
+
 def format_recovery(rep: dict) -> str:
-    """The report's recovery as a table: loss per epoch on fit and held-back images, the epoch kept."""
-    lines = ["epoch  fit loss    held-back loss", "-----  ----------  --------------"]
+    """The report's recovery as a table: loss per epoch on fit and held-back images (and the held-back
+    NMSE when another loss trains), the epoch kept."""
+    both = rep["loss"] != "nmse"
+    lines = ["epoch  fit loss    held-back loss" + ("  held-back NMSE" if both else ""),
+             "-----  ----------  --------------" + ("  --------------" if both else "")]
     for e in rep["epochs"]:
         fit = "-" if e["fit_loss"] is None else f"{e['fit_loss']:.5g}"
         mark = "  <- kept" if e["epoch"] == rep["epoch_kept"] else ""
-        lines.append(f"{e['epoch']:>5}  {fit:>10}  {e['held_back_loss']:>14.5g}{mark}")
+        nmse = f"  {e['held_back_nmse']:>14.5g}" if both else ""
+        lines.append(f"{e['epoch']:>5}  {fit:>10}  {e['held_back_loss']:>14.5g}{nmse}{mark}")
     aug = ", ".join(rep["augmentations"]) or "none"
     lines.append(f"recovered {rep['trained_tensors']} weight tensors ({rep['train']}, {rep['trained_parameters']} values) "
                  f"on {rep['fit_images']} images, early stop on {rep['held_back_images']} held back; augmentations: "
                  f"{aug}; lr {rep['lr']:g}, {rep['seconds']:.1f} s")
-    lines.append(f"held-back loss (output NMSE against the original): {rep['held_back_loss_before']:.5g} -> "
+    lines.append(f"held-back loss ({_loss_name(rep)} against the original): {rep['held_back_loss_before']:.5g} -> "
                  f"{rep['held_back_loss_after']:.5g} (epoch {rep['epoch_kept']} kept); fit loss before training "
                  f"{rep['fit_loss_before']:.5g} (the images the compression was fitted to)")
+    if both:
+        lines.append(f"held-back output NMSE: {rep['held_back_nmse_before']:.5g} -> {rep['held_back_nmse_after']:.5g}")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The distillation loop: Adam on the student's trainable weights, loss = normalised squared error of
-its outputs against the teacher's, early stop on the held-back images, the best epoch kept.
+"""The distillation loop: Adam on the student's trainable weights, loss (losses.REGISTRY: NMSE by default)
+of its outputs against the teacher's, early stop on the held-back images by the same loss, the best epoch kept.
 
 Runs under fixed torch threads and deterministic algorithms, so one seed gives one set of bytes.
 """
@@ -14,18 +14,13 @@ import torch
 
 from .. import progress
 from . import augment
+from .losses import NMSE, Loss
 from .student import Student
 
 
 #: Fit loss below this share of the held-back loss before training: the solver has fitted the fit
 #: images themselves (EfficientNet-Lite0, benchmarks/results/section_recover2.md: 0.037 against 0.139).
 OVERFIT_GAP = 0.5
-
-
-def nmse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over outputs of sum((s - t)^2) / sum(t^2): each output counts alike whatever its scale."""
-    terms = [((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12) for s, t in zip(student, teacher)]
-    return torch.stack(terms).mean()
 
 
 @contextmanager
@@ -46,17 +41,23 @@ def _tensors(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
 
 
-def held_back_loss(student: Student, held: dict, targets: list[np.ndarray], batch: int) -> float:
-    """NMSE over a whole set of images, the held-back ones or (before training) the fit ones: sums over
-    batches first, then the ratio."""
-    n = len(next(iter(held.values())))
-    err = np.zeros(len(targets))
+def set_losses(student: Student, data: dict, targets: list[np.ndarray], batch: int, losses: list[Loss]
+               ) -> list[float]:
+    """Each loss over a whole set of images, the held-back ones or (before training) the fit ones, in
+    float64: numerators and denominators summed over batches first, then the ratio."""
+    n = len(next(iter(data.values())))
+    num = np.zeros((len(losses), len(targets)))
+    den = np.zeros((len(losses), len(targets)))
     with torch.no_grad():
         for i in range(0, n, batch):
-            out = student(_tensors({k: v[i:i + batch] for k, v in held.items()}))
+            out = student(_tensors({k: v[i:i + batch] for k, v in data.items()}))
             for j, (s, t) in enumerate(zip(out, targets)):
-                err[j] += float(((s.double() - torch.from_numpy(t[i:i + batch]).double()) ** 2).sum())
-    return float(np.mean([e / max(float((t.astype(np.float64) ** 2).sum()), 1e-12) for e, t in zip(err, targets)]))
+                t = torch.from_numpy(t[i:i + batch]).double()
+                for k, loss in enumerate(losses):
+                    a, b = loss.parts(s.double(), t)
+                    num[k, j] += float(a)
+                    den[k, j] += float(b)
+    return [float(np.mean(num[k] / np.maximum(den[k], 1e-12))) for k in range(len(losses))]
 
 
 def _groups(student: Student, lr: float) -> list[dict]:
@@ -68,20 +69,31 @@ def _groups(student: Student, lr: float) -> list[dict]:
     return [{"params": [p], "lr": lr * max(r, floor)} for p, r in zip(student.parameters(), rms)]
 
 
-def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentations: list[str]) -> dict:
-    """Train; leave the student at its best epoch; return the per-epoch record."""
+def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentations: list[str], loss_fn: Loss) -> dict:
+    """Train on ``loss_fn``; leave the student at its best epoch by it; return the per-epoch record (with
+    the held-back NMSE beside, so runs with different losses compare)."""
     rng = np.random.default_rng(cfg.seed)
     held_targets = teacher(held)
     plain_targets = teacher(fit_data)
+    for name, t in zip(student.outputs, held_targets):
+        loss_fn.check(name, t.shape)
+    judged = [loss_fn] + ([NMSE()] if loss_fn.name != NMSE.name else [])
+
+    def held_back() -> tuple[float, float]:
+        values = set_losses(student, held, held_targets, cfg.batch_size, judged)
+        return values[0], values[-1]
+
     n = len(next(iter(fit_data.values())))
     opt = torch.optim.Adam(_groups(student, cfg.lr), lr=cfg.lr)
     steps_per_epoch = -(-n // cfg.batch_size)
     # Warm up over the first epoch: Adam's first steps move every weight by about lr at once.
     warm = cfg.warmup or steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-    best = held_back_loss(student, held, held_targets, cfg.batch_size)
-    fit_before = held_back_loss(student, fit_data, plain_targets, cfg.batch_size)
-    epochs = [{"epoch": 0, "fit_loss": fit_before, "held_back_loss": best, "seconds": 0.0}]
+    best, nmse_before = held_back()
+    fit_before = set_losses(student, fit_data, plain_targets, cfg.batch_size, [loss_fn])[0]
+    epochs = [{"epoch": 0, "fit_loss": fit_before, "held_back_loss": best, "held_back_nmse": nmse_before,
+               "seconds": 0.0}]
+    best_nmse = nmse_before
     progress.log(f"recovery: before training, fit loss {fit_before:.5g}, held-back loss {best:.5g}")
     if fit_before < OVERFIT_GAP * best:
         progress.log("recovery: the factorised model fits these images far better than the held-back ones (the "
@@ -101,7 +113,7 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
                     targets = teacher(feed)
                 else:
                     targets = [t[idx] for t in plain_targets]
-                loss = nmse(student(_tensors(feed)), [torch.from_numpy(t) for t in targets])
+                loss = loss_fn(student(_tensors(feed)), [torch.from_numpy(t) for t in targets])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -111,14 +123,14 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
                 update(len(idx))
                 if cfg.time_limit and time.perf_counter() - t0 > cfg.time_limit:
                     break   # a partial epoch still gets its held-back check below
-        held_loss = held_back_loss(student, held, held_targets, cfg.batch_size)
+        held_loss, held_nmse = held_back()
         better = held_loss < best
         epochs.append({"epoch": epoch, "fit_loss": total / count, "held_back_loss": held_loss,
-                       "seconds": time.perf_counter() - t0, "images": count})
+                       "held_back_nmse": held_nmse, "seconds": time.perf_counter() - t0, "images": count})
         progress.log(f"recovery: epoch {epoch}/{cfg.epochs}, fit loss {total / count:.5g}, held-back loss "
                      f"{held_loss:.5g}" + (" (best so far)" if better else ""))
         if better:
-            best, best_state, kept, stale = held_loss, student.state(), epoch, 0
+            best, best_nmse, best_state, kept, stale = held_loss, held_nmse, student.state(), epoch, 0
         else:
             stale += 1
             if stale >= cfg.patience and epoch < cfg.epochs:
@@ -130,4 +142,4 @@ def fit(student: Student, teacher, fit_data: dict, held: dict, cfg, augmentation
     student.load(best_state)
     return {"epochs": epochs, "epoch_kept": kept, "fit_loss_before": fit_before,
             "held_back_loss_before": epochs[0]["held_back_loss"],
-            "held_back_loss_after": best}
+            "held_back_loss_after": best, "held_back_nmse_before": nmse_before, "held_back_nmse_after": best_nmse}
