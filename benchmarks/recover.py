@@ -83,6 +83,8 @@ def demo(args) -> None:
         LEAD + ["accuracy %", "drop (points)", "agreement", "NMSE", "time s"],
         [[*_lead(r), f"{100 * r['accuracy']:.2f}",
           f"{r['drop']:.2f}", f"{r['agreement']:.4f}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"] for r in rows])
+    if len(str(args.seed).split(",")) > 1:
+        md += "\n\nOver the seeds, per setting:\n\n" + _summary(rows)
     common.write_result(f"recover_demo{args.tag}", md)
     (common.RESULTS / f"recover_demo{args.tag}.json").write_text(json.dumps({"baseline": {k: v for k, v in base.items()
                                                                              if not isinstance(v, list)},
@@ -91,13 +93,30 @@ def demo(args) -> None:
 
 #: The first columns of every recovery table: the setting and what early stopping saw (in the loss
 #: trained, and as output NMSE, which compares across losses).
-LEAD = ["loss", "lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after",
+LEAD = ["loss", "seed", "lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after",
         "held-back NMSE after"]
 
 
 def _lead(r: dict) -> list:
-    return [r["loss"], r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
+    return [r["loss"], r["seed"], r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
             f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['held_back_nmse_after']:.4f}"]
+
+
+def _summary(rows: list[dict]) -> str:
+    """Mean and range over seeds of each setting's accuracy drop, agreement and held-back NMSE."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["loss"], r["lr"], r["augment"], r["train"]), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        drop = [r["drop"] for r in rs]
+        out.append([*key, len(rs), f"{np.mean(drop):.2f}", f"{min(drop):.2f} .. {max(drop):.2f}",
+                    f"{np.mean([r['agreement'] for r in rs]):.4f}",
+                    f"{np.mean([r['held_back_nmse_after'] for r in rs]):.4f}",
+                    sum(r["epoch_kept"] > 0 for r in rs), f"{np.mean([r['seconds'] for r in rs]):.0f}"])
+    return common.markdown_table(["loss", "lr", "augment", "train", "seeds", "mean drop (points)", "drop range",
+                                  "mean agreement", "mean held-back NMSE after", "runs that kept an epoch > 0",
+                                  "mean time s"], out)
 
 
 def _loss(spec: str) -> dict:
@@ -119,13 +138,13 @@ def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dic
     rows = []
     for aug in args.augments.split(";"):
         for lr in [float(v) for v in args.lrs.split(",")]:
-            for spec in args.losses.split(","):
-                cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=args.seed, patience=args.patience,
+            for spec, seed in [(sp, int(sd)) for sp in args.losses.split(",") for sd in str(args.seed).split(",")]:
+                cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=seed, patience=args.patience,
                                     train=args.train, time_limit=args.time_limit, batch_size=args.batch_size,
                                     warmup=args.warmup, **_loss(spec))
                 res, secs = run_recovery(original, factorised, calib, cfg)
                 rep = res.report
-                rows.append({"loss": spec, "lr": lr, "augment": aug, "train": args.train,
+                rows.append({"loss": spec, "seed": seed, "lr": lr, "augment": aug, "train": args.train,
                              "epoch_kept": rep["epoch_kept"], "epochs_run": len(rep["epochs"]) - 1,
                              "held_back_before": rep["held_back_loss_before"],
                              "held_back_after": rep["held_back_loss_after"],
@@ -255,7 +274,7 @@ def main() -> None:
     d.add_argument("--augments", default="auto")
     d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--patience", type=int, default=3)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", default="0", help="comma-separated seeds; with several, a summary over them")
     d.add_argument("--tag", default="")
     r = sub.add_parser("ppocr_rec")
     r.add_argument("--speedup", type=float, default=3.0)
