@@ -71,6 +71,11 @@ ORDER = [
     ("recover_demo_mix", "Issue 16: recovery on the demo with mixup / cutmix"),
     ("recover_demo_mix_long", "Issue 16: recovery on the demo with cutmix / zoom, 40 epochs"),
     ("recover_demo_warm", "Issue 16: recovery on the demo, longer warm-up"),
+    ("recover_kl_notes", "Issue 16: a KL distillation loss instead of output NMSE (reading)"),
+    ("recover_demo_kl", "Issue 16: recovery on the demo, NMSE vs KL at T 1 / 2 / 4"),
+    ("recover_demo_kl_seeds", "Issue 16: recovery on the demo, NMSE vs KL over five seeds"),
+    ("recover_demo_kl_all", "Issue 16: recovery on the demo, NMSE vs KL over five seeds, every weight trained"),
+    ("recover_kl_spread", "Issue 16: where the KL loss sits on the demo's images"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
