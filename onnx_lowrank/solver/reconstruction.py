@@ -49,10 +49,13 @@ class Factorisation:
 
     def apply_channels(self, Y: np.ndarray) -> np.ndarray:
         """(n, d, positions) -> same: :meth:`predict` over the channel axis of whole feature maps
-        (two thin products, 2 d r per position rather than d^2), in float64."""
-        p64, qt64 = np.asarray(self.P, dtype=np.float64), np.asarray(self.Q, dtype=np.float64).T
-        return np.matmul(p64, np.matmul(qt64, np.asarray(Y, dtype=np.float64))) + \
-            np.asarray(self.b, dtype=np.float64)[:, None]
+        (two thin products, 2 d r per position rather than d^2), in float32 for float32 maps (as the
+        written model computes them, and half the time of float64 with no widened copy), else float64."""
+        dt = np.float32 if Y.dtype == np.float32 else np.float64
+        p, qt, b = (np.asarray(a, dtype=dt) for a in (self.P, self.Q.T, self.b))
+        out = np.matmul(p, np.matmul(qt, np.asarray(Y, dtype=dt)))
+        out += b[:, None]
+        return out
 
 
 def _as_2d(name: str, X: np.ndarray) -> np.ndarray:
@@ -113,15 +116,55 @@ def _lanczos_top(G: np.ndarray, r: int) -> np.ndarray | None:
     return np.ascontiguousarray(vecs[:, np.argsort(-vals, kind="stable")])
 
 
-def response_spectrum(Y: np.ndarray) -> np.ndarray:
+#: Extra directions of the sketch in :func:`response_spectrum` beyond the responses' rank bound.
+SKETCH_EXTRA = 10
+
+
+def response_spectrum(Y: np.ndarray, rows: np.ndarray | None = None, bound: int | None = None) -> np.ndarray:
     """Eigenvalues (descending, clipped at >= 0) of the covariance ``Yc^T Yc / n`` of the centred
-    responses, the energies of section 5's rank selection. With PCA at rank r the mean squared
-    residual per sample equals the sum of the discarded eigenvalues."""
-    Y = _as_2d("Y", Y)
-    Yc = Y - Y.mean(axis=0)
-    C = (Yc.T @ Yc) / Y.shape[0]
-    w = np.linalg.eigvalsh(0.5 * (C + C.T))[::-1]
+    responses ``Y[rows]`` (all if None), the energies of section 5's rank selection. With PCA at rank r the
+    mean squared residual per sample equals the sum of the discarded eigenvalues.
+
+    ``bound``: the responses' rank at most (a layer's inputs per output position, c k_h k_w: ``y = W x + beta``).
+    Well below d (a 6,625-class classifier of 120 inputs) the nonzero eigenvalues come from a sketch of that
+    many directions and the rest are 0: two thin products instead of the d x d covariance and its eigvalsh
+    (23 s there), exact but for the float32 rounding of the samples outside the layer's span."""
+    d = Y.shape[1]
+    n = Y.shape[0] if rows is None else int(np.count_nonzero(rows))
+    if bound is not None and (bound + SKETCH_EXTRA) * 4 <= d and bound + SKETCH_EXTRA < n:
+        return _sketched_spectrum(Y, rows, bound + SKETCH_EXTRA)
+    _, G, n = centred_gram(Y, rows)
+    w = np.linalg.eigvalsh(G / n)[::-1]
     return np.clip(w, 0.0, None)
+
+
+def _sketched_spectrum(Y: np.ndarray, rows: np.ndarray | None, m: int) -> np.ndarray:
+    """:func:`response_spectrum` of responses of rank < m: ``Q`` spans the range of ``Yc Omega`` (a fixed
+    Gaussian ``Omega``, d x m), which holds that of ``Yc``, so ``Yc^T Yc`` and ``(Q^T Yc)(Q^T Yc)^T`` share their
+    nonzero eigenvalues."""
+    d = Y.shape[1]
+    omega = np.random.default_rng(0).standard_normal((d, m))
+    blocks, n = _row_blocks(Y, rows)
+    mean = sum(b.sum(axis=0) for b in blocks()) / n
+    Q, _ = np.linalg.qr(np.concatenate([(b - mean) @ omega for b in blocks()]))
+    T, i = np.zeros((m, d)), 0
+    for b in blocks():
+        T += Q[i:i + len(b)].T @ (b - mean)
+        i += len(b)
+    w = np.clip(np.linalg.eigvalsh(T @ T.T)[::-1] / n, 0.0, None)
+    return np.concatenate([w, np.zeros(d - m)])
+
+
+def _row_blocks(Y: np.ndarray, rows: np.ndarray | None):
+    """A generator of the float64 blocks of rows ``Y[rows]`` (see :func:`gram_block_rows`), and their count."""
+    idx = None if rows is None else np.flatnonzero(rows)
+    n, d = Y.shape[0] if idx is None else len(idx), Y.shape[1]
+    step = gram_block_rows(n, d)
+
+    def blocks():
+        for i in range(0, n, step):
+            yield np.asarray(Y[i:i + step] if idx is None else Y[idx[i:i + step]], dtype=np.float64)
+    return blocks, n
 
 
 #: Rows per block of :func:`centred_gram`: about this many float64 elements (32 MB), and at most an eighth of
@@ -142,22 +185,15 @@ def centred_gram(Y: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndar
     symmetric bit for bit."""
     from scipy.linalg.blas import dsyrk
 
-    idx = None if rows is None else np.flatnonzero(rows)
-    n, d = Y.shape[0] if idx is None else len(idx), Y.shape[1]
-    step = gram_block_rows(n, d)
-
-    def block(i: int) -> np.ndarray:
-        return np.asarray(Y[i:i + step] if idx is None else Y[idx[i:i + step]], dtype=np.float64)
-
-    total = np.zeros(d)
-    for i in range(0, n, step):
-        total += block(i).sum(axis=0)
-    mean = total / n
+    blocks, n = _row_blocks(Y, rows)
+    d = Y.shape[1]
+    mean = sum(b.sum(axis=0) for b in blocks()) / n
     G = np.zeros((d, d), order="F")
-    for i in range(0, n, step):
-        c = block(i) - mean
+    for b in blocks():
+        c = b - mean   # a new block: ``b`` may be a view of the caller's rows
         # c^T c: ``c.T`` is the Fortran-ordered (d, m) view BLAS wants; the upper triangle accumulates in place
         G = dsyrk(1.0, c.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
+    step = gram_block_rows(n, d)
     for j in range(0, d, step):   # mirror the upper triangle, a block of columns at a time
         blk = G[j:j + step, j:j + step]
         blk[...] = np.triu(blk) + np.triu(blk, 1).T
