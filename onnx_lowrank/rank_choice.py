@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from . import progress
 from .calibration.sampling import sample_key
 from .plan import LayerPlan
@@ -25,7 +23,7 @@ def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, cos
         key = sample_key(p.layer.output, p.layer_id)
         fit, _ = split(samples, key, cfg.holdout_every)
         free[i] = replace(p, rows=int(fit.sum()))
-        spectra.append(response_spectrum(samples.rows[key], fit, rank_bound(p.layer)))
+        spectra.append(response_spectrum(samples.rows[key], fit, p.layer.response_rank))
         if p.layer.name in cfg.ranks:
             r = cfg.ranks[p.layer.name]
             if r % cfg.rank_multiple:
@@ -52,14 +50,6 @@ def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, cos
             chosen[p.layer_id] = replace(p, rank=int(r), status="factorised", reason="", spectrum=spec,
                                          energy_kept=energy(spec, r))
     return [chosen.get(p.layer_id, p) for p in plan]
-
-
-def rank_bound(layer) -> int | None:
-    """The rank of a layer's responses at most: its inputs per output position (``y = W x + beta``, x of
-    c k_h k_w values), None where the weights are not known."""
-    if layer.weight is None:
-        return None
-    return layer.in_channels * int(np.prod(layer.kernel))
 
 
 def _kept_reason(p: LayerPlan, cfg, costs) -> str:

@@ -87,8 +87,12 @@ def _rows(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
 
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
-                method: str = "nonlinear", schedule=None, safety_net: bool = True) -> LayerSolution:
+                method: str = "nonlinear", schedule=None, safety_net: bool = True,
+                bound: int | None = None) -> LayerSolution:
     """Fit ``act(P Q^T yhat + b + shat) ~ act(y + s)`` on the ``fit`` rows.
+
+    ``bound``: the rank of the original responses ``y`` at most (the layer's inputs per position), which lets a
+    symmetric linear fit of a much wider layer skip its d x d Gram (:func:`~.reconstruction.pca_rows`).
 
     ``safety_net``: keep the linear (or the symmetric linear) fit where it is better on the ``held`` rows.
 
@@ -101,7 +105,7 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     asym = yh is not None
     if symmetric_linear(act.is_identity, asym, method):
         # the target is y (the shortcut is on both sides): its PCA from the rows as kept
-        f = pca_rows(y, fit, rank)
+        f = pca_rows(y, fit, rank, bound)
         return _scored(f, f, "linear", None, y, y, act, held, s, s, safety_net)
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
     pre = _rows(y, fit)             # y + s on the fitted rows (the nonlinear fit's target before r)

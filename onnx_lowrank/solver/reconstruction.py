@@ -129,30 +129,35 @@ def response_spectrum(Y: np.ndarray, rows: np.ndarray | None = None, bound: int 
     Well below d (a 6,625-class classifier of 120 inputs) the nonzero eigenvalues come from a sketch of that
     many directions and the rest are 0: two thin products instead of the d x d covariance and its eigvalsh
     (23 s there), exact but for the float32 rounding of the samples outside the layer's span."""
-    d = Y.shape[1]
-    n = Y.shape[0] if rows is None else int(np.count_nonzero(rows))
-    if bound is not None and (bound + SKETCH_EXTRA) * 4 <= d and bound + SKETCH_EXTRA < n:
-        return _sketched_spectrum(Y, rows, bound + SKETCH_EXTRA)
+    if _sketchable(Y, rows, bound):
+        _, T, n = _sketch(Y, rows, bound + SKETCH_EXTRA)
+        w = np.clip(np.linalg.eigvalsh(T @ T.T)[::-1] / n, 0.0, None)
+        return np.concatenate([w, np.zeros(Y.shape[1] - len(w))])
     _, G, n = centred_gram(Y, rows)
     w = np.linalg.eigvalsh(G / n)[::-1]
     return np.clip(w, 0.0, None)
 
 
-def _sketched_spectrum(Y: np.ndarray, rows: np.ndarray | None, m: int) -> np.ndarray:
-    """:func:`response_spectrum` of responses of rank < m: ``Q`` spans the range of ``Yc Omega`` (a fixed
-    Gaussian ``Omega``, d x m), which holds that of ``Yc``, so ``Yc^T Yc`` and ``(Q^T Yc)(Q^T Yc)^T`` share their
-    nonzero eigenvalues."""
-    d = Y.shape[1]
-    omega = np.random.default_rng(0).standard_normal((d, m))
+def _sketchable(Y: np.ndarray, rows: np.ndarray | None, bound: int | None) -> bool:
+    """Whether responses of rank <= ``bound`` are far narrower than their d channels (and rows)."""
+    n = Y.shape[0] if rows is None else int(np.count_nonzero(rows))
+    return bound is not None and (bound + SKETCH_EXTRA) * 4 <= Y.shape[1] and bound + SKETCH_EXTRA < n
+
+
+def _sketch(Y: np.ndarray, rows: np.ndarray | None, m: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Column means, ``T = Q^T Yc`` (m, d) and the row count, for centred rows ``Yc`` of rank < m: ``Q`` spans
+    the range of ``Yc Omega`` (a fixed Gaussian ``Omega``, d x m), which then holds that of ``Yc``, so
+    ``Yc = Q T``: ``Yc^T Yc = T^T T`` (the same nonzero eigenvalues as ``T T^T``, the eigenvectors are T's
+    right singular vectors). Two thin products over float64 blocks of rows."""
+    omega = np.random.default_rng(0).standard_normal((Y.shape[1], m))
     blocks, n = _row_blocks(Y, rows)
     mean = sum(b.sum(axis=0) for b in blocks()) / n
     Q, _ = np.linalg.qr(np.concatenate([(b - mean) @ omega for b in blocks()]))
-    T, i = np.zeros((m, d)), 0
+    T, i = np.zeros((m, Y.shape[1])), 0
     for b in blocks():
         T += Q[i:i + len(b)].T @ (b - mean)
         i += len(b)
-    w = np.clip(np.linalg.eigvalsh(T @ T.T)[::-1] / n, 0.0, None)
-    return np.concatenate([w, np.zeros(d - m)])
+    return mean, T, n
 
 
 def _row_blocks(Y: np.ndarray, rows: np.ndarray | None):
@@ -201,22 +206,28 @@ def centred_gram(Y: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndar
     return mean, G, n
 
 
-def _pca(Y: np.ndarray, r: int, rows: np.ndarray | None = None) -> Factorisation:
-    """PCA of the rows ``Y[rows]`` (all if None; float32 rows are widened a block at a time)."""
-    ybar, G, n = centred_gram(Y, rows)
-    U = _top_eigvecs(G, r, rows=n - 1, exact=True)
-    del G
+def _pca(Y: np.ndarray, r: int, rows: np.ndarray | None = None, bound: int | None = None) -> Factorisation:
+    """PCA of the rows ``Y[rows]`` (all if None; float32 rows are widened a block at a time); ``bound``: the
+    rows' rank at most (see :func:`response_spectrum`), which lets a wide layer skip its d x d Gram."""
+    if _sketchable(Y, rows, bound) and r <= bound:
+        ybar, T, _ = _sketch(Y, rows, bound + SKETCH_EXTRA)
+        U = np.ascontiguousarray(np.linalg.svd(T, full_matrices=False)[2][:r].T)
+    else:
+        ybar, G, n = centred_gram(Y, rows)
+        U = _top_eigvecs(G, r, rows=n - 1, exact=True)
+        del G
     b = ybar - U @ (U.T @ ybar)
     return Factorisation(P=U, Q=U.copy(), b=b)
 
 
-def pca_rows(Y: np.ndarray, rows: np.ndarray, rank: int) -> Factorisation:
+def pca_rows(Y: np.ndarray, rows: np.ndarray, rank: int, bound: int | None = None) -> Factorisation:
     """Section 2's PCA of the ``rows`` (boolean mask) of ``Y`` as kept, float32 or float64, without a float64
     copy of them: a symmetric linear fit holds one (d, d) Gram, not arrays of its rows (a 6,625-wide classifier
-    on 9,600 rows: 350 MB instead of 2 GB)."""
+    on 9,600 rows: 350 MB instead of 2 GB); with a rank ``bound`` far below d (that classifier has 120 inputs)
+    not even the Gram (its syrk alone was 4e11 flops)."""
     if Y.ndim != 2 or not Y.shape[1]:
         raise ValueError(f"Y must be 2-D (n samples, d channels), got shape {Y.shape}")
-    return _pca(Y, _check_rank(rank, Y.shape[1]), rows)
+    return _pca(Y, _check_rank(rank, Y.shape[1]), rows, bound)
 
 
 class _RRR:

@@ -76,3 +76,12 @@ def test_float32_maps_are_transformed_in_float32_like_the_float64_reference():
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     rows = f.predict(maps.transpose(0, 2, 1).reshape(-1, d)).reshape(3, 50, d).transpose(0, 2, 1)
     assert np.abs(ref - rows).max() <= 1e-12 * np.abs(ref).max()
+
+
+def test_pca_with_a_rank_bound_skips_the_gram_and_finds_the_same_directions(monkeypatch):
+    Y, rows = _low_rank()
+    full = pca_rows(Y, rows, 20)
+    monkeypatch.setattr(R, "centred_gram", None)   # the sketch must not need it
+    sketched = pca_rows(Y, rows, 20, bound=60)
+    assert np.abs(full.P @ full.P.T - sketched.P @ sketched.P.T).max() < 1e-6
+    assert np.abs(full.b - sketched.b).max() < 1e-6 * np.abs(full.b).max()
