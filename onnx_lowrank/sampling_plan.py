@@ -83,7 +83,7 @@ def layer_solve_bytes(p, rows: int, fitted: int, cfg) -> int:
     block's two Convs feeding one Add), of each of its sampled tensors."""
     d = p.layer.out_channels
     asym = not fitted_symmetrically(p, fitted, cfg)
-    return solve_memory(p.layer.activation, d, fitted, rows - fitted, asym, cfg.method) + \
+    return solve_memory(p.layer.activation, d, fitted, rows - fitted, asym, cfg.method, p.layer.response_rank) + \
         2 * 4 * rows * d * len(tensors(p))
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
-from .reconstruction import Factorisation, gram_block_rows, linear_reconstruction, nonlinear_reconstruction, pca_rows
+from .reconstruction import (SKETCH_EXTRA, Factorisation, gram_block_rows, linear_reconstruction,
+                             nonlinear_reconstruction, pca_rows, sketchable)
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
@@ -58,13 +59,17 @@ def solve_arrays(kind: str, asymmetric: bool = True, method: str = "nonlinear") 
 
 
 def solve_memory(kind: str, d: int, fitted: int, held: int, asymmetric: bool = True,
-                 method: str = "nonlinear") -> int:
+                 method: str = "nonlinear", bound: int | None = None) -> int:
     """Bytes one layer's solve holds beyond its inputs, ``d`` channels: :func:`solve_arrays` float64 arrays of its
     ``fitted`` rows (a symmetric linear fit: :data:`PCA_BLOCKS` of its Gram's blocks of rows instead), or :data:`HELD_ARRAYS`
     of a block of its ``held`` rows when scoring them takes more; and :data:`SOLVE_SQUARES` (d, d) matrices (:data:`PCA_SQUARES`
     for a symmetric linear fit: a 6,625-wide classifier's are 350 MB each, and its PCA holds no array of its
-    9,600 fitted rows)."""
-    if symmetric_linear(kind == "identity", asymmetric, method):
+    9,600 fitted rows; none where the responses' rank ``bound`` lets the PCA come from a sketch, as that
+    classifier's 120 inputs do)."""
+    if symmetric_linear(kind == "identity", asymmetric, method) and sketchable(fitted, d, bound):
+        # the sketch's (rows, bound + SKETCH_EXTRA) products, twice: no (d, d) matrix at all
+        fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d) + -(-2 * fitted * (bound + SKETCH_EXTRA) // d), 0
+    elif symmetric_linear(kind == "identity", asymmetric, method):
         fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d), PCA_SQUARES
     else:
         fit_rows, squares = solve_arrays(kind, asymmetric, method) * fitted, SOLVE_SQUARES

@@ -139,9 +139,15 @@ def response_spectrum(Y: np.ndarray, rows: np.ndarray | None = None, bound: int 
 
 
 def _sketchable(Y: np.ndarray, rows: np.ndarray | None, bound: int | None) -> bool:
-    """Whether responses of rank <= ``bound`` are far narrower than their d channels (and rows)."""
     n = Y.shape[0] if rows is None else int(np.count_nonzero(rows))
-    return bound is not None and (bound + SKETCH_EXTRA) * 4 <= Y.shape[1] and bound + SKETCH_EXTRA < n
+    return sketchable(n, Y.shape[1], bound)
+
+
+def sketchable(n: int, d: int, bound: int | None) -> bool:
+    """Whether ``n`` responses of rank <= ``bound`` are far narrower than their ``d`` channels: their spectrum and
+    PCA then come from a sketch of ``bound + SKETCH_EXTRA`` directions (:func:`_sketch`), not the d x d Gram.
+    A factorised layer's rank is below its break-even rank d b / (b + d) < b, so the sketch holds it."""
+    return bound is not None and (bound + SKETCH_EXTRA) * 4 <= d and bound + SKETCH_EXTRA < n
 
 
 def _sketch(Y: np.ndarray, rows: np.ndarray | None, m: int) -> tuple[np.ndarray, np.ndarray, int]:
