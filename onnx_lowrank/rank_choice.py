@@ -9,7 +9,7 @@ from .calibration.sampling import sample_key
 from .plan import LayerPlan
 from .sampling_plan import split
 from .solve import energy
-from .solver.reconstruction import response_spectrum
+from .solver.gram import response_spectrum
 
 
 def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, costs,

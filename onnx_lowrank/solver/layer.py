@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
-from .reconstruction import (SKETCH_EXTRA, Factorisation, gram_block_rows, linear_reconstruction,
-                             nonlinear_reconstruction, pca_rows, sketchable)
+from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
+from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction, pca_rows
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most

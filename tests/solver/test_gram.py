@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnx_lowrank.solver import gram
 from onnx_lowrank.solver import reconstruction as R
 from onnx_lowrank.solver.reconstruction import Factorisation, centred_gram, pca_rows, response_spectrum
 
@@ -21,9 +22,9 @@ def _low_rank(n=3000, d=900, k=60, seed=1):
     return y.astype(np.float32), rng.random(n) < 0.8
 
 
-@pytest.mark.parametrize("block", [R.GRAM_BLOCK, 1000])
+@pytest.mark.parametrize("block", [gram.GRAM_BLOCK, 1000])
 def test_centred_gram_of_masked_float32_rows_is_the_brute_force_one(monkeypatch, block):
-    monkeypatch.setattr(R, "GRAM_BLOCK", block)   # 1000: blocks of 256 rows (many blocks, mirrored in pieces)
+    monkeypatch.setattr(gram, "GRAM_BLOCK", block)   # 1000: blocks of 256 rows (many blocks, mirrored in pieces)
     Y, rows = _low_rank(n=2000, d=300)
     mean, G, n = centred_gram(Y, rows)
     ref_mean, ref = _brute(Y, rows)
