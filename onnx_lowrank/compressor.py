@@ -101,10 +101,10 @@ class Compressor:
         counted = cfg.samples_per_image == "auto" or shard is not None or samples is not None
         total = self.source.total(self.limit) if counted else self.source.known_total(self.limit)
         wanted = positions_per_image(candidates, total, cfg)
-        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory), cfg.holdout_every)
+        self.positions = within_memory(candidates, wanted, total, parse_size(cfg.max_memory), cfg)
         self.memory = {"max_memory_bytes": parse_size(cfg.max_memory), "rows_limited_by_memory": self.positions != wanted,
                        "samples_bytes": sample_bytes(candidates, self.positions, total) if total else None,
-                       "samples_and_solve_bytes": memory_need(candidates, self.positions, total, cfg.holdout_every)
+                       "samples_and_solve_bytes": memory_need(candidates, self.positions, total, cfg)
                        if total else None}
         self._sampled_keys = [t.key for p in candidates for t in tensors(p)]
         self.fingerprint = self.samples_fingerprint() if shard is not None or samples is not None else {}

@@ -9,7 +9,7 @@ from .calibration.sampling import sample_key
 from .plan import LayerPlan
 from .sampling_plan import split
 from .solve import energy
-from .solver.reconstruction import response_spectrum
+from .solver.gram import response_spectrum
 
 
 def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, costs,
@@ -23,7 +23,7 @@ def choose_ranks(plan: list[LayerPlan], samples, flops: dict[str, int], cfg, cos
         key = sample_key(p.layer.output, p.layer_id)
         fit, _ = split(samples, key, cfg.holdout_every)
         free[i] = replace(p, rows=int(fit.sum()))
-        spectra.append(response_spectrum(samples.rows[key][fit]))
+        spectra.append(response_spectrum(samples.rows[key], fit, p.layer.response_rank))
         if p.layer.name in cfg.ranks:
             r = cfg.ranks[p.layer.name]
             if r % cfg.rank_multiple:

@@ -15,7 +15,7 @@ from .calibration.sampling import SampledTensor, collect, sample_key
 from .config import parse_size
 from .errors import LowRankError
 from .graph.dense import is_dense
-from .solver.layer import SOLVE_ARRAYS, solve_arrays
+from .solver.layer import solve_memory
 
 #: Asymmetric fits regress d channels on d channels: with fewer rows than this many per channel the
 #: regression overfits the calibration samples, so such a layer is fitted symmetrically instead.
@@ -68,54 +68,74 @@ def sample_bytes(plan, positions: dict[int, int], images: int) -> int:
     return sum(4 * positions[p.layer_id] * images * p.layer.out_channels * len(tensors(p)) for p in plan)
 
 
-def solve_bytes(rows: int, d: int, sampled: int, fitted: int, arrays: int = SOLVE_ARRAYS) -> int:
-    """Memory one layer's solve takes beyond the samples: ``arrays`` float64 arrays of its ``fitted`` rows
-    (:func:`~.solver.layer.solve_arrays` of its activation), and the float32 rows of the asymmetric pass's
-    approximated samples of two layers like it (those solved at one stop: a block's two Convs feeding one Add),
-    ``sampled`` tensors each."""
-    return 8 * arrays * fitted * d + 2 * 4 * rows * d * sampled
+def fitted_symmetrically(p, fitted: int, cfg) -> bool:
+    """Whether the asymmetric pass will fit the layer on its original inputs (too few rows per channel, or
+    ``--no-asymmetric``) and hand the solver no approximated rows: layers that cannot be split into stages
+    (dense, 1 x 1; others are fitted on their core's response, an array like the approximated one)."""
+    unsplit = is_dense(p.layer) or tuple(p.layer.kernel) == (1, 1)
+    return unsplit and (not cfg.asymmetric or fitted < MIN_ROWS_PER_CHANNEL * p.layer.out_channels)
 
 
-def _layer_solve(p, k: int, images: int, fit: int) -> int:
-    return solve_bytes(k * images, p.layer.out_channels, len(tensors(p)), k * fit, solve_arrays(p.layer.activation))
+def layer_solve_bytes(p, rows: int, fitted: int, cfg) -> int:
+    """Memory one layer's solve takes beyond the samples: :func:`~.solver.layer.solve_memory` (by its activation
+    kind, the method and whether it is fitted on approximated inputs) for its ``fitted`` rows, and the float32
+    rows of the asymmetric pass's approximated samples of two layers like it (those solved at one stop: a
+    block's two Convs feeding one Add), of each of its sampled tensors."""
+    d = p.layer.out_channels
+    asym = not fitted_symmetrically(p, fitted, cfg)
+    return solve_memory(p.layer.activation, d, fitted, rows - fitted, asym, cfg.method, p.layer.response_rank) + \
+        2 * 4 * rows * d * len(tensors(p))
 
 
-def memory_need(plan, positions: dict[int, int], images: int, holdout_every: int = 5) -> int:
-    """What --max-memory bounds: the samples, plus the largest layer's solve (:func:`solve_bytes`)."""
-    fit = fit_images(images, holdout_every)
-    return sample_bytes(plan, positions, images) + max(
-        (_layer_solve(p, positions[p.layer_id], images, fit) for p in plan), default=0)
+def largest_solve(plan, rows_of, cfg) -> int:
+    """The largest :func:`layer_solve_bytes` of the ``plan``; ``rows_of(p)``: the layer's (sampled, fitted) rows.
+    What --max-memory reserves beside the samples, both when it bounds them (:func:`memory_need`) and when the
+    asymmetric pass sizes its cache of feature maps (solve.cache_budget)."""
+    return max((layer_solve_bytes(p, *rows_of(p), cfg) for p in plan), default=0)
 
 
-def _cap_wide_layers(plan, positions: dict[int, int], images: int, max_bytes: int, holdout_every: int) -> dict:
+def _planned_rows(positions: dict[int, int], images: int, cfg):
+    fit = fit_images(images, cfg.holdout_every)
+    return lambda p: (positions[p.layer_id] * images, positions[p.layer_id] * fit)
+
+
+def memory_need(plan, positions: dict[int, int], images: int, cfg) -> int:
+    """What --max-memory bounds: the samples, plus the largest layer's solve (:func:`largest_solve`)."""
+    return sample_bytes(plan, positions, images) + largest_solve(plan, _planned_rows(positions, images, cfg), cfg)
+
+
+def _cap_wide_layers(plan, positions: dict[int, int], images: int, max_bytes: int, cfg) -> dict:
     """Layers whose own solve would take more than half of ``max_bytes`` (a very wide layer, e.g. a
     6,625-class classifier) are capped alone first, so that one such layer does not scale every other
     layer's rows down with it."""
-    fit = fit_images(images, holdout_every)
     out = dict(positions)
     for p in plan:
-        per_position = _layer_solve(p, 1, images, fit)
-        k_max = max(1, (max_bytes // 2) // per_position) if per_position else out[p.layer_id]
-        if out[p.layer_id] > k_max:
-            progress.log(f"note: {p.layer.name}: {out[p.layer_id]} -> {k_max} positions per image, so that its "
-                         "solve fits half of --max-memory")
-            out[p.layer_id] = k_max
+        fixed = layer_solve_bytes(p, 0, 0, cfg)              # its (d, d) matrices
+        at = _planned_rows({p.layer_id: out[p.layer_id]}, images, cfg)
+        if layer_solve_bytes(p, *at(p), cfg) <= max_bytes // 2:
+            continue
+        # one position per image more or less can switch an asymmetric fit to a symmetric one: search down
+        k = out[p.layer_id]
+        while k > 1 and layer_solve_bytes(p, *_planned_rows({p.layer_id: k}, images, cfg)(p), cfg) > max_bytes // 2:
+            k -= 1
+        progress.log(f"note: {p.layer.name}: {out[p.layer_id]} -> {k} positions per image, so that its "
+                     f"solve fits half of --max-memory ({fixed / 2 ** 20:.0f}M of it for (d, d) matrices)")
+        out[p.layer_id] = k
     return out
 
 
-def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int,
-                  holdout_every: int = 5) -> dict[int, int]:
+def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes: int, cfg) -> dict[int, int]:
     """``positions`` scaled down together (keeping each layer's share) until the samples and the largest
     layer's solve (:func:`memory_need`) fit ``max_bytes``.
 
     Unknown image counts (a stream that is not counted) cannot be bounded in advance: returned as they are.
     """
     def need(pos):
-        return memory_need(plan, pos, images, holdout_every)
+        return memory_need(plan, pos, images, cfg)
 
     if not images or need(positions) <= max_bytes:
         return positions
-    positions = _cap_wide_layers(plan, positions, images, max_bytes, holdout_every)
+    positions = _cap_wide_layers(plan, positions, images, max_bytes, cfg)
     if need(positions) <= max_bytes:
         return positions
     scale = max_bytes / need(positions)

@@ -18,9 +18,8 @@ from .graph.dense import is_dense
 from .graph.rewrite import add_branches, rewrite_convs
 from .graph.subgraph import producers
 from .plan import LayerPlan
-from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, solve_bytes, split, tensors
+from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, largest_solve, split, tensors
 from .solver.balance import balance
-from .solver.layer import solve_arrays
 
 
 def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
@@ -64,12 +63,12 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
 
 def cache_budget(samples, chosen: list[LayerPlan], cfg) -> int:
     """Bytes of feature maps the asymmetric pass may cache in memory: what the samples and the largest layer's
-    solve leave of --max-memory, so that the three together stay within it (the rest goes to a temporary folder)."""
-    solve = 0
-    for p in chosen:
-        rows = samples.rows[sample_key(p.layer.output, p.layer_id)]
-        solve = max(solve, solve_bytes(len(rows), rows.shape[1], len(tensors(p)),
-                                       fitted_rows(p, samples, cfg.holdout_every), solve_arrays(p.layer.activation)))
+    solve (sampling_plan.largest_solve, as --max-memory reserved it) leave of --max-memory, so that the three
+    together stay within it (the rest goes to a temporary folder)."""
+    def rows_of(p):
+        return len(samples.rows[sample_key(p.layer.output, p.layer_id)]), fitted_rows(p, samples, cfg.holdout_every)
+
+    solve = largest_solve(chosen, rows_of, cfg)
     return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()) - solve)
 
 

@@ -50,11 +50,12 @@ def test_default_does_not_bind_on_small_data():
 
 
 def _solve_bytes(comp) -> int:
-    """By hand: 10 float64 arrays of the widest layer's fitted rows (8 of 10 images) and two layers' float32 rows
-    of the approximated samples; conv1 (64 channels) is the widest, with no shortcut."""
+    """By hand: a linear fit (``method="linear"``) of a 3 x 3 Conv (fitted on approximated inputs, or on its
+    core's response where the rows are too few: an array like them either way) holds 6 float64 arrays of the widest layer's fitted rows (8 of 10 images) and 6 (d, d) matrices; plus two
+    layers' float32 rows of the approximated samples; conv1 (64 channels) is the widest, with no shortcut."""
     rows = comp.samples.rows[f"{1}:{comp.layers[1].output}"]
     assert rows.shape[1] == 64
-    return 8 * 10 * (len(rows) * 8 // 10) * 64 + 2 * 4 * len(rows) * 64
+    return 8 * 6 * (len(rows) * 8 // 10) * 64 + 8 * 6 * 64 * 64 + 2 * 4 * len(rows) * 64
 
 
 def test_a_small_cap_bounds_the_rows_and_holds():

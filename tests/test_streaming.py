@@ -142,3 +142,13 @@ def test_a_shard_of_a_reader_starts_at_its_global_image(start, limit):
         src = open_source(data, SPEC)
         got = np.concatenate([b["input"] for b in src.batches(4, limit, start=start)])
         np.testing.assert_array_equal(got, x[start:None if limit is None else start + limit])
+
+
+def test_the_flatness_check_sums_variance_and_mean_square_by_blocks_like_numpy():
+    from onnx_lowrank.calibration.checks import _spread
+
+    rows = (np.random.default_rng(3).standard_normal((3001, 70)) * 2 + 5).astype(np.float32)
+    y = rows.astype(np.float64)
+    var, ms = _spread(rows, block=700)   # 10 rows a block: 301 blocks
+    assert abs(var - y.var(axis=0).sum()) <= 1e-12 * var
+    assert abs(ms - (y * y).mean(axis=0).sum()) <= 1e-12 * ms

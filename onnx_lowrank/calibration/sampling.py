@@ -312,14 +312,14 @@ class Propagator:
     def transform(self, name: str, apply: Callable[[np.ndarray], np.ndarray], source: str | None = None,
                   channels_last: bool = False) -> None:
         """Replace the cached tensor ``name`` (N, d, ...) by ``apply`` of it (or of the cached ``source``,
-        shaped like it), reshaped (N, d, positions) in float64: a scheme's channel step (e.g.
-        ``Factorisation.apply_channels``). ``channels_last``: the tensor is (N, ..., d)."""
+        shaped like it), reshaped (N, d, positions) in its own dtype (float32 as the model computes it): a
+        scheme's channel step (e.g. ``Factorisation.apply_channels``). ``channels_last``: the tensor is (N, ..., d)."""
         for b in range(len(self._batches)):
             y = self._load(b, source or name)
             shape = y.shape
             if channels_last:
-                out = apply(to_channels_first(y)[..., 0].astype(np.float64))
-                self._save(b, name, np.moveaxis(out, 1, 2).reshape(shape).astype(y.dtype))
+                out = apply(to_channels_first(y)[..., 0])
+                self._save(b, name, np.moveaxis(out, 1, 2).reshape(shape).astype(y.dtype, copy=False))
                 continue
-            out = apply(y.reshape(shape[0], shape[1], -1).astype(np.float64))
-            self._save(b, name, out.reshape(shape).astype(y.dtype))
+            out = apply(y.reshape(shape[0], shape[1], -1))
+            self._save(b, name, out.reshape(shape).astype(y.dtype, copy=False))

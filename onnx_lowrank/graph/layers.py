@@ -62,6 +62,12 @@ class ConvLayer:
         return tuple(int(k) for k in self.weight.shape[2:]) if self.weight is not None else ()
 
     @property
+    def response_rank(self) -> int | None:
+        """The rank of the layer's centred responses at most: its inputs per output position (``y = W x + beta``,
+        x of c k_h k_w values); None where the weights are not known."""
+        return self.in_channels * int(np.prod(self.kernel)) if self.weight is not None else None
+
+    @property
     def positions(self) -> int:
         return int(np.prod(self.out_shape[2:])) if self.out_shape else 0
 

@@ -57,7 +57,7 @@ class Scheme:
     def solve(self, y, yh, rank: int, layer: ConvLayer, fit, held, **kwargs) -> LayerSolution:
         """The channel step from sampled rows (see :func:`~onnx_lowrank.solver.layer.solve_layer`)."""
         act = Activation(layer.activation, dict(layer.activation_params))
-        return solve_layer(y, yh, rank, act, fit, held, **kwargs)
+        return solve_layer(y, yh, rank, act, fit, held, bound=layer.response_rank, **kwargs)
 
     def propagate(self, f: Factorisation, maps: np.ndarray) -> np.ndarray:
         """What the written chain computes from the core's output maps (n, d, positions)."""

@@ -12,23 +12,68 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
-from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction
+from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
+from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction, pca_rows
 
 
-#: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most:
-#: the target ``y + s``, ``yhat``, ``shat``, and the nonlinear solve's ``r(y + s)``, centred ``yhat``, two
-#: predictions and two z iterates, and one (rows, rank) product (tests/solver/test_solve_memory.py measures it).
+#: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
+#: (tests/solver/test_solve_memory.py measures each with tracemalloc). Piecewise-linear kinds (ReLU, ...): the target
+#: ``y + s``, ``yhat``, ``shat``, and the nonlinear solve's ``r(y + s)``, centred ``yhat``, two predictions and
+#: two z iterates, and one (rows, rank) product: 9.6 measured.
 SOLVE_ARRAYS = 10
-#: ... and the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
+#: ... the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
 #: the long descent of the elements outside its table (how many are outside depends on the data; measured:
-#: 16.7 arrays in all in tests/solver/test_solve_memory.py since the first-order table start, 14 before;
-#: one spare, as the count depends on the data).
-SMOOTH_EXTRA_ARRAYS = 8
+#: 16.7 arrays in all with 96 channels, 19.3 with 600 beside the (d, d) matrices; the count depends on the data).
+SMOOTH_EXTRA_ARRAYS = 10
+#: ... HardSwish's exact z step (activations/hardswish.py) one more: its candidates' scratch (10.6 measured in all).
+HARDSWISH_EXTRA_ARRAYS = 1
+#: A linear fit (no activation after the layer) on approximated inputs: ``y + s``, ``yhat``, ``shat``, the
+#: regression's centred ``yhat`` and one product: 5.1 measured.
+LINEAR_ARRAYS = 6
+#: Scoring on the held-back rows, after the fit's arrays are freed, a block of rows at a time: ``yhat``, ``shat``,
+#: the target, the prediction, their difference and its square, in arrays of the block (:func:`_held_errors`).
+HELD_ARRAYS = 6
+#: (d, d) matrices held at once: covariance, eigenvectors, cross products and their temporaries (5.5 measured
+#: for 600 channels, where they weigh as much as a quarter of an array of the fitted rows).
+SOLVE_SQUARES = 6
+#: ... a symmetric linear fit (:func:`~.reconstruction.pca_rows`): its Gram, and up to as many eigenvectors when
+#: the rank nears d (1.05 measured at rank 24 and 300 of 2,500 channels), beside :data:`PCA_BLOCKS` of its Gram's
+#: blocks of rows (widened and centred).
+PCA_SQUARES = 2
+PCA_BLOCKS = 4
 
 
-def solve_arrays(kind: str) -> int:
-    """:data:`SOLVE_ARRAYS`, plus :data:`SMOOTH_EXTRA_ARRAYS` for an activation kind with a smooth z step."""
-    return SOLVE_ARRAYS + (SMOOTH_EXTRA_ARRAYS if kind in SMOOTH else 0)
+def symmetric_linear(identity: bool, asymmetric: bool, method: str = "nonlinear") -> bool:
+    """Whether the solve is a PCA of the original rows (:func:`~.reconstruction.pca_rows`), which holds no
+    array of them: a linear fit (no activation, or ``method`` linear) on the original inputs."""
+    return not asymmetric and (method != "nonlinear" or identity)
+
+
+def solve_arrays(kind: str, asymmetric: bool = True, method: str = "nonlinear") -> int:
+    """float64 arrays of the fitted rows a solve that is not :func:`symmetric_linear` holds (the constants
+    above), by activation kind, whether the fit is on approximated inputs, and the method."""
+    if kind == "identity" or method != "nonlinear":
+        return LINEAR_ARRAYS
+    extra = SMOOTH_EXTRA_ARRAYS if kind in SMOOTH else HARDSWISH_EXTRA_ARRAYS if kind == "hardswish" else 0
+    return SOLVE_ARRAYS + extra
+
+
+def solve_memory(kind: str, d: int, fitted: int, held: int, asymmetric: bool = True,
+                 method: str = "nonlinear", bound: int | None = None) -> int:
+    """Bytes one layer's solve holds beyond its inputs, ``d`` channels: :func:`solve_arrays` float64 arrays of its
+    ``fitted`` rows (a symmetric linear fit: :data:`PCA_BLOCKS` of its Gram's blocks of rows instead), or :data:`HELD_ARRAYS`
+    of a block of its ``held`` rows when scoring them takes more; and :data:`SOLVE_SQUARES` (d, d) matrices (:data:`PCA_SQUARES`
+    for a symmetric linear fit: a 6,625-wide classifier's are 350 MB each, and its PCA holds no array of its
+    9,600 fitted rows; none where the responses' rank ``bound`` lets the PCA come from a sketch, as that
+    classifier's 120 inputs do)."""
+    if symmetric_linear(kind == "identity", asymmetric, method) and sketchable(fitted, d, bound):
+        # the sketch's (rows, bound + SKETCH_EXTRA) products, twice: no (d, d) matrix at all
+        fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d) + -(-2 * fitted * (bound + SKETCH_EXTRA) // d), 0
+    elif symmetric_linear(kind == "identity", asymmetric, method):
+        fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d), PCA_SQUARES
+    else:
+        fit_rows, squares = solve_arrays(kind, asymmetric, method) * fitted, SOLVE_SQUARES
+    return 8 * d * (max(fit_rows, HELD_ARRAYS * gram_block_rows(held, d)) + squares * d)
 
 
 @dataclass
@@ -47,8 +92,12 @@ def _rows(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
 
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
-                method: str = "nonlinear", schedule=None, safety_net: bool = True) -> LayerSolution:
+                method: str = "nonlinear", schedule=None, safety_net: bool = True,
+                bound: int | None = None) -> LayerSolution:
     """Fit ``act(P Q^T yhat + b + shat) ~ act(y + s)`` on the ``fit`` rows.
+
+    ``bound``: the rank of the original responses ``y`` at most (the layer's inputs per position), which lets a
+    symmetric linear fit of a much wider layer skip its d x d Gram (:func:`~.reconstruction.pca_rows`).
 
     ``safety_net``: keep the linear (or the symmetric linear) fit where it is better on the ``held`` rows.
 
@@ -59,6 +108,10 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     the solve holds at most :func:`solve_arrays` float64 arrays of the fitted rows beyond its inputs.
     """
     asym = yh is not None
+    if symmetric_linear(act.is_identity, asym, method):
+        # the target is y (the shortcut is on both sides): its PCA from the rows as kept
+        f = pca_rows(y, fit, rank, bound)
+        return _scored(f, f, "linear", None, y, y, act, held, s, s, safety_net)
     # Pre-activation target with the shortcut moved to the left: (y + s - shat) regressed on yhat.
     pre = _rows(y, fit)             # y + s on the fitted rows (the nonlinear fit's target before r)
     if s is not None:
@@ -80,24 +133,21 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
             init=lin, **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
     del pre, xf, shf
-    yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
-    target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
-    target = act.apply(target)
+    return _scored(f, lin, used, sym, y, yh if asym else y, act, held, s, sh if asym else s, safety_net)
 
-    def err(fz: Factorisation) -> float | None:
-        if not held.any():
-            return None
-        pred = act.apply(fz.predict(yh_held) + (0 if sh_held is None else sh_held))
-        den = float(np.sum(target ** 2))
-        return float(np.sum((target - pred) ** 2) / den) if den > 0 else 0.0
 
-    rel = err(f)
-    rel_lin = err(lin) if used == "nonlinear" else rel
+def _scored(f: Factorisation, lin: Factorisation, used: str, sym: Factorisation | None, y, yh, act: Activation,
+            held: np.ndarray, s, sh, safety_net: bool) -> LayerSolution:
+    """The solution with its errors on the ``held`` rows, or the simpler fit (``lin``, ``sym``) where that is
+    better there (the safety net)."""
+    errors = _held_errors([f, lin, sym], y, yh, act, held, s, sh)
+    rel, e_lin, e_sym = errors[id(f)], errors[id(lin)], errors.get(id(sym))
+    rel_lin = e_lin if used == "nonlinear" else rel
     # Safety net: on held-back rows the nonlinear (or asymmetric) fit can lose to a simpler one when it
     # overfits the fitted rows (few rows per channel, e.g. MiniLM's feed-forward layers): keep the better.
     simpler = [(rel_lin, lin, "linear", "the nonlinear fit")] if used == "nonlinear" and safety_net else []
     if sym is not None:
-        simpler.append((err(sym), sym, "linear", "the asymmetric fit" if used == "linear" else "the nonlinear "
+        simpler.append((e_sym, sym, "linear", "the asymmetric fit" if used == "linear" else "the nonlinear "
                         "fit on the approximated inputs"))
     note = ""
     for e, fz, how, what in simpler:
@@ -106,3 +156,29 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
                    f"images ({100 * rel:.3g}% > {100 * e:.3g}%)"
             f, used, rel = fz, how, e
     return LayerSolution(f, used, rel, rel_lin, note)
+
+
+def _held_errors(fits: list, y, yh, act: Activation, held: np.ndarray, s, sh) -> dict:
+    """Relative squared error after the activation on the ``held`` rows, per fit (keyed by ``id``; None where
+    nothing is held back), summed over blocks of rows widened one at a time: scoring holds about
+    :data:`HELD_ARRAYS` arrays of a block, not of all the held-back rows."""
+    fits = list({id(fz): fz for fz in fits if fz is not None}.values())
+    idx = np.flatnonzero(held)
+    if not len(idx):
+        return {id(fz): None for fz in fits}
+    num, den = dict.fromkeys(map(id, fits), 0.0), 0.0
+    step = gram_block_rows(len(idx), y.shape[1])
+    for i in range(0, len(idx), step):
+        rows = idx[i:i + step]
+        target = np.asarray(y[rows], dtype=np.float64)
+        if s is not None:
+            target += s[rows]
+        target = act.apply(target)
+        den += float(np.sum(target ** 2))
+        x, o = np.asarray(yh[rows], dtype=np.float64), None if sh is None else np.asarray(sh[rows], dtype=np.float64)
+        for fz in fits:
+            pred = fz.predict(x)
+            if o is not None:
+                pred += o
+            num[id(fz)] += float(np.sum((target - act.apply(pred)) ** 2))
+    return {k: v / den if den > 0 else 0.0 for k, v in num.items()}
