@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
-from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction
+from .nonlinear import nonlinear_reconstruction
+from .reconstruction import Factorisation, linear_reconstruction
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most:

@@ -5,10 +5,10 @@ import pytest
 from scipy.optimize import minimize
 
 from onnx_lowrank.solver.activations import Activation, z_step
+from onnx_lowrank.solver.nonlinear import nonlinear_reconstruction
 from onnx_lowrank.solver.reconstruction import (
     Factorisation,
     linear_reconstruction,
-    nonlinear_reconstruction,
     reduced_rank_regression,
     response_spectrum,
 )
