@@ -41,7 +41,8 @@ class WhitenedFit:
         self.xbar = xbar
         self.off = off
         self.off_mean = None if off is None else off.mean(axis=0)
-        self.Zc = np.empty((n, d), dtype=np.float32)
+        self.block = max(256, (1 << 20) // d)  # rows per float32 product: a (block, d) buffer, not (n, d)
+        self.Zc = np.empty((min(self.block, n), d), dtype=np.float32)
         self.rank = rank
         self.eig = WarmEig(d, rank, rows=n - 1)
 
@@ -51,13 +52,14 @@ class WhitenedFit:
         if self.off_mean is not None:
             zbar -= self.off_mean
         n, d = W.shape
-        step = max(1, (1 << 14) // d)
-        for i in range(0, n, step):
-            t = W[i : i + step] - zbar
+        Bw = np.zeros((d, d))  # Zc^T Xw; Mhat = Bw diag(1/sqrt s) V^T on the support
+        for i in range(0, n, self.block):
+            rows = slice(i, i + self.block)
+            zc = self.Zc[: W[rows].shape[0]]
+            np.subtract(W[rows], zbar, out=zc, casting="same_kind")
             if self.off is not None:
-                t -= self.off[i : i + step]
-            self.Zc[i : i + step] = t
-        Bw = (self.Zc.T @ self.Xw).astype(np.float64)  # Mhat = Bw diag(1/sqrt s) V^T on the support
+                np.subtract(zc, self.off[rows], out=zc, casting="same_kind")
+            Bw += zc.T @ self.Xw[rows]
         U = self.eig.top(Bw @ Bw.T, start)
         Q = self.Vq @ (Bw.T @ U)  # Mhat^T U
         b = zbar - U @ (Q.T @ self.xbar)
