@@ -89,6 +89,7 @@ ORDER = [
     ("compress_time_rec_16g", "Issue 17: the recogniser with a 16G memory cap"),
     ("compress_time_minilm_mstep", "Issue 17: MiniLM compress time with the whitened float32 M step and the "
      "held-back stop"),
+    ("compress_time_minilm_mstep2", "Issue 17: MiniLM compress time with the M-step work, second run"),
     ("layer_time_mstep", "Issue 17: one MiniLM feed-forward layer's solve before and after the M-step work"),
     ("compress_time_rec_mstep", "Issue 17: the recogniser with the whitened float32 M step and the held-back stop"),
     ("rec_output_error_mstep", "Issue 17: the recogniser's output error before and after the M-step work"),
