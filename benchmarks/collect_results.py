@@ -98,6 +98,13 @@ ORDER = [
     ("compress_time_profile_rec_recspeed", "Issue 17: where the recogniser's solve goes, branch recspeed (profile)"),
     ("memory_cap_500_recspeed", "Issue 17: peak memory, 500 images, with the solve reserved by kind of fit"),
     ("moved_hashes_recspeed", "Issue 17: the byte-identity test's cases before and after branch recspeed"),
+    ("compress_time_minilm_mstep", "Issue 17: MiniLM compress time with the whitened float32 M step and the "
+     "held-back stop"),
+    ("compress_time_minilm_mstep2", "Issue 17: MiniLM compress time with the M-step work, second run"),
+    ("layer_time_mstep", "Issue 17: one MiniLM feed-forward layer's solve before and after the M-step work"),
+    ("compress_time_rec_mstep", "Issue 17: the recogniser with the whitened float32 M step and the held-back stop"),
+    ("rec_output_error_mstep", "Issue 17: the recogniser's output error before and after the M-step work"),
+    ("result_moves_mstep", "Issue 17: no-result-moves cases before and after the M-step work"),
     ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
     ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
     ("suite_time", "Issue 13: test suite time, the tests both trees hold"),

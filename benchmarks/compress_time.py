@@ -250,6 +250,7 @@ def profile(case, top: int = 25) -> None:
     import onnx_lowrank.calibration.sampling as sampling
     import onnx_lowrank.solve as sv
     import onnx_lowrank.solver.layer as layer
+    import onnx_lowrank.solver.nonlinear as nl
     import onnx_lowrank.solver.reconstruction as rec
     from onnx_lowrank.cli import main as cli
 
@@ -271,7 +272,7 @@ def profile(case, top: int = 25) -> None:
     timed(sampling.Propagator, "transform", "propagation: transform of the cached maps")
     timed(layer, "linear_reconstruction", "linear fits (PCA / regression)")
     timed(layer, "nonlinear_reconstruction", "nonlinear fits")
-    timed(rec, "_z_solve", "z-step", by_kind=True)
+    timed(nl, "_z_solve", "z-step", by_kind=True)
     timed(rec, "_top_eigvecs", "eigendecompositions (top eigenvectors)")
     out = WORK / f"{case.name}.profile.onnx"
     prof = cProfile.Profile()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 from onnx_lowrank.solver.activations import Activation, z_objective, z_step  # noqa: E402
-from onnx_lowrank.solver.reconstruction import STOP_TOL  # noqa: E402
+from onnx_lowrank.solver.nonlinear import STOP_TOL  # noqa: E402
 
 CASES = {
     "relu": ("relu", {}), "relu6": ("clip", {"min": 0.0, "max": 6.0}), "leaky_relu": ("leaky_relu", {"alpha": 0.1}),

@@ -12,7 +12,7 @@ from .solver.allocation import ALLOCATORS, damage_at
 from .graph.dense import is_dense
 from .sampling_plan import held_back
 from .schemes import SCHEMES
-from .solver.reconstruction import STOP_TOL
+from .solver.nonlinear import STOP_TOL
 
 
 def table(header: list[str], rows: list[list], left: int = 1) -> list[str]:

@@ -5,8 +5,8 @@ Samples are rows: ``Y`` has shape (n_samples, channels).
 
 from .activations import Activation, z_step
 from .ranks import ConvShape, RankSelectionError, select_ranks, speedup_to_budget
-from .reconstruction import (Factorisation, SolveInfo, linear_reconstruction, nonlinear_reconstruction,
-                             reduced_rank_regression, response_spectrum)
+from .nonlinear import SolveInfo, nonlinear_reconstruction
+from .reconstruction import Factorisation, linear_reconstruction, reduced_rank_regression, response_spectrum
 from .spatial import spatial_svd
 
 __all__ = ["Activation", "z_step", "ConvShape", "RankSelectionError", "select_ranks", "speedup_to_budget",

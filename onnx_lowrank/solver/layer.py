@@ -13,13 +13,15 @@ import numpy as np
 
 from .activations import SMOOTH, Activation
 from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
-from .reconstruction import Factorisation, linear_reconstruction, nonlinear_reconstruction, pca_rows
+from .nonlinear import HeldOut, nonlinear_reconstruction
+from .reconstruction import Factorisation, linear_reconstruction, pca_rows
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
 #: (tests/solver/test_solve_memory.py measures each with tracemalloc). Piecewise-linear kinds (ReLU, ...): the target
-#: ``y + s``, ``yhat``, ``shat``, and the nonlinear solve's ``r(y + s)``, centred ``yhat``, two predictions and
-#: two z iterates, and one (rows, rank) product: 9.6 measured.
+#: ``y + s``, ``yhat``, ``shat``, the held-back rows that stop the nonlinear loop (a quarter of the fitted rows'
+#: size), and the nonlinear solve's ``r(y + s)``, whitened ``yhat`` (float32), two predictions and two z iterates,
+#: and one (rows, rank) product.
 SOLVE_ARRAYS = 10
 #: ... the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
 #: the long descent of the elements outside its table (how many are outside depends on the data; measured:
@@ -124,15 +126,21 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     # target is freed before the nonlinear solve.
     sym = linear_reconstruction(lin_target, rank) if asym and safety_net else None
     del lin_target
+    yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
+    target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
+    target = act.apply(target)
     f, used = lin, "linear"
     if method == "nonlinear" and not act.is_identity:
         # ``pre`` already holds the shortcut: given as Y with no offset, and yhat given explicitly in the
         # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
+        # The held-back rows stop the loop where it starts to overfit the fitted ones.
         f, _ = nonlinear_reconstruction(
             pre, rank, act, Yhat=xf if asym else (pre if s is None else _rows(y, fit)), offset_hat=shf,
-            init=lin, **({} if schedule is None else {"schedule": schedule}))
+            init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None,
+            **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
     del pre, xf, shf
+    del yh_held, sh_held, target
     return _scored(f, lin, used, sym, y, yh if asym else y, act, held, s, sh if asym else s, safety_net)
 
 

@@ -5,10 +5,10 @@ import pytest
 from scipy.optimize import minimize
 
 from onnx_lowrank.solver.activations import Activation, z_step
+from onnx_lowrank.solver.nonlinear import nonlinear_reconstruction
 from onnx_lowrank.solver.reconstruction import (
     Factorisation,
     linear_reconstruction,
-    nonlinear_reconstruction,
     reduced_rank_regression,
     response_spectrum,
 )
@@ -288,3 +288,33 @@ def test_input_validation():
     Y[0, 0] = np.nan
     with pytest.raises(ValueError):
         response_spectrum(Y)
+
+
+def test_held_back_rows_stop_the_loop_and_pick_the_best_held_iterate():
+    """Few rows per channel (the fit overfits): with held-back rows the loop stops once their error stops
+    improving and returns the iterate with the lowest held-back error, measured here independently."""
+    from onnx_lowrank.solver.nonlinear import HELD_PATIENCE, HeldOut
+
+    rng = np.random.default_rng(7)
+    d, r = 60, 12
+    Yall = _responses(260, d, rng, decay=15.0)
+    Xall = Yall + 0.3 * rng.standard_normal(Yall.shape)
+    act = Activation("gelu", {})
+    Y, X, Yh, Xh = Yall[:160], Xall[:160], Yall[160:], Xall[160:]
+    sched = [(25, 0.01), (25, 1.0)]
+    held = HeldOut(Xh, act.apply(Yh))
+    f, info = nonlinear_reconstruction(Y, r, act, Yhat=X, schedule=sched, tol=0, held=held)
+    _, full = nonlinear_reconstruction(Y, r, act, Yhat=X, schedule=sched, tol=0)
+    assert full.iterations == 50 and info.iterations < 50
+    assert len(info.held_error) == info.iterations
+
+    def err(fz):
+        return float(np.sum((act.apply(Yh) - act.apply(fz.predict(Xh))) ** 2))
+
+    lin = linear_reconstruction(Y, r, X)
+    np.testing.assert_allclose(err(f), min([err(lin)] + info.held_error), rtol=1e-12)
+    if info.best_iteration:
+        np.testing.assert_allclose(err(f), info.held_error[info.best_iteration - 1], rtol=1e-12)
+    # each stage ended after HELD_PATIENCE iterations without a HELD_TOL improvement, or ran out
+    assert info.lambdas.count(0.01) < 25 or info.lambdas.count(1.0) < 25
+    assert info.lambdas.count(0.01) >= HELD_PATIENCE
