@@ -65,7 +65,7 @@ def test_solve_holds_at_most_solve_memory(act, n, d, asym, shortcut):
 
 def test_linear_fits_hold_fewer_arrays_than_nonlinear_ones():
     """Measured: a linear fit on approximated inputs with a shortcut holds about 5 arrays of its rows, a ReLU
-    fit about 10: the reservation follows the kind."""
+    fit about 10 (the held-back rows included): the reservation follows the kind."""
     rows = _rows(6000, 96, True, True)
     fitted = 8 * int(rows[4].sum()) * 96
     lin, relu = _peak(Activation("identity"), rows) / fitted, _peak(Activation.relu(), rows) / fitted
