@@ -105,6 +105,7 @@ ORDER = [
     ("compress_time_rec_mstep", "Issue 17: the recogniser with the whitened float32 M step and the held-back stop"),
     ("rec_output_error_mstep", "Issue 17: the recogniser's output error before and after the M-step work"),
     ("result_moves_mstep", "Issue 17: no-result-moves cases before and after the M-step work"),
+    ("result_moves_merged", "Issue 17: no-result-moves cases before and after merging the two solver branches"),
     ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),
     ("timing_stability_vgg19_t2", "Issue 13: timing that can be trusted on a slow model"),
     ("suite_time", "Issue 13: test suite time, the tests both trees hold"),
