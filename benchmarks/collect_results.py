@@ -76,6 +76,9 @@ ORDER = [
     ("recover_demo_kl_seeds", "Issue 16: recovery on the demo, NMSE vs KL over five seeds"),
     ("recover_demo_kl_all", "Issue 16: recovery on the demo, NMSE vs KL over five seeds, every weight trained"),
     ("recover_kl_spread", "Issue 16: where the KL loss sits on the demo's images"),
+    ("recover_rec2x_notes", "Issue 16: the PP-OCRv4 recogniser at a measured 2x, today's defaults (reading)"),
+    ("recover_ppocr_rec_lat2x", "Issue 16: recovery on the PP-OCRv4 recogniser at 2x measured latency, augment none"),
+    ("recover_ppocr_rec_lat2x_cn", "Issue 16: recovery on the PP-OCRv4 recogniser at 2x measured latency, crop + noise"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
