@@ -32,6 +32,7 @@ from onnx_lowrank.fidelity import evaluate  # noqa: E402
 from onnx_lowrank.compressor import Compressor  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.recover import recover_models, RecoverConfig  # noqa: E402
+from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 from onnx_lowrank.calibration.inputs import open_source  # noqa: E402
 from onnx_lowrank.calibration.batching import input_specs  # noqa: E402
 
@@ -178,7 +179,20 @@ def ppocr_rec(args) -> None:
         hyps = [rec.ctc_decode(q, chars) for q in p]
         return {"cer_nospace": rec.cer(eval_texts, hyps, spaces=False), "path_agreement": float((p == ref_paths).mean())}
 
-    fact_model, info = _cached_rec_compression(model_path, calib_x, args)
+    try:
+        fact_model, info = _cached_rec_compression(model_path, calib_x, args)
+    except RankSelectionError as err:   # the target is out of reach: the section says so, with the tool's bound
+        md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
+                           f"{args.objective}: target out of reach")
+        md += (f"{args.calib} calibration lines (seed 1), --objective {args.objective}, --threads {args.threads}, "
+               f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
+               f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")
+        common.write_result(f"recover_ppocr_rec{args.tag}", md)
+        (common.RESULTS / f"recover_ppocr_rec{args.tag}.json").write_text(json.dumps(
+            {"target": args.speedup, "objective": args.objective, "threads": args.threads,
+             "rank_multiple": args.rank_multiple, "max_speedup": err.max_speedup, "before": err.flops_before,
+             "smallest": err.min_flops, "unit": err.unit, "message": str(err)}, indent=1))
+        return
     import onnx
 
     original = onnx.load(str(model_path))
