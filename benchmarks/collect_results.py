@@ -82,7 +82,7 @@ ORDER = [
     ("recover_ppocr_rec_3x_none", "Issue 16: recovery on the PP-OCRv4 recogniser at 3x FLOPs, augment none"),
     ("recover_ppocr_rec_3x_cn", "Issue 16: recovery on the PP-OCRv4 recogniser at 3x FLOPs, crop + noise"),
     ("recover_ppocr_rec_lat1.7x", "Issue 16: recovery on the PP-OCRv4 recogniser at 1.7x measured latency"),
-    ("recover_ppocr_rec_lat1.7x_lr", "Issue 16: recovery on the PP-OCRv4 recogniser at 1.7x measured latency, lower lr"),
+    ("recover_ppocr_rec_5x_none", "Issue 16: recovery on the PP-OCRv4 recogniser at 5x FLOPs, augment none"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
