@@ -76,6 +76,13 @@ ORDER = [
     ("recover_demo_kl_seeds", "Issue 16: recovery on the demo, NMSE vs KL over five seeds"),
     ("recover_demo_kl_all", "Issue 16: recovery on the demo, NMSE vs KL over five seeds, every weight trained"),
     ("recover_kl_spread", "Issue 16: where the KL loss sits on the demo's images"),
+    ("recover_rec2x_notes", "Issue 16: the PP-OCRv4 recogniser with today's defaults, and the measured 2x (reading)"),
+    ("recover_ppocr_rec_lat2x_m16", "Issue 16: PP-OCRv4 recogniser at 2x measured latency, ranks multiples of 16"),
+    ("recover_ppocr_rec_lat2x", "Issue 16: PP-OCRv4 recogniser at 2x measured latency, ranks multiples of 1"),
+    ("recover_ppocr_rec_3x_none", "Issue 16: recovery on the PP-OCRv4 recogniser at 3x FLOPs, augment none"),
+    ("recover_ppocr_rec_3x_cn", "Issue 16: recovery on the PP-OCRv4 recogniser at 3x FLOPs, crop + noise"),
+    ("recover_ppocr_rec_lat1.7x", "Issue 16: recovery on the PP-OCRv4 recogniser at 1.7x measured latency"),
+    ("recover_ppocr_rec_5x_none", "Issue 16: recovery on the PP-OCRv4 recogniser at 5x FLOPs, augment none"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
