@@ -183,7 +183,7 @@ def ppocr_rec(args) -> None:
         fact_model, info = _cached_rec_compression(model_path, calib_x, args)
     except RankSelectionError as err:   # the target is out of reach: the section says so, with the tool's bound
         md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
-                           f"{args.objective}: target out of reach")
+                           f"{args.objective}, rank multiple {args.rank_multiple or 'default'}: target out of reach")
         md += (f"{args.calib} calibration lines (seed 1), --objective {args.objective}, --threads {args.threads}, "
                f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
                f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")

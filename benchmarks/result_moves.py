@@ -88,7 +88,7 @@ def main() -> None:
                     s = score(name, original, out)
                     data.append({"model": name, "objective": objective, "code": label, "sha256": digest, **s})
                     rows.append([name, objective, label, digest[:12]] + [f"{k} {v:.6f}" for k, v in s.items()])
-    md = common.header("No-result-moves cases: old tree against this one")
+    md = common.header(f"No-result-moves cases: {args.old.name} against this tree ({args.name})")
     md += (f"Old = `{args.old}`, new = this tree. The four compressions of tests/test_no_result_moves.py (its "
            "settings), scored against the original model on inputs the compression did not see (see the script's "
            "docstring).\n\n")
