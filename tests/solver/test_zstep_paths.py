@@ -106,3 +106,25 @@ def test_smooth_elements_on_a_flat_objective(act):
     assert np.mean(rel > 1e-6) <= 0.01, float(np.mean(rel > 1e-6))
     f1 = z_objective(z, a, u, lam, act)  # before the revisit: the revisit must help, never hurt
     assert np.all(f <= f1 + 1e-6 * (1.0 + f1)) and np.sum(f) < np.sum(f1)
+
+
+@pytest.mark.parametrize("kind", ["relu", "hardswish", "silu", "gelu"])
+def test_two_threads_give_the_serial_answer(kind, monkeypatch):
+    """Above THREAD_MIN_ELEMENTS the rows are solved in two halves on two threads: every z and cost equals the
+    one-loop answer exactly (elementwise work), and the sums agree to round-off (added per half)."""
+    from onnx_lowrank.solver.activations import zstep
+
+    rng = np.random.default_rng(5)
+    act = getattr(Activation, kind)()
+    n, d = 3000, 120
+    assert n * d >= zstep.THREAD_MIN_ELEMENTS and len(zstep._chunks(n, zstep._BLOCK // d, d)) == 2
+    a = act.apply(2 * rng.standard_normal((n, d))) + 0.1 * rng.standard_normal((n, d))
+    u, z0 = 2 * rng.standard_normal((n, d)), 2 * rng.standard_normal((n, d))
+    z2, c2, s2 = zstep._z_solve(a, u, 0.3, act, z0, want_cost=True, want_sums=True)
+    monkeypatch.setattr(zstep, "THREAD_MIN_ELEMENTS", 10 ** 12)
+    assert len(zstep._chunks(n, zstep._BLOCK // d, d)) == 1
+    z1, c1, s1 = zstep._z_solve(a, u, 0.3, act, z0, want_cost=True, want_sums=True)
+    np.testing.assert_array_equal(z2, z1)
+    np.testing.assert_array_equal(c2, c1)
+    for f in ("fit", "pen", "loss_u"):
+        assert getattr(s2, f) == pytest.approx(getattr(s1, f), rel=1e-12)

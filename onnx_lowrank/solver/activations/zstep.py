@@ -8,6 +8,7 @@ supplies the block solver (closed forms for the piecewise kinds, Newton for the 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ from .base import Activation, Pool
 # microseconds per block and operation, which is small next to that.
 
 _BLOCK = 1 << 15  # elements per block: the scratch arrays of a block stay in L2
+#: Elements from which the rows are solved in two halves on two threads (:func:`_chunks`).
+THREAD_MIN_ELEMENTS = 1 << 18
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
@@ -97,9 +100,46 @@ def _z_solve(
     z2 = z.reshape(nrow, ncol)
     kind = act.impl
     cost2 = np.empty((nrow, ncol)) if want_cost else None
-    sums = ZSums() if want_sums else None
-    solver = kind.block_solver(lam)
     step = max(1, _BLOCK // max(ncol, 1))
+    bounds = _chunks(nrow, step, ncol)
+    # one solver per chunk, made here: a smooth kind's table is built (and cached) before any thread starts
+    parts = [(lo, hi, kind.block_solver(lam)) for lo, hi in bounds]
+
+    def solve(part):
+        lo, hi, solver = part
+        return _solve_rows(kind, solver, lam, a2[lo:hi], u2[lo:hi], None if z02 is None else z02[lo:hi],
+                           z2[lo:hi], None if cost2 is None else cost2[lo:hi], step, want_sums)
+
+    if len(parts) > 1:
+        with ThreadPoolExecutor(max_workers=len(parts)) as ex:
+            chunk_sums = list(ex.map(solve, parts))
+    else:
+        chunk_sums = [solve(parts[0])]
+    sums = None
+    if want_sums:  # added in chunk order: the same bytes whatever the threads' timing
+        sums = ZSums()
+        for c in chunk_sums:
+            sums.fit += c.fit
+            sums.pen += c.pen
+            sums.loss_u += c.loss_u
+    return z, (None if cost2 is None else cost2.reshape(shape)), sums
+
+
+def _chunks(nrow: int, step: int, ncol: int) -> list[tuple[int, int]]:
+    """Row ranges solved on their own threads: two halves (whole blocks) once the data holds at least
+    :data:`THREAD_MIN_ELEMENTS`, else one. NumPy releases the GIL inside each operation on a block, so two
+    threads use both cores for the elementwise z step (the rest of the solve already does, through BLAS and
+    onnxruntime). The split depends on the size only, never on the machine: same inputs, same bytes."""
+    if nrow * ncol < THREAD_MIN_ELEMENTS or nrow < 2 * step:
+        return [(0, nrow)]
+    mid = -(-nrow // (2 * step)) * step
+    return [(0, mid), (mid, nrow)]
+
+
+def _solve_rows(kind, solver, lam: float, a2, u2, z02, z2, cost2, step: int, want_sums: bool) -> ZSums:
+    """The block loop over a range of rows, with its own scratch pool and solver; its sums."""
+    nrow, ncol = a2.shape
+    sums = ZSums()
     P = Pool(min(step, nrow) * ncol)
     tracks_loss_u = hasattr(solver, "loss_u")
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
@@ -111,7 +151,7 @@ def _z_solve(
             cb = solver(ab, ub, None if z02 is None else z02[s], zb, P, i * ncol)
             if cost2 is not None:
                 cost2[s] = cb
-            if sums is not None:
+            if want_sums:
                 if not tracks_loss_u:
                     t = kind.value_block(ub, P)
                     np.subtract(ab, t, out=t)
@@ -125,11 +165,9 @@ def _z_solve(
         if finish is not None:
             d_obj, d_pen = finish(a2.reshape(-1), u2.reshape(-1), z2.reshape(-1),
                                   None if cost2 is None else cost2.reshape(-1))
-            if sums is not None:
-                sums.pen += d_pen
-                sums.fit += d_obj - lam * d_pen
-    if sums is not None:
-        if tracks_loss_u:
-            sums.loss_u = solver.loss_u
-        sums.fit = max(sums.fit, 0.0)
-    return z, (None if cost2 is None else cost2.reshape(shape)), sums
+            sums.pen += d_pen
+            sums.fit += d_obj - lam * d_pen
+    if tracks_loss_u:
+        sums.loss_u = solver.loss_u
+    sums.fit = max(sums.fit, 0.0)
+    return sums
