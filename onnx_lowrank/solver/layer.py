@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
+from .activations.zstep import _BLOCK as ZSTEP_BLOCK
+from .activations.zstep import THREAD_MIN_ELEMENTS as ZSTEP_THREAD_MIN
 from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
 from .nonlinear import HeldOut, nonlinear_reconstruction
 from .reconstruction import Factorisation, linear_reconstruction, pca_rows
@@ -43,6 +45,10 @@ SOLVE_SQUARES = 6
 #: the rank nears d (1.05 measured at rank 24 and 300 of 2,500 channels), beside :data:`PCA_BLOCKS` of its Gram's
 #: blocks of rows (widened and centred).
 PCA_SQUARES = 2
+#: The second thread's scratch pool of a z step solved in two halves (activations/zstep.py, from
+#: ``THREAD_MIN_ELEMENTS``), whatever the rows: about 22 float64 buffers of a block for HardSwish (1.6 arrays of
+#: 4,800 x 96 fitted rows beyond the one-thread figure, when that size was threaded); reserved at 24.
+ZSTEP_SCRATCH_BYTES = 24 * 8 * ZSTEP_BLOCK
 PCA_BLOCKS = 4
 
 
@@ -76,7 +82,9 @@ def solve_memory(kind: str, d: int, fitted: int, held: int, asymmetric: bool = T
         fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d), PCA_SQUARES
     else:
         fit_rows, squares = solve_arrays(kind, asymmetric, method) * fitted, SOLVE_SQUARES
-    return 8 * d * (max(fit_rows, HELD_ARRAYS * gram_block_rows(held, d)) + squares * d)
+    threaded = method == "nonlinear" and kind != "identity" and fitted * d >= ZSTEP_THREAD_MIN
+    return 8 * d * (max(fit_rows, HELD_ARRAYS * gram_block_rows(held, d)) + squares * d) + \
+        (ZSTEP_SCRATCH_BYTES if threaded else 0)
 
 
 @dataclass

@@ -96,3 +96,17 @@ def test_a_wide_symmetric_linear_fit_with_a_rank_bound_holds_no_square_matrix():
     peak = _peak(Activation("identity"), rows, 24, bound=120)
     bound = solve_memory("identity", d, fitted, held, asymmetric=False, bound=120)
     assert peak <= bound < 8 * d * d and peak < 0.75 * 8 * d * d
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "silu"])
+def test_a_threaded_z_step_stays_within_solve_memory(kind):
+    """Fitted rows above the z step's THREAD_MIN_ELEMENTS: two halves on two threads, each with its own scratch
+    pool; the second pool is reserved (solver.layer.ZSTEP_SCRATCH_BYTES)."""
+    from onnx_lowrank.solver.activations.zstep import THREAD_MIN_ELEMENTS
+
+    rows = _rows(14000, 96, True, True)
+    fitted, held = int(rows[4].sum()), int(rows[5].sum())
+    assert fitted * 96 >= THREAD_MIN_ELEMENTS
+    act = Activation(kind)
+    peak = _peak(act, rows)
+    assert peak <= solve_memory(kind, 96, fitted, held, True), f"{peak / (8 * fitted * 96):.2f} arrays"

@@ -116,7 +116,7 @@ def test_two_threads_give_the_serial_answer(kind, monkeypatch):
 
     rng = np.random.default_rng(5)
     act = getattr(Activation, kind)()
-    n, d = 3000, 120
+    n, d = 9000, 120
     assert n * d >= zstep.THREAD_MIN_ELEMENTS and len(zstep._chunks(n, zstep._BLOCK // d, d)) == 2
     a = act.apply(2 * rng.standard_normal((n, d))) + 0.1 * rng.standard_normal((n, d))
     u, z0 = 2 * rng.standard_normal((n, d)), 2 * rng.standard_normal((n, d))

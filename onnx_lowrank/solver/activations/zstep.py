@@ -24,7 +24,8 @@ from .base import Activation, Pool
 
 _BLOCK = 1 << 15  # elements per block: the scratch arrays of a block stay in L2
 #: Elements from which the rows are solved in two halves on two threads (:func:`_chunks`).
-THREAD_MIN_ELEMENTS = 1 << 18
+#: From 2^20 its second scratch pool (a fixed few MB) is under an array of the rows; sampling_plan reserves it.
+THREAD_MIN_ELEMENTS = 1 << 20
 
 
 def z_objective(z: np.ndarray, a: np.ndarray, u: np.ndarray, lam: float, act: Activation) -> np.ndarray:
