@@ -9,6 +9,7 @@ import click
 from . import progress
 from .cli import CONTEXT, main
 from .cli_options import image_options, preprocess
+from .recover.run import LOSS_CHOICES
 
 
 @main.command("recover", context_settings=CONTEXT)
@@ -30,7 +31,7 @@ from .cli_options import image_options, preprocess
 @click.option("--augment", default="none", show_default=True, metavar="none|auto|NAMES",
               help="Image inputs: flip, crop, zoom, noise, mixup, cutmix (auto: crop and noise for image inputs, "
                    "none otherwise). None by default: on the measured models they cost more than they gave.")
-@click.option("--loss", type=click.Choice(["nmse", "kl"]), default="nmse", show_default=True,
+@click.option("--loss", type=click.Choice(list(LOSS_CHOICES)), default="nmse", show_default=True,
               help="What training and early stopping minimise: nmse (squared error of the outputs over their energy, "
                    "any output) or kl (T^2 KL divergence of the softmax at --temperature over the last axis, for "
                    "class logits).")

@@ -109,15 +109,15 @@ def _cap_wide_layers(plan, positions: dict[int, int], images: int, max_bytes: in
     6,625-class classifier) are capped alone first, so that one such layer does not scale every other
     layer's rows down with it."""
     out = dict(positions)
+    fit, half = fit_images(images, cfg.holdout_every), max_bytes // 2
     for p in plan:
-        fixed = layer_solve_bytes(p, 0, 0, cfg)              # its (d, d) matrices
-        at = _planned_rows({p.layer_id: out[p.layer_id]}, images, cfg)
-        if layer_solve_bytes(p, *at(p), cfg) <= max_bytes // 2:
-            continue
-        # one position per image more or less can switch an asymmetric fit to a symmetric one: search down
         k = out[p.layer_id]
-        while k > 1 and layer_solve_bytes(p, *_planned_rows({p.layer_id: k}, images, cfg)(p), cfg) > max_bytes // 2:
+        # one position per image more or less can switch an asymmetric fit to a symmetric one: search down
+        while k > 1 and layer_solve_bytes(p, k * images, k * fit, cfg) > half:
             k -= 1
+        if k == out[p.layer_id] and layer_solve_bytes(p, k * images, k * fit, cfg) <= half:
+            continue
+        fixed = layer_solve_bytes(p, 0, 0, cfg)              # its (d, d) matrices
         progress.log(f"note: {p.layer.name}: {out[p.layer_id]} -> {k} positions per image, so that its "
                      f"solve fits half of --max-memory ({fixed / 2 ** 20:.0f}M of it for (d, d) matrices)")
         out[p.layer_id] = k
@@ -136,15 +136,18 @@ def within_memory(plan, positions: dict[int, int], images: int | None, max_bytes
     if not images or need(positions) <= max_bytes:
         return positions
     positions = _cap_wide_layers(plan, positions, images, max_bytes, cfg)
-    if need(positions) <= max_bytes:
+    needed = need(positions)
+    if needed <= max_bytes:
         return positions
-    scale = max_bytes / need(positions)
+    scale = max_bytes / needed
     out = {i: max(1, int(k * scale)) for i, k in positions.items()}
-    while need(out) > max_bytes and any(k > 1 for k in out.values()):
+    needed = need(out)
+    while needed > max_bytes and any(k > 1 for k in out.values()):
         out = {i: max(1, k - 1) for i, k in out.items()}
-    if need(out) > max_bytes:
+        needed = need(out)
+    if needed > max_bytes:
         raise LowRankError(f"--max-memory {max_bytes / 2 ** 20:.0f}M cannot hold one sampled position per image of "
-                           f"{images} images ({need(out) / 2 ** 20:.0f}M with the largest layer's solve): raise "
+                           f"{images} images ({needed / 2 ** 20:.0f}M with the largest layer's solve): raise "
                            "--max-memory or lower --max-images")
     progress.log(f"note: calibration samples limited to --max-memory {max_bytes / 2 ** 20:.0f}M (samples and the "
                  f"largest layer's solve): positions per image scaled by {scale:.2f} (the report gives the rows per "

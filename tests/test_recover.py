@@ -210,6 +210,7 @@ def test_cutmix_pastes_one_box_of_another_image():
         assert changed[box].all()                         # one filled rectangle
         assert any(np.array_equal(out[:, box[0], box[1]], o[:, box[0], box[1]]) for o in x)
         assert rows[-1] - rows[0] + 1 <= 6 and cols[-1] - cols[0] + 1 <= 5   # at most half of each side
+    assert not np.array_equal(y, x)                       # some image took a box (else the loop checks nothing)
 
 
 def test_zoom_enlarges_a_window_without_padding():

@@ -58,7 +58,11 @@ def large_model_bytes() -> int:
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether the weights alone pass the limit, counted from their shapes: ``ByteSize`` walks every byte
     of the message (about 0.08 s for a 100 MB model) and this is asked for every session made."""
-    return sum(_nbytes(t) for t in _tensors(model) if t.data_type) > large_model_bytes()
+    return _weight_bytes(_tensors(model)) > large_model_bytes()
+
+
+def _weight_bytes(tensors: list[TensorProto]) -> int:
+    return sum(_nbytes(t) for t in tensors if t.data_type)
 
 
 def _tensors(model: onnx.ModelProto) -> list[TensorProto]:
@@ -75,7 +79,8 @@ def has_external_data(model: onnx.ModelProto) -> bool:
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     """Whether the model is written and run with its weights in data files."""
-    return has_external_data(model) or is_large(model)
+    tensors = _tensors(model)   # one walk of the graph for both questions: asked at every session made
+    return any(_external(t) for t in tensors) or _weight_bytes(tensors) > large_model_bytes()
 
 
 def _info(t: TensorProto) -> dict[str, str]:

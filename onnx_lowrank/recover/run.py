@@ -197,7 +197,7 @@ def format_recovery(rep: dict) -> str:
     lines = ["epoch  fit loss    held-back loss" + ("  held-back NMSE" if both else ""),
              "-----  ----------  --------------" + ("  --------------" if both else "")]
     for e in rep["epochs"]:
-        fit = "-" if e["fit_loss"] is None else f"{e['fit_loss']:.5g}"
+        fit = f"{e['fit_loss']:.5g}"
         mark = "  <- kept" if e["epoch"] == rep["epoch_kept"] else ""
         nmse = f"  {e['held_back_nmse']:>14.5g}" if both else ""
         lines.append(f"{e['epoch']:>5}  {fit:>10}  {e['held_back_loss']:>14.5g}{nmse}{mark}")

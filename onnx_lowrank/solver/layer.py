@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import SMOOTH, Activation
-from .activations.zstep import _BLOCK as ZSTEP_BLOCK
-from .activations.zstep import THREAD_MIN_ELEMENTS as ZSTEP_THREAD_MIN
+from .activations.zstep import thread_scratch_bytes
 from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
 from .nonlinear import HeldOut, nonlinear_reconstruction
 from .reconstruction import Factorisation, linear_reconstruction, pca_rows
@@ -45,10 +44,6 @@ SOLVE_SQUARES = 6
 #: the rank nears d (1.05 measured at rank 24 and 300 of 2,500 channels), beside :data:`PCA_BLOCKS` of its Gram's
 #: blocks of rows (widened and centred).
 PCA_SQUARES = 2
-#: The second thread's scratch pool of a z step solved in two halves (activations/zstep.py, from
-#: ``THREAD_MIN_ELEMENTS``), whatever the rows: about 22 float64 buffers of a block for HardSwish (1.6 arrays of
-#: 4,800 x 96 fitted rows beyond the one-thread figure, when that size was threaded); reserved at 24.
-ZSTEP_SCRATCH_BYTES = 24 * 8 * ZSTEP_BLOCK
 PCA_BLOCKS = 4
 
 
@@ -74,17 +69,19 @@ def solve_memory(kind: str, d: int, fitted: int, held: int, asymmetric: bool = T
     of a block of its ``held`` rows when scoring them takes more; and :data:`SOLVE_SQUARES` (d, d) matrices (:data:`PCA_SQUARES`
     for a symmetric linear fit: a 6,625-wide classifier's are 350 MB each, and its PCA holds no array of its
     9,600 fitted rows; none where the responses' rank ``bound`` lets the PCA come from a sketch, as that
-    classifier's 120 inputs do)."""
-    if symmetric_linear(kind == "identity", asymmetric, method) and sketchable(fitted, d, bound):
+    classifier's 120 inputs do); plus the z step's second thread's scratch where it splits the rows
+    (:func:`~.activations.zstep.thread_scratch_bytes`)."""
+    pca = symmetric_linear(kind == "identity", asymmetric, method)
+    if pca and sketchable(fitted, d, bound):
         # the sketch's (rows, bound + SKETCH_EXTRA) products, twice: no (d, d) matrix at all
         fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d) + -(-2 * fitted * (bound + SKETCH_EXTRA) // d), 0
-    elif symmetric_linear(kind == "identity", asymmetric, method):
+    elif pca:
         fit_rows, squares = PCA_BLOCKS * gram_block_rows(fitted, d), PCA_SQUARES
     else:
         fit_rows, squares = solve_arrays(kind, asymmetric, method) * fitted, SOLVE_SQUARES
-    threaded = method == "nonlinear" and kind != "identity" and fitted * d >= ZSTEP_THREAD_MIN
+    z_step = method == "nonlinear" and kind != "identity"
     return 8 * d * (max(fit_rows, HELD_ARRAYS * gram_block_rows(held, d)) + squares * d) + \
-        (ZSTEP_SCRATCH_BYTES if threaded else 0)
+        (thread_scratch_bytes(fitted, d) if z_step else 0)
 
 
 @dataclass
@@ -135,21 +132,25 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     # target is freed before the nonlinear solve.
     sym = linear_reconstruction(lin_target, rank) if asym and safety_net else None
     del lin_target
-    yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
-    target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
-    target = act.apply(target)
     f, used = lin, "linear"
     if method == "nonlinear" and not act.is_identity:
+        # The held-back rows stop the loop where it starts to overfit the fitted ones (symmetric: the inputs
+        # are the originals, so the target is their sum).
+        yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
+        if asym:
+            target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
+        else:
+            target = yh_held if sh_held is None else yh_held + sh_held
+        target = act.apply(target)
         # ``pre`` already holds the shortcut: given as Y with no offset, and yhat given explicitly in the
         # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
-        # The held-back rows stop the loop where it starts to overfit the fitted ones.
         f, _ = nonlinear_reconstruction(
             pre, rank, act, Yhat=xf if asym else (pre if s is None else _rows(y, fit)), offset_hat=shf,
             init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None,
             **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
+        del yh_held, sh_held, target
     del pre, xf, shf
-    del yh_held, sh_held, target
     return _scored(f, lin, used, sym, y, yh if asym else y, act, held, s, sh if asym else s, safety_net)
 
 

@@ -101,7 +101,7 @@ def test_a_wide_symmetric_linear_fit_with_a_rank_bound_holds_no_square_matrix():
 @pytest.mark.parametrize("kind", ["hardswish", "silu"])
 def test_a_threaded_z_step_stays_within_solve_memory(kind):
     """Fitted rows above the z step's THREAD_MIN_ELEMENTS: two halves on two threads, each with its own scratch
-    pool; the second pool is reserved (solver.layer.ZSTEP_SCRATCH_BYTES)."""
+    pool; the second pool is reserved (activations.zstep.THREAD_SCRATCH_BYTES)."""
     from onnx_lowrank.solver.activations.zstep import THREAD_MIN_ELEMENTS
 
     rows = _rows(14000, 96, True, True)

@@ -174,7 +174,7 @@ class Activation:
         object.__setattr__(self, "impl", cls(p))
 
     def _key(self) -> tuple:
-        return (self.kind, tuple(sorted((k, _hashable(v)) for k, v in self.params.items())))
+        return self.impl.key()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Activation):

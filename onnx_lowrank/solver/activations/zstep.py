@@ -101,7 +101,7 @@ def _z_solve(
     z2 = z.reshape(nrow, ncol)
     kind = act.impl
     cost2 = np.empty((nrow, ncol)) if want_cost else None
-    step = max(1, _BLOCK // max(ncol, 1))
+    step = _rows_per_block(ncol)
     bounds = _chunks(nrow, step, ncol)
     # one solver per chunk, made here: a smooth kind's table is built (and cached) before any thread starts
     parts = [(lo, hi, kind.block_solver(lam)) for lo, hi in bounds]
@@ -123,7 +123,22 @@ def _z_solve(
             sums.fit += c.fit
             sums.pen += c.pen
             sums.loss_u += c.loss_u
+        sums.fit = max(sums.fit, 0.0)
     return z, (None if cost2 is None else cost2.reshape(shape)), sums
+
+
+#: The second thread's scratch pool (its own :class:`Pool`) when the rows are solved in two halves, whatever the
+#: rows: about 22 float64 buffers of a block for HardSwish (tests/solver/test_solve_memory.py); reserved at 24.
+THREAD_SCRATCH_BYTES = 24 * 8 * _BLOCK
+
+
+def _rows_per_block(ncol: int) -> int:
+    return max(1, _BLOCK // max(ncol, 1))
+
+
+def thread_scratch_bytes(nrow: int, ncol: int) -> int:
+    """Memory a z step on (nrow, ncol) data holds beyond one thread's: the second half's scratch pool, if split."""
+    return THREAD_SCRATCH_BYTES if len(_chunks(nrow, _rows_per_block(ncol), ncol)) > 1 else 0
 
 
 def _chunks(nrow: int, step: int, ncol: int) -> list[tuple[int, int]]:
@@ -170,5 +185,4 @@ def _solve_rows(kind, solver, lam: float, a2, u2, z02, z2, cost2, step: int, wan
             sums.fit += d_obj - lam * d_pen
     if tracks_loss_u:
         sums.loss_u = solver.loss_u
-    sums.fit = max(sums.fit, 0.0)
     return sums
