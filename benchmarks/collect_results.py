@@ -115,6 +115,7 @@ ORDER = [
     ("compress_time_rec_final", "Issue 17: the recogniser on the merged tree, quiet machine"),
     ("compress_time_rec_zthreads", "Issue 17: the recogniser with the z step on two threads (branch zthreads)"),
     ("compress_time_rec_threads", "Issue 17: the recogniser on the final tree, two runs"),
+    ("compress_time_profile_final_rec", "Issue 17: where the recogniser's solve goes on the final tree (profile)"),
     ("compress_time_minilm_final", "Issue 17: MiniLM on the final tree"),
     ("result_moves_merged", "Issue 17: no-result-moves cases before and after merging the two solver branches"),
     ("large_model", "Issue 14: a generated model over 2 GB, compressed with external data"),

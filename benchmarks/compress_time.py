@@ -238,10 +238,10 @@ def write(cases, rows: list[dict], args) -> None:
     (common.RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
-def profile(case, top: int = 25) -> None:
+def profile(case, stem: str | None = None, top: int = 25) -> None:
     """One compress of ``case`` with this tree, in this process, with timers around the solve's parts
     (z-step per activation kind, linear fits, eigendecompositions, the nonlinear loop, propagation) and
-    cProfile; writes ``benchmarks/results/compress_time_profile_<case>.md``."""
+    cProfile; writes ``benchmarks/results/<stem>.md`` (default ``compress_time_profile_<case>``)."""
     import cProfile
     import io
     import pstats
@@ -300,7 +300,7 @@ def profile(case, top: int = 25) -> None:
     md += "\n\ncProfile, top by own time:\n\n```\n" + "\n".join(
         line[:160] for line in s.getvalue().strip().splitlines()[-top - 2:]) + "\n```\n"
     md += f"\naccuracy of this run: {fmt(case.accuracy(out))} ({case.metric}; original {fmt(case.original)})\n"
-    common.write_result(f"compress_time_profile_{case.name}", md)
+    common.write_result(stem or f"compress_time_profile_{case.name}", md)
 
 
 def _commit(tree: str) -> str:
@@ -321,7 +321,7 @@ def main() -> None:
                     "saw it not finish in 5 minutes")
     ap.add_argument("--name", default="compress_time", help="result file stem in benchmarks/results")
     ap.add_argument("--profile", action="store_true", help="instead: one timed and profiled compress per case "
-                    "with this tree (results/compress_time_profile_<case>.md)")
+                    "with this tree (results/compress_time_profile_<case>.md, or <name>_<case>.md with --name)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -332,7 +332,7 @@ def main() -> None:
             print(f"skip {name}: {exc}", flush=True)
     if args.profile:
         for case in cases:
-            profile(case)
+            profile(case, None if args.name == "compress_time" else f"{args.name}_{case.name}")
         return
     trees = [t for t in (args.old, str(common.ROOT)) if t]
     rows = []
