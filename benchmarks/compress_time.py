@@ -292,7 +292,7 @@ def profile(case, stem: str | None = None, top: int = 25) -> None:
                  f"{100 * (t['nonlinear fits'] - zs) / phase:.0f} %"])
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
-    md = common.header(f"Where the solve goes: {case.label} (this tree, cProfile on)")
+    md = common.header(f"Where the solve goes: {case.label} (this tree {_commit(str(common.ROOT))}, cProfile on)")
     md += (f"Whole compress {wall:.1f} s under cProfile (load at start {load()}); percentages of the asymmetric "
            f"solve phase. Timers nest: the z-step is inside the nonlinear fits, eigendecompositions inside "
            f"both kinds of fit, all of them inside the per-layer solves.\n\n")
