@@ -104,6 +104,7 @@ ORDER = [
     ("compress_time_rec_recspeed_pair", "Issue 17: the recogniser at 2G, branch point and recspeed alternately"),
     ("compress_time_profile_rec_recspeed", "Issue 17: where the recogniser's solve goes, branch recspeed (profile)"),
     ("memory_cap_500_recspeed", "Issue 17: peak memory, 500 images, with the solve reserved by kind of fit"),
+    ("memory_cap_500_final", "Issue 17: peak memory, 500 images, the final tree"),
     ("moved_hashes_recspeed", "Issue 17: the byte-identity test's cases before and after branch recspeed"),
     ("compress_time_minilm_mstep", "Issue 17: MiniLM compress time with the whitened float32 M step and the "
      "held-back stop"),

@@ -155,6 +155,8 @@ def main():
     ap.add_argument("--together", action="store_true",
                     help="run the caps at the same time (peaks are per process; wall times then load each other)")
     ap.add_argument("--name", default="memory_cap", help="result file name in benchmarks/results (.md, .json)")
+    ap.add_argument("--tree", default="", help="words naming the tree measured, added to the section title so "
+                    "sections of different trees do not repeat")
     args = ap.parse_args()
     model = materialise("resnet50")
     runs = []
@@ -172,7 +174,8 @@ def main():
               f"{(r['samples_bytes'] or 0) / 2**20:.0f} MiB, limited {r['rows_limited_by_memory']}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=2))
-    md = header(f"Peak memory of a compress: light ResNet-50, {args.images} images of 224 x 224 (issue 17)")
+    tree = f", {args.tree}" if args.tree else ""
+    md = header(f"Peak memory of a compress: light ResNet-50, {args.images} images of 224 x 224{tree} (issue 17)")
     md += (f"Each run: `python {runs[0]['cmd']}` with the --max-memory shown, in a fresh process; machine "
            "shared with other jobs (2 cores): wall times are noisy, memory is not" + (" (the runs ran at the same time)"
            if args.together else "") + ". Images: PNG crops of the "
