@@ -75,6 +75,8 @@ ORDER = [
     ("recover_demo_kl", "Issue 16: recovery on the demo, NMSE vs KL at T 1 / 2 / 4"),
     ("recover_demo_kl_seeds", "Issue 16: recovery on the demo, NMSE vs KL over five seeds"),
     ("recover_demo_kl_all", "Issue 16: recovery on the demo, NMSE vs KL over five seeds, every weight trained"),
+    ("recover_demo_scheme_auto", "Issue 16: the demo at 10x with --scheme auto (3-D), then recovery (NMSE)"),
+    ("recover_demo_scheme_auto_kl", "Issue 16: the demo at 10x with --scheme auto (3-D), then recovery (KL)"),
     ("recover_kl_spread", "Issue 16: where the KL loss sits on the demo's images"),
     ("recover_rec2x_notes", "Issue 16: the PP-OCRv4 recogniser with today's defaults, and the measured 2x (reading)"),
     ("recover_ppocr_rec_lat2x_m16", "Issue 16: PP-OCRv4 recogniser at 2x measured latency, ranks multiples of 16"),

@@ -51,7 +51,7 @@ def demo(args) -> None:
     held = dict(np.load(DEMO / "heldout.npz"))
     labels = held.pop("label")
     comp = Compressor(str(DEMO / "mnist_vgg.onnx"), calib,
-                      CompressConfig(speedup=args.speedup, objective="flops", rank_multiple=1))
+                      CompressConfig(speedup=args.speedup, objective="flops", rank_multiple=1, scheme=args.scheme))
     fact = comp.run()
     print(f"compressed: {fact.report['speedup_theoretical']:.2f}x FLOPs")
 
@@ -70,8 +70,10 @@ def demo(args) -> None:
     load.append(os.getloadavg()[0])
     md = common.header(f"Recovery on the demo model (mnist_vgg): lr {args.lrs}, augment {args.augments}, "
                        f"train {args.train}, {args.epochs} epochs" + (f", loss {args.losses}" if args.losses != "nmse"
-                                                                      else ""))
-    md += (f"Compressed at {args.speedup}x FLOPs (nonlinear + asymmetric, ranks multiples of 1): "
+                                                                      else "")
+                       + (f", scheme {args.scheme}" if args.scheme != "channel" else ""))
+    md += (f"Compressed at {args.speedup}x FLOPs (nonlinear + asymmetric, ranks multiples of 1, scheme {args.scheme}"
+           f"{_schemes_kept(fact.report)}): "
            f"{fact.report['speedup_theoretical']:.2f}x theoretical. Calibration 500 images (400 fit, 100 held back "
            f"for early stopping); evaluation on the 1500 labelled held-out images. Original accuracy "
            f"{100 * base['accuracy_reference']:.2f} %, factorised {100 * base['accuracy_candidate']:.2f} % "
@@ -90,6 +92,15 @@ def demo(args) -> None:
     (common.RESULTS / f"recover_demo{args.tag}.json").write_text(json.dumps({"baseline": {k: v for k, v in base.items()
                                                                              if not isinstance(v, list)},
                                                                 "rows": rows}, indent=1, default=float))
+
+
+def _schemes_kept(report: dict) -> str:
+    """', kept: 3d 7' - how many layers each scheme took, from the compression report's layers."""
+    kept: dict[str, int] = {}
+    for layer in report.get("layers", []):
+        if layer.get("scheme"):
+            kept[layer["scheme"]] = kept.get(layer["scheme"], 0) + 1
+    return (", kept: " + ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))) if kept else ""
 
 
 #: The first columns of every recovery table: the setting and what early stopping saw (in the loss
@@ -328,6 +339,7 @@ def main() -> None:
     d.add_argument("--patience", type=int, default=3)
     d.add_argument("--seed", default="0", help="comma-separated seeds; with several, a summary over them")
     d.add_argument("--tag", default="")
+    d.add_argument("--scheme", default="channel", help="the compression's --scheme (channel, 3d, auto)")
     r = sub.add_parser("ppocr_rec")
     r.add_argument("--speedup", type=float, default=3.0)
     r.add_argument("--calib", type=int, default=300)
