@@ -38,8 +38,40 @@ def probe_model(model: onnx.ModelProto, layer: ConvLayer | None,
                               numpy_helper.from_array(np.ascontiguousarray(b, dtype=np.float32), maps[lay.output][2])])
     if layer is not None:
         maps[layer.output] = (layer, PROBE_W, PROBE_B)
-    nodes = []
-    found = set()
+    _splice(g, maps)
+    if layer is not None:
+        d = layer.out_channels
+        w_shape = [d, d] if is_dense(layer) else [d, d, 1, 1]
+        g.input.extend([helper.make_tensor_value_info(PROBE_W, TensorProto.FLOAT, w_shape),
+                        helper.make_tensor_value_info(PROBE_B, TensorProto.FLOAT, [d])])
+    return new
+
+
+def map_inputs(layer: ConvLayer) -> tuple[str, str]:
+    """Names of one layer's weight and bias inputs in :func:`probe_layers`."""
+    return f"{layer.output}__map_W", f"{layer.output}__map_B"
+
+
+def probe_layers(model: onnx.ModelProto, layers: list[ConvLayer]) -> onnx.ModelProto:
+    """Copy of ``model`` with a channel map after *each* of ``layers``, its weights inputs named by
+    :func:`map_inputs` (shaped as ``PROBE_W`` / ``PROBE_B``): one session evaluates any choice of maps."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    g = new.graph
+    maps = {lay.output: (lay, *map_inputs(lay)) for lay in layers}
+    _splice(g, maps)
+    for lay in layers:
+        d = lay.out_channels
+        w_name, b_name = map_inputs(lay)
+        g.input.extend([helper.make_tensor_value_info(w_name, TensorProto.FLOAT, [d, d] if is_dense(lay) else
+                                                      [d, d, 1, 1]),
+                        helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [d])])
+    return new
+
+
+def _splice(g: onnx.GraphProto, maps: dict) -> None:
+    """After the node producing each tensor of ``maps`` ({output: (layer, W name, B name)}), its map."""
+    nodes, found = [], set()
     for node in g.node:
         nodes.append(node)
         for y in [o for o in node.output if o in maps]:
@@ -52,12 +84,6 @@ def probe_model(model: onnx.ModelProto, layer: ConvLayer | None,
         raise KeyError(f"no node produces {sorted(set(maps) - found)}")
     del g.node[:]
     g.node.extend(nodes)
-    if layer is not None:
-        d = layer.out_channels
-        w_shape = [d, d] if is_dense(layer) else [d, d, 1, 1]
-        g.input.extend([helper.make_tensor_value_info(PROBE_W, TensorProto.FLOAT, w_shape),
-                        helper.make_tensor_value_info(PROBE_B, TensorProto.FLOAT, [d])])
-    return new
 
 
 def _probe_nodes(layer: ConvLayer, raw: str, y: str, w: str, b: str) -> list[onnx.NodeProto]:
