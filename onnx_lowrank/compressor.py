@@ -60,7 +60,8 @@ class Compressor:
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
                   "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
-                  "safety_net", "exchange_rounds", "exchange_tries")
+                  "safety_net", "exchange_rounds", "exchange_tries",
+                  "exchange_schedule")
 
     def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
                  shard: tuple[int, int] | None = None):

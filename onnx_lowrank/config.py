@@ -82,6 +82,9 @@ class CompressConfig:
     #: damage), and proposals measured end to end per round.
     exchange_rounds: int = 4
     exchange_tries: int = 4
+    #: ... the solver schedule of the fits that only rank the moves (each layer's step up and down); None: the
+    #: real schedule. Moves are always measured with real fits.
+    exchange_schedule: tuple | None = None
 
 
 def parse_size(value) -> int:

@@ -11,7 +11,8 @@ output damage on the held-back calibration images is measured with onnxruntime
 as an input, graph/probe.py). A move is kept only if that damage falls; greedy, at most
 ``cfg.exchange_rounds`` rounds of ``cfg.exchange_tries`` measured proposals each. Each layer's up-step
 gain and down-step loss are measured once in the built context (again for the layers a kept move
-changed) and rank the proposals. Layers after a moved one keep the fits they were solved with: the
+changed) and rank the proposals; with ``cfg.exchange_schedule`` those three fits per layer use that short
+schedule (cheaper; moves are still measured with the real fits). Layers after a moved one keep the fits they were solved with: the
 written model is exactly the one whose damage was measured.
 """
 
@@ -53,44 +54,51 @@ class Exchanges:
         self.plans, self.ladders, self.samples, self.inputs, self.cfg = plans, ladders, samples, inputs, cfg
         self.names = [p.layer.name for p in plans]
         self.at = [lad.options.index(p.rank) for lad, p in zip(ladders, plans)]
-        self.fits = {(i, p.rank): p for i, p in enumerate(plans)}
+        self.fits = {(i, p.rank, False): p for i, p in enumerate(plans)}
         base = rewrite_convs(model, {p.layer.name: p.stages() for p in fixed}) if fixed else model
         self.meter = DamageMeter(model, probe_layers(base, [p.layer for p in plans]), feeds, cfg.damage_metric,
                                  cfg.threads)
         self.damages: dict[tuple, float] = {}
         self.solves = 0
 
-    def plan_at(self, i: int, option):
-        """Layer i solved at ``option`` (a rank; None: kept whole), solved once per rank."""
+    def plan_at(self, i: int, option, short: bool = False):
+        """Layer i solved at ``option`` (a rank; None: kept whole), once per rank; ``short``: with
+        ``cfg.exchange_schedule`` (a fit for ranking moves only, never written)."""
         p = self.plans[i]
         if option is None:
             return replace(p, rank=None, status="skipped", reason=KEPT_WHOLE, factorisation=None, balanced=None,
                            split=None, method=None, rel_error=None, rel_error_linear=None, energy_kept=None,
                            asymmetric=None, note="")
-        if (i, option) not in self.fits:
+        if (i, option, short) not in self.fits:
             self.solves += 1
-            self.fits[(i, option)] = solve_again(p, option, self.samples, self.inputs[p.layer_id], self.cfg)
-        return self.fits[(i, option)]
+            cfg = replace(self.cfg, schedule=self.cfg.exchange_schedule) if short else self.cfg
+            self.fits[(i, option, short)] = solve_again(p, option, self.samples, self.inputs[p.layer_id], cfg)
+        return self.fits[(i, option, short)]
 
-    def damage(self, at) -> float:
-        key = tuple(at)
+    def damage(self, at, short: int | None = None) -> float:
+        """Output damage with every layer at its option of ``at`` (layer ``short`` with its short fit)."""
+        key = (tuple(at), short)
         if key not in self.damages:
             feed = {}
             for i, k in enumerate(at):
                 opt = self.ladders[i].options[k]
-                f = None if opt is None else self.plan_at(i, opt).factorisation
+                f = None if opt is None else self.plan_at(i, opt, short == i).factorisation
                 w_name, b_name = map_inputs(self.plans[i].layer)
                 feed[w_name], feed[b_name] = map_weights(self.plans[i].layer, f)
             self.damages[key] = self.meter(feed)
         return self.damages[key]
 
     def marginals(self, i: int, now: float) -> tuple[float | None, float | None]:
-        """(damage decrease of layer i one step up, damage increase one step down) from the current state."""
+        """(damage decrease of layer i one step up, damage increase one step down) from the current state
+        (with ``cfg.exchange_schedule``: each of the three measured with layer i's short fits)."""
+        short = i if self.cfg.exchange_schedule else None
+        if short is not None and self.ladders[i].options[self.at[i]] is not None:
+            now = self.damage(self.at, short)
         up = down = None
         if self.at[i] + 1 < len(self.ladders[i].options):
-            up = now - self.damage(apply(self.at, Move(i, None, 0, 0.0)))
+            up = now - self.damage(apply(self.at, Move(i, None, 0, 0.0)), short)
         if self.at[i] > 0:
-            down = self.damage(apply(self.at, Move(None, i, 1, 0.0))) - now
+            down = self.damage(apply(self.at, Move(None, i, 1, 0.0)), short) - now
         return up, down
 
 
@@ -116,11 +124,14 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
         for i in range(len(pairs)):
             gain[i], loss[i] = ex.marginals(i, now)
             update(1, ex.names[i])
-    taken = []
+    first = dict(zip(ex.names, zip(gain, loss)))
+    taken, tried = [], []
     with progress.bar("exchanges", cfg.exchange_rounds, "round") as update:
         for _ in range(cfg.exchange_rounds):
             proposals = moves(ex.ladders, ex.at, budget, gain, loss)[:cfg.exchange_tries]
             measured = [(ex.damage(apply(ex.at, m)), k, m) for k, m in enumerate(proposals)]
+            tried.append([{"move": m.describe(ex.names), "predicted": m.predicted, "damage": d}
+                          for d, _, m in measured])
             best = min(measured, default=None, key=lambda t: (t[0], t[1]))
             if best is None or not best[0] < now:
                 update(1, "no proposal lowers the damage" if proposals else "no proposal")
@@ -147,7 +158,9 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
     summary = {"metric": ex.meter.metric.name, "damage_before": start, "damage_after": now, "budget": budget,
                "cost_after": total_cost(ex.ladders, ex.at), "layers_movable": len(pairs),
                "held_back_images": sum(len(next(iter(f.values()))) for f in feeds), "evaluations": ex.meter.calls,
-               "solves": ex.solves, "taken": taken, "seconds": time.perf_counter() - t0}
+               "solves": ex.solves, "taken": taken, "tried": tried, "marginals": first,
+               "schedule": [list(st) for st in cfg.exchange_schedule] if cfg.exchange_schedule else None,
+               "seconds": time.perf_counter() - t0}
     progress.log(f"exchanges: {len(taken)} taken, damage ({summary['metric']}) {start:.4g} -> {now:.4g}, "
                  f"{ex.meter.calls} evaluations, {ex.solves} solves, {summary['seconds']:.1f} s")
     return [out[p.layer_id] for p in solved], summary
