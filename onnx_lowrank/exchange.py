@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 
 from . import progress
-from .calibration.damage import DamageMeter, held_back_feeds, map_weights
+from .calibration.damage import DamageMeter, factor_weights, held_back_feeds
 from .graph.probe import map_inputs, probe_layers
 from .graph.rewrite import rewrite_convs
 from .solve import solve_again
@@ -83,8 +83,7 @@ class Exchanges:
             for i, k in enumerate(at):
                 opt = self.ladders[i].options[k]
                 f = None if opt is None else self.plan_at(i, opt, short == i).factorisation
-                w_name, b_name = map_inputs(self.plans[i].layer)
-                feed[w_name], feed[b_name] = map_weights(self.plans[i].layer, f)
+                feed.update(zip(map_inputs(self.plans[i].layer), factor_weights(self.plans[i].layer, f)))
             self.damages[key] = self.meter(feed)
         return self.damages[key]
 

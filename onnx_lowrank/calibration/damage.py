@@ -24,7 +24,7 @@ from ..graph.probe import PROBE_B, PROBE_W, probe_model
 from ..solver.reconstruction import Factorisation
 from ..runtime import CALIBRATION, run, session
 
-__all__ = ["METRICS", "held_back_feeds", "measure_damage", "DamageCache", "DamageMeter", "map_weights",
+__all__ = ["METRICS", "held_back_feeds", "measure_damage", "DamageCache", "DamageMeter", "factor_weights",
            "resolve_metric"]
 
 
@@ -106,18 +106,21 @@ def held_back_feeds(batches, holdout_every: int, most: int, batch: int, fixed: b
     return [{k: v[i:i + batch] for k, v in allx.items()} for i in range(0, total, batch)]
 
 
-def map_weights(layer: ConvLayer, f: Factorisation | None) -> tuple[np.ndarray, np.ndarray]:
-    """A probe's (weight, bias) inputs for ``f`` after ``layer`` (None: the identity, the layer kept whole)."""
+def factor_weights(layer: ConvLayer, f: Factorisation | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """graph/probe.py ``probe_layers``' (A, B, bias) inputs for ``f`` after ``layer`` (None: the identity, the
+    layer kept whole)."""
+    d = layer.out_channels
+    p, q, b = (np.eye(d), np.eye(d), np.zeros(d)) if f is None else (f.P, f.Q, f.b)
+    a, m = (q, p.T) if is_dense(layer) else (q.T[:, :, None, None], p[:, :, None, None])
+    return tuple(np.ascontiguousarray(x, dtype=np.float32) for x in (a, m, b))
+
+
+def _probe_weights(layer: ConvLayer, f: Factorisation | None) -> dict[str, np.ndarray]:
     d = layer.out_channels
     m = np.eye(d) if f is None else f.M
     b = np.zeros(d) if f is None else f.b
     w = m.T if is_dense(layer) else m[:, :, None, None]
-    return np.ascontiguousarray(w, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
-
-
-def _probe_weights(layer: ConvLayer, f: Factorisation | None) -> dict[str, np.ndarray]:
-    w, b = map_weights(layer, f)
-    return {PROBE_W: w, PROBE_B: b}
+    return {PROBE_W: np.ascontiguousarray(w, dtype=np.float32), PROBE_B: np.ascontiguousarray(b, dtype=np.float32)}
 
 
 class DamageMeter:
