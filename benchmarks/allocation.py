@@ -87,6 +87,7 @@ def main() -> None:
                     help="comma-separated, energy first (the loss ratios are against it)")
     ap.add_argument("--exchange-rounds", type=int, default=4)
     ap.add_argument("--exchange-tries", type=int, default=4)
+    ap.add_argument("--tag", default="", help="appended to the section name and title (e.g. a cold-cache rerun)")
     args = ap.parse_args()
     args.allocations = args.allocations.split(",")
     if args.allocations[0] != "energy" or len(args.allocations) < 2:
@@ -141,13 +142,16 @@ def write(args, rows, what, speedup, objective, setup_s, lat) -> None:
     others = args.allocations[1:]
     tag = "" if ",".join(args.allocations) == DEFAULT_ALLOCATIONS else "_".join(others) + "_"
     name = f"allocation_{tag}{args.model}_{objective}_{speedup:g}x"
+    if args.tag:
+        name += "_" + args.tag.replace(" ", "_")
     energy = rows[0]
     table = common.markdown_table(
         ["allocation", what, "theoretical x", "checked x (whole model)", "latency ratio (1 thr, b1, interleaved)",
          "compress s", "factorised layers"],
         [[r["allocation"], r["loss"], r["theoretical"], r["checked"] if r["checked"] else "-", r["latency_ratio"],
           r["compress_s"], len(r["ranks"])] for r in rows])
-    md = common.header(f"Allocation: energy vs {' and '.join(others)}, {args.model}, {speedup:g}x {objective}")
+    md = common.header(f"Allocation: energy vs {' and '.join(others)}, {args.model}, {speedup:g}x {objective}"
+                       + (f", {args.tag}" if args.tag else ""))
     md += (f"- {args.calib if args.model != 'demo' else 500} calibration inputs, --threads {args.threads}, "
            f"--rank-multiple {args.rank_multiple}, damage: {args.damage_fit} fits, metric {args.damage_metric}, "
            f"{args.damage_passes} pass(es); exchanges: at most {args.exchange_rounds} round(s) of "
