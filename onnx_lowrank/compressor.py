@@ -41,7 +41,7 @@ from .sampling_plan import (check_enough, collect_original, memory_need, positio
 from .schemes import SCHEME_CHOICES
 from .sensitivity import measure_layer_damage
 from .solver.allocation import ALLOCATORS
-from .solve import solve_all
+from .solve import energy, solve_all
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Compressor:
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
                   "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
                   "safety_net", "exchange_rounds", "exchange_tries",
-                  "exchange_schedule")
+                  "exchange_schedule", "exchange_resolve")
 
     def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
                  shard: tuple[int, int] | None = None):
@@ -197,8 +197,14 @@ class Compressor:
                                self.limit, self.positions, cfg, inputs)
             exchanges = None
             if inputs is not None and solved:
+                def solve_at(ranks):
+                    again = [replace(p, rank=ranks[p.layer_id], energy_kept=energy(p.spectrum, ranks[p.layer_id]))
+                             for p in chosen if ranks.get(p.layer_id)]
+                    return solve_all(self.model, self.value_types, self.source, again, self.samples, self.batch,
+                                     self.limit, self.positions, cfg)
+
                 solved, exchanges = refine(self.model, self.source, self.samples, solved, inputs, costs, cfg,
-                                           self.batch, self.limit, fixed_batch(input_specs(self.model)))
+                                           self.batch, self.limit, fixed_batch(input_specs(self.model)), solve_at)
         by_id = {p.layer_id: p for p in solved}
         plan = [by_id.get(p.layer_id, p) for p in plan]
         written = [p for p in solved if p.rank is not None]

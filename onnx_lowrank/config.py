@@ -85,6 +85,9 @@ class CompressConfig:
     #: ... the solver schedule of the fits that only rank the moves (each layer's step up and down); None: the
     #: real schedule. Moves are always measured with real fits.
     exchange_schedule: tuple | None = None
+    #: ... once moves were taken, solve every layer again at the refined ranks (one more asymmetric pass) and
+    #: keep that model if its held-back damage is lower.
+    exchange_resolve: bool = True
 
 
 def parse_size(value) -> int:

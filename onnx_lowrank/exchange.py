@@ -101,9 +101,13 @@ class Exchanges:
         return up, down
 
 
-def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch: int, limit, fixed_batch: bool):
+def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch: int, limit, fixed_batch: bool,
+           solve_at=None):
     """``(solved plans after the exchanges, summary for the report)``; plans that an exchange kept whole come
-    back with ``rank`` None (see module docstring)."""
+    back with ``rank`` None (see module docstring). ``solve_at({layer id: rank or None})``: every layer solved
+    again at those ranks (the asymmetric pass); with ``cfg.exchange_resolve``, once moves were taken, the
+    refined ranks are solved again so that the layers after a moved one fit its new output, and that model
+    is kept if its held-back damage is lower still."""
     t0 = time.perf_counter()
     pairs = [(p, ladder_of(p, costs, cfg)) for p in solved if movable(p, inputs)]
     pairs = [(p, lad) for p, lad in pairs if lad is not None]
@@ -154,12 +158,35 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
             q = replace(q, latency_after=after, note="; ".join(filter(None, [q.note, f"exchange: rank {p.rank} -> "
                                                                               f"{q.rank or 'whole'}"])))
         out[p.layer_id] = q
+    result = [out[p.layer_id] for p in solved]
+    resolved = None
+    if taken and cfg.exchange_resolve and solve_at is not None:
+        resolved, result = _solved_again(model, result, solve_at, feeds, ex.meter.metric.name, cfg, now)
     summary = {"metric": ex.meter.metric.name, "damage_before": start, "damage_after": now, "budget": budget,
+               "damage_solved_again": resolved, "kept_solved_again": resolved is not None and resolved < now,
                "cost_after": total_cost(ex.ladders, ex.at), "layers_movable": len(pairs),
                "held_back_images": sum(len(next(iter(f.values()))) for f in feeds), "evaluations": ex.meter.calls,
                "solves": ex.solves, "taken": taken, "tried": tried, "marginals": first,
                "schedule": [list(st) for st in cfg.exchange_schedule] if cfg.exchange_schedule else None,
                "seconds": time.perf_counter() - t0}
-    progress.log(f"exchanges: {len(taken)} taken, damage ({summary['metric']}) {start:.4g} -> {now:.4g}, "
-                 f"{ex.meter.calls} evaluations, {ex.solves} solves, {summary['seconds']:.1f} s")
-    return [out[p.layer_id] for p in solved], summary
+    progress.log(f"exchanges: {len(taken)} taken, damage ({summary['metric']}) {start:.4g} -> {now:.4g}"
+                 + ("" if resolved is None else f", solved again {resolved:.4g}"
+                    + (" (kept)" if summary["kept_solved_again"] else " (not kept)"))
+                 + f", {ex.meter.calls} evaluations, {ex.solves} solves, {summary['seconds']:.1f} s")
+    return result, summary
+
+
+def _solved_again(model, plans: list, solve_at, feeds: list[dict], metric: str, cfg, now: float):
+    """(held-back damage of the refined ranks solved again from scratch, the plans to keep)."""
+    again = {p.layer_id: p for p in solve_at({p.layer_id: p.rank for p in plans})}
+    written = [again[p.layer_id] for p in plans if p.layer_id in again]
+    rewritten = rewrite_convs(model, {p.layer.name: p.stages() for p in written}) if written else model
+    damage = DamageMeter(model, rewritten, feeds, metric, cfg.threads)({})
+    if not damage < now:
+        return damage, plans
+    def note(p, q):
+        moved = [t for t in p.note.split("; ") if t.startswith("exchange:")]
+        return "; ".join(filter(None, [q.note, *moved, "solved again at the refined ranks"]))
+
+    return damage, [replace(again[p.layer_id], latency_after=p.latency_after, note=note(p, again[p.layer_id]))
+                    if p.layer_id in again else p for p in plans]

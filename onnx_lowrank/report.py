@@ -163,7 +163,10 @@ def format_report(report: dict) -> str:
     if ex and "damage_before" in ex:
         lines.append(f"exchanges  : {len(ex['taken'])} taken of {ex['layers_movable']} movable layers, held-back "
                      f"{ex['metric']} {ex['damage_before']:.4g} -> {ex['damage_after']:.4g} "
-                     f"({ex['evaluations']} whole-model evaluations, {ex['solves']} solves, {ex['seconds']:.1f} s)")
+                     f"({ex['evaluations']} whole-model evaluations, {ex['solves']} solves, {ex['seconds']:.1f} s)"
+                     + ("" if ex.get("damage_solved_again") is None else
+                        f"; all solved again at those ranks: {ex['damage_solved_again']:.4g}"
+                        + (", kept" if ex["kept_solved_again"] else ", not kept")))
         for t in ex["taken"]:
             lines.append("             " + "; ".join(f"{n} {a} -> {b or 'whole'}" for n, (a, b) in t["ranks"].items())
                          + f": {t['damage_before']:.4g} -> {t['damage_after']:.4g}")
