@@ -12,8 +12,10 @@ as an input, graph/probe.py). A move is kept only if that damage falls; greedy, 
 ``cfg.exchange_rounds`` rounds of ``cfg.exchange_tries`` measured proposals each. Each layer's up-step
 gain and down-step loss are measured once in the built context (again for the layers a kept move
 changed) and rank the proposals; with ``cfg.exchange_schedule`` those three fits per layer use that short
-schedule (cheaper; moves are still measured with the real fits). Layers after a moved one keep the fits they were solved with: the
-written model is exactly the one whose damage was measured.
+schedule (cheaper; moves are still measured with the real fits). While moves are measured, layers after
+a moved one keep the fits they were solved with; once moves were taken, every layer is solved again at
+the refined ranks (``cfg.exchange_resolve``) and the better of the two models by held-back damage is
+written: the written model is always one whose damage was measured.
 """
 
 from __future__ import annotations
