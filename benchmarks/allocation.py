@@ -1,13 +1,16 @@
-"""Energy vs sensitivity allocation at the same target, side by side in one run (issue 15).
+"""Energy vs sensitivity (or refined) allocation at the same target, side by side in one run (issue 15).
 
-One Compressor (calibration once), then ``--allocation energy`` and ``--allocation sensitivity`` at the
+One Compressor (calibration once), then ``--allocation energy`` and the others of ``--allocations`` (default
+sensitivity; ``energy,refined``: the solved energy choice refined by exchanges checked end to end) at the
 same target and objective; each compressed model is evaluated on held-out data and the two (with the
 original) are timed interleaved in the same rounds, batch 1, one thread.
 
     python benchmarks/allocation.py demo                      # demo MNIST, 4x FLOPs: accuracy loss
     python benchmarks/allocation.py ppocr_rec --speedup 1.5   # PP-OCRv4 recogniser, measured 1.5x: CER increase
+    python benchmarks/allocation.py demo --allocations energy,refined
 
-Writes ``benchmarks/results/allocation_<model>_<objective>_<speedup>.md`` and ``.json``.
+Writes ``benchmarks/results/allocation_<model>_<objective>_<speedup>.md`` and ``.json`` (with other
+allocations than sensitivity: ``allocation_<them>_<model>_...``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ALLOCATIONS = ("energy", "sensitivity")
+DEFAULT_ALLOCATIONS = "energy,sensitivity"
 
 
 def demo_setup(args):
@@ -80,7 +83,15 @@ def main() -> None:
     ap.add_argument("--damage-passes", type=int, default=1)
     ap.add_argument("--damage-fit", default="linear", choices=["linear", "nonlinear"])
     ap.add_argument("--damage-metric", default="auto", choices=["auto", "nmse", "kl"])
+    ap.add_argument("--allocations", default=DEFAULT_ALLOCATIONS,
+                    help="comma-separated, energy first (the loss ratios are against it)")
+    ap.add_argument("--exchange-rounds", type=int, default=4)
+    ap.add_argument("--exchange-tries", type=int, default=4)
+    ap.add_argument("--tag", default="", help="appended to the section name and title (e.g. a cold-cache rerun)")
     args = ap.parse_args()
+    args.allocations = args.allocations.split(",")
+    if args.allocations[0] != "energy" or len(args.allocations) < 2:
+        ap.error("--allocations: energy first, then at least one other")
     demo = args.model == "demo"
     speedup = args.speedup or (4.0 if demo else 1.5)
     objective = args.objective or ("flops" if demo else "latency")
@@ -97,10 +108,11 @@ def main() -> None:
     cache = common.CACHE / "allocation"
     cache.mkdir(parents=True, exist_ok=True)
     rows, paths = [], {"original": model}
-    for alloc in ALLOCATIONS:
+    for alloc in args.allocations:
         t0 = time.perf_counter()
         res = comp.run(speedup=speedup, allocation=alloc, damage_passes=args.damage_passes,
-                       damage_fit=args.damage_fit, damage_metric=args.damage_metric)
+                       damage_fit=args.damage_fit, damage_metric=args.damage_metric,
+                       exchange_rounds=args.exchange_rounds, exchange_tries=args.exchange_tries)
         seconds = time.perf_counter() - t0
         path = cache / f"{args.model}.{objective}.{speedup:g}x.{alloc}.onnx"
         save_model_atomic(res.model, path)
@@ -109,14 +121,15 @@ def main() -> None:
         row = {"allocation": alloc, **score(comp.source_model, res.model), "compress_s": seconds,
                "theoretical": rep["speedup_theoretical"], "checked": rep["predicted_latency_speedup"],
                "ranks": {lay["name"]: lay["rank"] for lay in rep["layers"] if lay["rank"] is not None},
-               "damage": {lay["name"]: lay["damage"] for lay in rep["layers"] if lay["damage"] is not None}}
+               "damage": {lay["name"]: lay["damage"] for lay in rep["layers"] if lay["damage"] is not None},
+               "exchanges": rep.get("exchanges")}
         rows.append(row)
         if alloc == "sensitivity":
             from onnx_lowrank.damage_plot import damage_plot
 
             damage_plot(rep, common.RESULTS / f"allocation_{args.model}_{objective}_{speedup:g}x.png",
                         f"{args.model}: damage against saving per layer at {speedup:g}x {objective}")
-        print({k: v for k, v in row.items() if k not in ("ranks", "damage")}, flush=True)
+        print({k: v for k, v in row.items() if k not in ("ranks", "damage", "exchanges")}, flush=True)
     names = list(paths)
     bench = measure.bench([paths[n] for n in names], feed, threads=1, runs=args.runs, warmup=5)
     lat = dict(zip(names, bench["models"]))
@@ -126,25 +139,50 @@ def main() -> None:
 
 
 def write(args, rows, what, speedup, objective, setup_s, lat) -> None:
-    name = f"allocation_{args.model}_{objective}_{speedup:g}x"
-    energy, sens = rows
-    ratio = sens["loss"] / energy["loss"] if energy["loss"] > 0 else float("nan")
+    others = args.allocations[1:]
+    tag = "" if ",".join(args.allocations) == DEFAULT_ALLOCATIONS else "_".join(others) + "_"
+    name = f"allocation_{tag}{args.model}_{objective}_{speedup:g}x"
+    if args.tag:
+        name += "_" + args.tag.replace(" ", "_")
+    energy = rows[0]
     table = common.markdown_table(
         ["allocation", what, "theoretical x", "checked x (whole model)", "latency ratio (1 thr, b1, interleaved)",
          "compress s", "factorised layers"],
         [[r["allocation"], r["loss"], r["theoretical"], r["checked"] if r["checked"] else "-", r["latency_ratio"],
           r["compress_s"], len(r["ranks"])] for r in rows])
-    md = common.header(f"Allocation: energy vs sensitivity, {args.model}, {speedup:g}x {objective}")
+    md = common.header(f"Allocation: energy vs {' and '.join(others)}, {args.model}, {speedup:g}x {objective}"
+                       + (f", {args.tag}" if args.tag else ""))
     md += (f"- {args.calib if args.model != 'demo' else 500} calibration inputs, --threads {args.threads}, "
            f"--rank-multiple {args.rank_multiple}, damage: {args.damage_fit} fits, metric {args.damage_metric}, "
-           f"{args.damage_passes} pass(es); setup (calibration, "
+           f"{args.damage_passes} pass(es); exchanges: at most {args.exchange_rounds} round(s) of "
+           f"{args.exchange_tries} measured proposal(s); setup (calibration, "
            f"latency tables) {setup_s:.0f}s; original {lat['original']['median_ms']:.2f} ms median "
            f"({args.runs} interleaved runs, machine shared with other jobs)\n\n")
     md += table + "\n\n"
-    md += (f"Loss ratio sensitivity / energy: **{ratio:.2f}** (goal: 0.5 or less)\n\n")
+    for r in rows[1:]:
+        ratio = r["loss"] / energy["loss"] if energy["loss"] > 0 else float("nan")
+        md += (f"Loss ratio {r['allocation']} / energy: **{ratio:.2f}** (goal: 0.5 or less); compress time ratio "
+               f"{r['compress_s'] / energy['compress_s']:.2f} (limit 2)")
+        ex = r.get("exchanges")
+        if ex:  # refined = energy's pipeline + the exchange pass: what a compress from scratch (setup included) costs
+            md += (f"; with the setup, energy's run + the exchange pass against energy's: "
+                   f"{(setup_s + energy['compress_s'] + ex['seconds']) / (setup_s + energy['compress_s']):.2f}")
+        md += "\n\n"
     for r in rows:
         md += f"- {r['allocation']}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
                                                   if isinstance(v, float) and k not in ("loss",)) + "\n"
+    for r in rows:
+        ex = r.get("exchanges")
+        if not ex:
+            continue
+        md += (f"\nExchanges ({r['allocation']}): {len(ex['taken'])} taken of {ex['layers_movable']} movable layers; "
+               f"held-back damage ({ex.get('metric', '-')}, {ex.get('held_back_images', 0)} images) "
+               f"{ex.get('damage_before', float('nan')):.4g} -> {ex.get('damage_after', float('nan')):.4g}; "
+               f"{ex.get('evaluations', 0)} whole-model evaluations, {ex.get('solves', 0)} layer solves, "
+               f"{ex['seconds']:.1f} s\n\n")
+        for t in ex["taken"]:
+            ranks = "; ".join(f"{n} {a} -> {b or 'whole'}" for n, (a, b) in t["ranks"].items())
+            md += f"- {ranks}: damage {t['damage_before']:.4g} -> {t['damage_after']:.4g}\n"
     common.write_result(name, md)
     (common.RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1, default=str))
 

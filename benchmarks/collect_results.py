@@ -90,6 +90,17 @@ ORDER = [
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
+    ("allocation_refined_demo_flops_4x", "Issue 15: energy vs refined allocation (exchanges checked end to end), "
+     "demo at 4x FLOPs"),
+    ("allocation_refined_demo_flops_6x", "Issue 15: energy vs refined allocation, demo at 6x FLOPs (any rank)"),
+    ("allocation_refined_ppocr_rec_latency_1.5x", "Issue 15: energy vs refined allocation, PP-OCRv4 recogniser at "
+     "measured 1.5x"),
+    ("allocation_refined_ppocr_rec_latency_1.5x_cold_cache", "Issue 15: energy vs refined allocation, PP-OCRv4 "
+     "recogniser at measured 1.5x, latency tables measured afresh"),
+    ("exchange_ranking_demo_6x_m1", "Issue 15: do short fits rank the exchanges like the real fits? Demo"),
+    ("exchange_ranking_ppocr_rec_1.5x_m16", "Issue 15: do short fits rank the exchanges like the real fits? "
+     "PP-OCRv4 recogniser"),
+    ("allocation_refined_notes", "Issue 15: exchanges checked end to end (reading)"),
     ("memory_cap_100", "Issue 17: peak memory after the solve's memory fix, 100 images"),
     ("memory_cap_500", "Issue 17: peak memory after the solve's memory fix, 500 images (the issue's case)"),
     ("parallel_solve", "Issue 17: independent layer solves in 2 processes?"),

@@ -101,7 +101,10 @@ def objective_options(f):
         click.option("--allocation", type=click.Choice(list(ALLOCATORS)), default="energy", show_default=True,
                      help="How ranks are chosen within the budget: energy keeps the most response energy per layer; "
                           "sensitivity measures each layer's damage to the outputs at each rank on held-back images "
-                          "(with the other layers approximated) and minimises the summed damage (a knapsack)."),
+                          "(with the other layers approximated) and minimises the summed damage (a knapsack); "
+                          "refined solves the energy choice, then exchanges rank steps between layers at the same "
+                          "cost while the whole model's damage on held-back images, measured with the real fits, "
+                          "falls."),
         click.option("--damage-metric", type=click.Choice([*METRICS, "auto"]), default="auto", show_default=True,
                      help="Sensitivity allocation: output damage as NMSE or KL divergence (auto: KL for probability "
                           "outputs, else NMSE)."),

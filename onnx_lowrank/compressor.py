@@ -25,6 +25,7 @@ from .calibration.sampling import probe_shapes, sample_key
 from .config import CompressConfig, check_config, parse_size, with_overrides
 from .costs import COST_MODELS
 from .errors import LowRankError
+from .exchange import refine
 from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.external import release_mapped_pages, uses_external_data
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
@@ -40,7 +41,7 @@ from .sampling_plan import (check_enough, collect_original, memory_need, positio
 from .schemes import SCHEME_CHOICES
 from .sensitivity import measure_layer_damage
 from .solver.allocation import ALLOCATORS
-from .solve import solve_all
+from .solve import energy, solve_all
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Compressor:
     #: Fields of CompressConfig that :meth:`run` may change without recalibrating.
     RUN_FIELDS = ("speedup", "ranks", "method", "asymmetric", "schedule", "balance", "objective", "rank_multiple",
                   "threads", "scheme", "allocation", "damage_metric", "damage_fit", "damage_images", "damage_passes",
-                  "safety_net")
+                  "safety_net", "exchange_rounds", "exchange_tries",
+                  "exchange_schedule", "exchange_resolve")
 
     def __init__(self, model, data, config: CompressConfig | None = None, *, samples: Samples | None = None,
                  shard: tuple[int, int] | None = None):
@@ -190,15 +192,29 @@ class Compressor:
             shortcuts = {p.layer.shortcut for p in plan if p.rank is not None and p.layer.shortcut}
             chosen = [replace(p, alternative=choice.alternative(p, shortcuts, cfg.rank_multiple))
                       for p in plan if p.rank is not None]
+            inputs = {} if ALLOCATORS[cfg.allocation].refines else None
             solved = solve_all(self.model, self.value_types, self.source, chosen, self.samples, self.batch,
-                               self.limit, self.positions, cfg)
+                               self.limit, self.positions, cfg, inputs)
+            exchanges = None
+            if inputs is not None and solved:
+                def solve_at(ranks):
+                    again = [replace(p, rank=ranks[p.layer_id], energy_kept=energy(p.spectrum, ranks[p.layer_id]))
+                             for p in chosen if ranks.get(p.layer_id)]
+                    return solve_all(self.model, self.value_types, self.source, again, self.samples, self.batch,
+                                     self.limit, self.positions, cfg)
+
+                solved, exchanges = refine(self.model, self.source, self.samples, solved, inputs, costs, cfg,
+                                           self.batch, self.limit, fixed_batch(input_specs(self.model)), solve_at)
         by_id = {p.layer_id: p for p in solved}
         plan = [by_id.get(p.layer_id, p) for p in plan]
-        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in solved}) if solved \
+        written = [p for p in solved if p.rank is not None]
+        new_model = rewrite_convs(self.model, {p.layer.name: _stages(p) for p in written}) if written \
             else copy.deepcopy(self.model)
         _validate(new_model)
         seconds = self._setup_seconds + time.perf_counter() - t0
         report = build_report(plan, self.flops, cfg, self.samples.images, seconds, costs)
+        if exchanges is not None:
+            report["exchanges"] = exchanges
         return CompressionResult(new_model, {**report, **self.memory})
 
 

@@ -78,6 +78,16 @@ class CompressConfig:
     #: A layer whose nonlinear or asymmetric fit is worse on the held-back images than the linear (or the
     #: symmetric linear) fit keeps the better one, and its note says so.
     safety_net: bool = True
+    #: ``--allocation refined``: rounds of exchanges at most (each keeps the best measured move that lowers the
+    #: damage), and proposals measured end to end per round.
+    exchange_rounds: int = 4
+    exchange_tries: int = 4
+    #: ... the solver schedule of the fits that only rank the moves (each layer's step up and down); None: the
+    #: real schedule. Moves are always measured with real fits.
+    exchange_schedule: tuple | None = None
+    #: ... once moves were taken, solve every layer again at the refined ranks (one more asymmetric pass) and
+    #: keep that model if its held-back damage is lower.
+    exchange_resolve: bool = True
 
 
 def parse_size(value) -> int:
@@ -129,6 +139,10 @@ def check_config(cfg: CompressConfig) -> None:
     _one_of("allocation", cfg.allocation, ALLOCATORS)
     _one_of("damage-metric", cfg.damage_metric, (*METRICS, "auto"))
     _one_of("damage-fit", cfg.damage_fit, FITS)
+    for name in ("exchange_rounds", "exchange_tries"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LowRankError(f"{name} must be a positive integer, not {v!r}")
     for name in ("damage_images", "damage_passes"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "damage_images" else 0):

@@ -159,6 +159,17 @@ def format_report(report: dict) -> str:
                      + ("" if m.get("stable", True) else ", not stable at the time cap") + ")"
                      + (f"; prediction off by {100 * report['latency_prediction_error']:+.1f}%"
                         if report.get("latency_prediction_error") is not None else ""))
+    ex = report.get("exchanges")
+    if ex and "damage_before" in ex:
+        lines.append(f"exchanges  : {len(ex['taken'])} taken of {ex['layers_movable']} movable layers, held-back "
+                     f"{ex['metric']} {ex['damage_before']:.4g} -> {ex['damage_after']:.4g} "
+                     f"({ex['evaluations']} whole-model evaluations, {ex['solves']} solves, {ex['seconds']:.1f} s)"
+                     + ("" if ex.get("damage_solved_again") is None else
+                        f"; all solved again at those ranks: {ex['damage_solved_again']:.4g}"
+                        + (", kept" if ex["kept_solved_again"] else ", not kept")))
+        for t in ex["taken"]:
+            lines.append("             " + "; ".join(f"{n} {a} -> {b or 'whole'}" for n, (a, b) in t["ranks"].items())
+                         + f": {t['damage_before']:.4g} -> {t['damage_after']:.4g}")
     if report.get("external_data"):
         where = report["external_data"]
         lines.append("weights    : kept as external data" + (f", written to {where} beside the model"

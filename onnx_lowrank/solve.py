@@ -7,7 +7,7 @@ solved layer is applied to the cached feature maps before the next one is solved
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,9 +22,17 @@ from .sampling_plan import MIN_ROWS_PER_CHANNEL, fitted_rows, largest_solve, spl
 from .solver.balance import balance
 
 
+@dataclass
+class LayerInputs:
+    """The approximated rows one layer was solved on (asymmetric pass), kept to solve it again at another rank."""
+
+    rows: dict[str, np.ndarray]
+
+
 def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batch: int, limit: int | None,
-              positions: dict[int, int], cfg) -> list[LayerPlan]:
-    """The chosen plans, solved (same order)."""
+              positions: dict[int, int], cfg, inputs: dict | None = None) -> list[LayerPlan]:
+    """The chosen plans, solved (same order). ``inputs``: filled with each layer's :class:`LayerInputs`
+    (None for a layer solved symmetrically), for :func:`solve_again`."""
     if not chosen:
         return []
     # Schemes with stages before their channel step (3-D) are sampled at their core's output: in a model
@@ -52,13 +60,26 @@ def solve_all(model, value_types, source, chosen: list[LayerPlan], samples, batc
                                                           for p, name, _ in cores],
                             batch, cfg.seed, positions, limit, update, cfg.threads)
     if cfg.asymmetric:
-        return _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain)
+        return _solve_asymmetric(sampling, value_types, source, chosen, samples, batch, limit, positions, cfg, plain,
+                                 inputs)
     solved = []
     with progress.bar("solve", len(chosen), "layer") as update:
         for p in chosen:
             solved.append(_solve(p, samples, None, cfg, plain))
             update(1, _item(p))
+            if inputs is not None:
+                inputs[p.layer_id] = None
     return solved
+
+
+def solve_again(p: LayerPlan, rank: int, samples, inputs: LayerInputs | None, cfg) -> LayerPlan:
+    """A solved channel-step plan (no stage before it, no alternative) solved at another ``rank`` on the
+    rows it was solved on: the original samples' targets, ``inputs`` (None: symmetric)."""
+    if p.alternative is not None or (p.split and p.split[0]):
+        raise ValueError(f"{p.layer.name}: only a plain channel step can be solved again at another rank")
+    q = replace(p, rank=int(rank), split=p.scheme.split(p.layer, int(rank)), note="", status="factorised",
+                reason="", energy_kept=energy(p.spectrum, int(rank)) if p.spectrum is not None else None)
+    return _solve(q, samples, inputs, cfg)
 
 
 def cache_budget(samples, chosen: list[LayerPlan], cfg) -> int:
@@ -70,6 +91,11 @@ def cache_budget(samples, chosen: list[LayerPlan], cfg) -> int:
 
     solve = largest_solve(chosen, rows_of, cfg)
     return max(0, parse_size(cfg.max_memory) - sum(a.nbytes for a in samples.rows.values()) - solve)
+
+
+def _input_keys(p: LayerPlan) -> list[str]:
+    lay = p.layer
+    return [sample_key(lay.output, p.layer_id)] + ([sample_key(lay.shortcut, p.layer_id)] if lay.shortcut else [])
 
 
 def _item(p: LayerPlan) -> str:
@@ -142,7 +168,8 @@ def _solve(p: LayerPlan, original, approximated, cfg, plain=None) -> LayerPlan:
 
 
 def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], samples, batch: int,
-                      limit: int | None, positions: dict[int, int], cfg, plain=None) -> list[LayerPlan]:
+                      limit: int | None, positions: dict[int, int], cfg, plain=None,
+                      inputs: dict | None = None) -> list[LayerPlan]:
     """Solve layers in graph order, each on inputs from the partly approximated model."""
     producer = producers(model)
     stops: dict[int, list[SampledTensor]] = {}
@@ -161,6 +188,9 @@ def _solve_asymmetric(model, value_types, source, chosen: list[LayerPlan], sampl
         for stop, approx in prop.run(stops):
             for i, p in enumerate(by_stop[stop]):
                 q = solved[p.layer_id] = _solve(p, samples, approx, cfg, plain)
+                if inputs is not None:
+                    inputs[p.layer_id] = LayerInputs({k: approx.rows[k] for k in _input_keys(p)}) \
+                        if q.asymmetric else None
                 update(1, _item(q))
                 f = q.factorisation
                 if stop != last:  # the last segment's maps are read by nothing after it

@@ -24,7 +24,8 @@ from ..graph.probe import PROBE_B, PROBE_W, probe_model
 from ..solver.reconstruction import Factorisation
 from ..runtime import CALIBRATION, run, session
 
-__all__ = ["METRICS", "held_back_feeds", "measure_damage", "DamageCache", "resolve_metric"]
+__all__ = ["METRICS", "held_back_feeds", "measure_damage", "DamageCache", "DamageMeter", "factor_weights",
+           "resolve_metric"]
 
 
 class Metric:
@@ -105,12 +106,46 @@ def held_back_feeds(batches, holdout_every: int, most: int, batch: int, fixed: b
     return [{k: v[i:i + batch] for k, v in allx.items()} for i in range(0, total, batch)]
 
 
+def factor_weights(layer: ConvLayer, f: Factorisation | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """graph/probe.py ``probe_layers``' (A, B, bias) inputs for ``f`` after ``layer`` (None: the identity, the
+    layer kept whole)."""
+    d = layer.out_channels
+    p, q, b = (np.eye(d), np.eye(d), np.zeros(d)) if f is None else (f.P, f.Q, f.b)
+    a, m = (q, p.T) if is_dense(layer) else (q.T[:, :, None, None], p[:, :, None, None])
+    return tuple(np.ascontiguousarray(x, dtype=np.float32) for x in (a, m, b))
+
+
 def _probe_weights(layer: ConvLayer, f: Factorisation | None) -> dict[str, np.ndarray]:
     d = layer.out_channels
     m = np.eye(d) if f is None else f.M
     b = np.zeros(d) if f is None else f.b
     w = m.T if is_dense(layer) else m[:, :, None, None]
     return {PROBE_W: np.ascontiguousarray(w, dtype=np.float32), PROBE_B: np.ascontiguousarray(b, dtype=np.float32)}
+
+
+class DamageMeter:
+    """The whole model's output damage on fixed feeds: ``meter(extra feed)`` runs ``probe`` (a model with
+    inputs beyond the original's, e.g. graph/probe.py's channel maps) and compares its outputs with those of
+    ``model`` (computed once)."""
+
+    def __init__(self, model: onnx.ModelProto, probe: onnx.ModelProto, feeds: list[dict], metric: str = "auto",
+                 threads: int | None = None):
+        ref_sess = session(model, CALIBRATION, threads)
+        self.out_name = ref_sess.get_outputs()[0].name
+        self.feeds = feeds
+        self.refs = [run(ref_sess, [self.out_name], feed)[0].astype(np.float64) for feed in feeds]
+        self.metric = resolve_metric(metric, self.refs[0])
+        self.sess = session(probe, CALIBRATION, threads)
+        self.calls = 0
+
+    def __call__(self, extra: dict[str, np.ndarray]) -> float:
+        self.calls += 1
+        num = den = 0.0
+        for feed, ref in zip(self.feeds, self.refs):
+            (out,) = run(self.sess, [self.out_name], {**feed, **extra})
+            a, b = self.metric.parts(ref, out.astype(np.float64))
+            num, den = num + a, den + b
+        return num / den if den > 0 else 0.0
 
 
 def measure_damage(model: onnx.ModelProto, candidates: list[tuple[ConvLayer, dict[int, Factorisation]]],

@@ -203,6 +203,8 @@ class Allocator:
     name = ""
     #: Whether the pipeline must measure the damage tables first.
     needs_damage = False
+    #: Whether the solved choice is then refined by exchanges checked end to end (exchange.py).
+    refines = False
 
     def choose(self, options: list[LayerCosts], spectra: list, damage: list[dict[int, float]] | None,
                budget: float, fixed_cost: float, unit: str = "FLOPs",
@@ -217,6 +219,13 @@ class EnergyAllocator(Allocator):
 
     def choose(self, options, spectra, damage, budget, fixed_cost, unit="FLOPs", indices=None):
         return select_ranks_costed(options, spectra, budget, fixed_cost, unit=unit, indices=indices)
+
+
+class RefinedAllocator(EnergyAllocator):
+    """The energy choice, solved, then refined by exchanges of rank steps measured on the whole model."""
+
+    name = "refined"
+    refines = True
 
 
 class SensitivityAllocator(Allocator):
@@ -267,4 +276,5 @@ def damage_rows(free: list, damage: dict[str, dict[int, float]] | None) -> list[
     return None if damage is None else [damage.get(p.layer.name) or {0: 0.0} for p in free]
 
 
-ALLOCATORS: dict[str, Allocator] = {a.name: a for a in (EnergyAllocator(), SensitivityAllocator())}
+ALLOCATORS: dict[str, Allocator] = {a.name: a for a in (EnergyAllocator(), SensitivityAllocator(),
+                                                         RefinedAllocator())}
