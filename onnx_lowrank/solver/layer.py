@@ -15,7 +15,10 @@ from .activations import SMOOTH, Activation
 from .activations.zstep import thread_scratch_bytes
 from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
 from .nonlinear import HeldOut, nonlinear_reconstruction
-from .reconstruction import Factorisation, linear_reconstruction, pca_rows
+from .reconstruction import _RRR, Factorisation, _as_2d, _check_rank, linear_reconstruction, pca_rows
+
+#: The ridge of the regressions on yhat (relative: see :class:`~.reconstruction._RRR`).
+RIDGE = 1e-6
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
@@ -127,13 +130,17 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     xf = _rows(yh, fit) if asym else None
     shf = _rows(sh if asym else s, fit)
     lin_target = pre if shf is None else pre - shf
-    lin = linear_reconstruction(lin_target, rank, xf)
+    nonlinear = method == "nonlinear" and not act.is_identity
+    # asymmetric and nonlinear: the regression on yhat is set up once, for the linear start and the loop
+    rrr = _RRR(_as_2d("Yhat", xf), RIDGE) if asym and nonlinear else None
+    lin = linear_reconstruction(lin_target, rank, xf) if rrr is None else \
+        rrr.fit(_as_2d("Y", lin_target), _check_rank(rank, lin_target.shape[1]))
     # The symmetric fit the safety net compares against needs the same target: fitted now, so that the
     # target is freed before the nonlinear solve.
     sym = linear_reconstruction(lin_target, rank) if asym and safety_net else None
     del lin_target
     f, used = lin, "linear"
-    if method == "nonlinear" and not act.is_identity:
+    if nonlinear:
         # The held-back rows stop the loop where it starts to overfit the fitted ones (symmetric: the inputs
         # are the originals, so the target is their sum).
         yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
@@ -146,11 +153,11 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
         # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
         f, _ = nonlinear_reconstruction(
             pre, rank, act, Yhat=xf if asym else (pre if s is None else _rows(y, fit)), offset_hat=shf,
-            init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None,
+            init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None, rrr=rrr, ridge=RIDGE,
             **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
         del yh_held, sh_held, target
-    del pre, xf, shf
+    del pre, xf, shf, rrr
     return _scored(f, lin, used, sym, y, yh if asym else y, act, held, s, sh if asym else s, safety_net)
 
 

@@ -120,6 +120,7 @@ def nonlinear_reconstruction(
     init: Factorisation | None = None,
     tol: float = STOP_TOL,
     held: HeldOut | None = None,
+    rrr: _RRR | None = None,
 ) -> tuple[Factorisation, SolveInfo]:
     """Section 3 (and 4 with ``Yhat``): minimise ``sum ||r(Y + offset) - r(Yhat M^T + b + offset_hat)||^2``
     over rank-r ``M`` and ``b`` through the relaxation
@@ -134,7 +135,9 @@ def nonlinear_reconstruction(
     than ``tol`` relative (0: run every iteration).
     Returns the iterate with the lowest true loss (the linear one if nothing beat it); with ``held``
     rows, the iterate with the lowest held-back error, and a stage also ends once that stops improving
-    (:data:`HELD_TOL`, :data:`HELD_PATIENCE`): early stopping, the fitted rows alone overfit."""
+    (:data:`HELD_TOL`, :data:`HELD_PATIENCE`): early stopping, the fitted rows alone overfit.
+    ``rrr``: the regression set up on ``Yhat`` already (e.g. for the linear start, with ``ridge``); the loop takes
+    its centred rows (``rrr.Xc`` is None after the call), so that they are not held twice."""
     Y = _as_2d("Y", Y)
     n, d = Y.shape
     r = _check_rank(rank, d)
@@ -152,7 +155,10 @@ def nonlinear_reconstruction(
 
     pre = Y if off is None else Y + off  # the true pre-activations: r(pre) = A exactly
     A = activation.apply(pre)
-    rrr = _RRR(X, ridge)
+    if rrr is None:
+        rrr = _RRR(X, ridge)
+    elif rrr.X is not X or rrr.Xc is None:
+        raise ValueError("rrr must be set up on Yhat, and not used by a loop before")
     fact = init if init is not None else _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
     u = _predict_into(fact, X, np.empty((n, d)), off_hat)
     loss_lin = _sq(A - activation.apply(u))
@@ -162,7 +168,9 @@ def nonlinear_reconstruction(
 
     # each M step regresses Z = W - off_hat on X: through X whitened once (float32)
     mstep = WhitenedFit(rrr.Xc, rrr.xbar, rrr.V, rrr.inv, rrr.sqrt_s, off_hat, r)
+    rrr.Xc = None
     del rrr
+    start = fact
     best, best_loss = fact, loss_lin
     h = h_best = None if held is None else held.error(fact, activation)
     pending = 0  # iteration whose accepted factorisation has not been scored yet (0: none)
@@ -185,8 +193,7 @@ def nonlinear_reconstruction(
             pre = None
             fit_term = sums.fit
             obj_old = fit_term + lam * sums.pen
-            cand = mstep.fit(W, start=fact.P)
-            _predict_into(cand, X, u_new, off_hat)
+            cand = mstep.fit(W, start=fact.P, predict=u_new)
             obj_new = fit_term + lam * _sqdist(W, u_new)
             # the ridge makes the M step inexact; never let it raise the relaxed objective
             if obj_new <= obj_old:
@@ -217,8 +224,8 @@ def nonlinear_reconstruction(
         loss = _sq(A - activation.apply(u))
         if loss < best_loss:
             best, best_loss, info.best_iteration = fact, loss, pending
-    if held is not None:
-        best_loss = _sq(A - activation.apply(u if best is fact else _predict_into(best, X, u, off_hat)))
+    if best is not start:  # in float64 (the loop's predictions are float32 products)
+        best_loss = _sq(A - activation.apply(_predict_into(best, X, u, off_hat)))
     info.iterations = it
     info.loss_final = best_loss
     return best, info

@@ -189,8 +189,11 @@ def test_relaxed_objective_never_increases_within_a_lambda(kind):
     _, info = nonlinear_reconstruction(Y, 4, act, schedule=((8, 0.01), (8, 1.0)), tol=0.0)
     assert info.lambdas == [0.01] * 8 + [1.0] * 8
     obj = np.array(info.objective)
+    # SiLU's z step keeps the better of its candidates by costs in float32 arithmetic, and the loop's predictions
+    # are float32 products: at convergence the objective may then rise by float32 round-off of its sum
+    rise = 1e-8 if kind == "silu" else 1e-9
     for seg in (obj[:8], obj[8:]):
-        assert np.all(np.diff(seg) <= 1e-9 * np.abs(seg[:-1]))
+        assert np.all(np.diff(seg) <= rise * np.abs(seg[:-1]))
     assert info.loss_final <= info.loss_linear
 
 
