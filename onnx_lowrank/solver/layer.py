@@ -101,6 +101,11 @@ def _rows(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
     return None if a is None else np.asarray(a[mask], dtype=np.float64)
 
 
+def _rows32(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
+    """The ``mask`` rows of ``a`` as a new float32 array."""
+    return None if a is None else np.asarray(a[mask], dtype=np.float32)
+
+
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
                 method: str = "nonlinear", schedule=None, safety_net: bool = True,
@@ -142,13 +147,9 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     f, used = lin, "linear"
     if nonlinear:
         # The held-back rows stop the loop where it starts to overfit the fitted ones (symmetric: the inputs
-        # are the originals, so the target is their sum).
-        yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
-        if asym:
-            target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
-        else:
-            target = yh_held if sh_held is None else yh_held + sh_held
-        target = act.apply(target)
+        # are the originals, so the target is their sum). Kept in float32: the stop needs no more.
+        yh_held, sh_held = (_rows32(yh, held), _rows32(sh, held)) if asym else (_rows32(y, held), _rows32(s, held))
+        target = act.apply(_rows(y, held) if s is None else _rows(y, held) + _rows(s, held)).astype(np.float32)
         # ``pre`` already holds the shortcut: given as Y with no offset, and yhat given explicitly in the
         # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
         f, _ = nonlinear_reconstruction(

@@ -42,22 +42,31 @@ class SolveInfo:
 @dataclass
 class HeldOut:
     """Rows held back from the fit: ``X`` their inputs (rows of ``Yhat``), ``A`` their targets after the
-    activation, ``offset`` their rows of ``offset_hat`` (None: no offset)."""
+    activation, ``offset`` their rows of ``offset_hat`` (None: no offset); float32 (as sampled) or float64."""
 
     X: np.ndarray
     A: np.ndarray
     offset: np.ndarray | None = None
 
     def error(self, f: Factorisation, act: Activation) -> float:
-        """Squared error of ``r(f(X) + offset)`` against ``A`` (by row blocks: no temporaries of their size)."""
-        step = max(1, (1 << 16) // self.X.shape[1])
+        """Squared error of ``r(f(X) + offset)`` against ``A`` (by row blocks: no temporaries of their size), in
+        float32 products and activations (it only decides where the loop stops), summed in float64."""
+        d, r = f.P.shape
+        mats = (f.Q, f.P.T) if 2 * r < d else (f.Q @ f.P.T,)
+        mats = [np.ascontiguousarray(m, dtype=np.float32) for m in mats]
+        b = f.b.astype(np.float32)
+        step = max(1, (1 << 16) // d)
         total = 0.0
         for i in range(0, self.X.shape[0], step):
             rows = slice(i, i + step)
-            p = f.predict(self.X[rows])
+            p = self.X[rows]
+            for m in mats:
+                p = p @ m
+            p += b
             if self.offset is not None:
                 p += self.offset[rows]
-            total += _sq(self.A[rows] - act.apply(p))
+            t = self.A[rows] - act.impl.value(p)
+            total += _sq(t.astype(np.float64, copy=False))
         return total
 
 
