@@ -23,8 +23,8 @@ RIDGE = 1e-6
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
 #: (tests/solver/test_solve_memory.py measures each with tracemalloc). Piecewise-linear kinds (ReLU, ...): the target
-#: ``y + s``, ``yhat``, ``shat``, the held-back rows that stop the nonlinear loop (a quarter of the fitted rows'
-#: size), and the nonlinear solve's ``r(y + s)``, whitened ``yhat`` (float32), two predictions and two z iterates,
+#: ``y + s``, ``yhat``, ``shat``, the held-back rows that stop the nonlinear loop (a quarter of the fitted rows,
+#: kept in float32 since branch recfast), and the nonlinear solve's ``r(y + s)``, whitened ``yhat`` (float32), two predictions and two z iterates,
 #: and one (rows, rank) product: 10.3 measured (9.6 before the held-back rows stayed for the loop's stop).
 SOLVE_ARRAYS = 11
 #: ... the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
@@ -32,7 +32,7 @@ SOLVE_ARRAYS = 11
 #: 16.7 arrays in all with 96 channels, 19.3 with 600 beside the (d, d) matrices; the count depends on the data).
 SMOOTH_EXTRA_ARRAYS = 10
 #: ... HardSwish's exact z step (activations/hardswish.py) one more: its candidates' scratch (11.3 measured in
-#: all, the loop's held-back rows included).
+#: all, the loop's held-back rows included; 10.9 with 96 channels and 11.4 with 600 once those were float32).
 HARDSWISH_EXTRA_ARRAYS = 1
 #: A linear fit (no activation after the layer) on approximated inputs: ``y + s``, ``yhat``, ``shat``, the
 #: regression's centred ``yhat`` and one product: 5.1 measured.
