@@ -194,7 +194,7 @@ def nonlinear_reconstruction(
             # z step, warm-started from the previous z (at first: the true pre-activations); its
             # sums give the relaxed objective's fit term and the true loss of the current u
             z0 = pre if W_prev is None else W_prev
-            W, _, sums = _z_solve(A, u, lam, activation, z0, want_sums=True, out=W)
+            W, _, sums = _z_solve(A, u, lam, activation, z0, want_sums=True, want_loss_u=held is None, out=W)
             if pending:
                 if sums.loss_u < best_loss:
                     best, best_loss, info.best_iteration = fact, sums.loss_u, pending
