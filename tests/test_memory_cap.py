@@ -195,3 +195,23 @@ def test_the_nonlinear_asymmetric_compress_stays_within_the_cap():
         if cap >= need // 2:
             assert peak + kept <= cap, f"{(peak + kept) / cap:.2f} x --max-memory {cap}"
     assert totals[need // 2] - totals[need // 8] <= need // 2 - need // 8
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k", [3, 20, 21])
+def test_gather_takes_each_images_drawn_positions_channel_vectors(channels_last, k):
+    """Against a loop over images and positions: row j of image i is the channel vector at the j-th position
+    sample_positions draws (all 20 positions, in order, once k reaches them), channels first or last."""
+    from onnx_lowrank.calibration.sampling import gather, sample_positions, to_channels_first
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 4, 5, 6)).astype(np.float32) if channels_last else \
+        rng.standard_normal((3, 6, 4, 5)).astype(np.float32)
+    batch = to_channels_first(a) if channels_last else a
+    got = gather(batch, 2, 9, 1, k)
+    want = []
+    for i in range(3):
+        for p in sample_positions(1, 9, 2 + i, 20, k):
+            want.append([a[i].reshape(20, 6)[p, ch] if channels_last else a[i, ch].reshape(20)[p] for ch in range(6)])
+    assert got.shape == (3 * min(k, 20), 6)
+    np.testing.assert_array_equal(got, np.array(want, dtype=np.float32))

@@ -15,13 +15,16 @@ from .activations import SMOOTH, Activation
 from .activations.zstep import thread_scratch_bytes
 from .gram import SKETCH_EXTRA, gram_block_rows, sketchable
 from .nonlinear import HeldOut, nonlinear_reconstruction
-from .reconstruction import Factorisation, linear_reconstruction, pca_rows
+from .reconstruction import _RRR, Factorisation, _as_2d, _check_rank, linear_reconstruction, pca_rows
+
+#: The ridge of the regressions on yhat (relative: see :class:`~.reconstruction._RRR`).
+RIDGE = 1e-6
 
 
 #: float64 arrays of the fitted rows' size that :func:`solve_layer` holds at once beyond its inputs, at most
 #: (tests/solver/test_solve_memory.py measures each with tracemalloc). Piecewise-linear kinds (ReLU, ...): the target
-#: ``y + s``, ``yhat``, ``shat``, the held-back rows that stop the nonlinear loop (a quarter of the fitted rows'
-#: size), and the nonlinear solve's ``r(y + s)``, whitened ``yhat`` (float32), two predictions and two z iterates,
+#: ``y + s``, ``yhat``, ``shat``, the held-back rows that stop the nonlinear loop (a quarter of the fitted rows,
+#: kept in float32 since branch recfast), and the nonlinear solve's ``r(y + s)``, whitened ``yhat`` (float32), two predictions and two z iterates,
 #: and one (rows, rank) product: 10.3 measured (9.6 before the held-back rows stayed for the loop's stop).
 SOLVE_ARRAYS = 11
 #: ... the smooth kinds' z step (activations/smooth.py) up to about this many more: its float32 scratch and
@@ -29,7 +32,7 @@ SOLVE_ARRAYS = 11
 #: 16.7 arrays in all with 96 channels, 19.3 with 600 beside the (d, d) matrices; the count depends on the data).
 SMOOTH_EXTRA_ARRAYS = 10
 #: ... HardSwish's exact z step (activations/hardswish.py) one more: its candidates' scratch (11.3 measured in
-#: all, the loop's held-back rows included).
+#: all, the loop's held-back rows included; 10.9 with 96 channels and 11.4 with 600 once those were float32).
 HARDSWISH_EXTRA_ARRAYS = 1
 #: A linear fit (no activation after the layer) on approximated inputs: ``y + s``, ``yhat``, ``shat``, the
 #: regression's centred ``yhat`` and one product: 5.1 measured.
@@ -98,6 +101,11 @@ def _rows(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
     return None if a is None else np.asarray(a[mask], dtype=np.float64)
 
 
+def _rows32(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
+    """The ``mask`` rows of ``a`` as a new float32 array."""
+    return None if a is None else np.asarray(a[mask], dtype=np.float32)
+
+
 def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation, fit: np.ndarray,
                 held: np.ndarray, *, s: np.ndarray | None = None, sh: np.ndarray | None = None,
                 method: str = "nonlinear", schedule=None, safety_net: bool = True,
@@ -127,30 +135,30 @@ def solve_layer(y: np.ndarray, yh: np.ndarray | None, rank: int, act: Activation
     xf = _rows(yh, fit) if asym else None
     shf = _rows(sh if asym else s, fit)
     lin_target = pre if shf is None else pre - shf
-    lin = linear_reconstruction(lin_target, rank, xf)
+    nonlinear = method == "nonlinear" and not act.is_identity
+    # asymmetric and nonlinear: the regression on yhat is set up once, for the linear start and the loop
+    rrr = _RRR(_as_2d("Yhat", xf), RIDGE) if asym and nonlinear else None
+    lin = linear_reconstruction(lin_target, rank, xf) if rrr is None else \
+        rrr.fit(_as_2d("Y", lin_target), _check_rank(rank, lin_target.shape[1]))
     # The symmetric fit the safety net compares against needs the same target: fitted now, so that the
     # target is freed before the nonlinear solve.
     sym = linear_reconstruction(lin_target, rank) if asym and safety_net else None
     del lin_target
     f, used = lin, "linear"
-    if method == "nonlinear" and not act.is_identity:
+    if nonlinear:
         # The held-back rows stop the loop where it starts to overfit the fitted ones (symmetric: the inputs
-        # are the originals, so the target is their sum).
-        yh_held, sh_held = (_rows(yh, held), _rows(sh, held)) if asym else (_rows(y, held), _rows(s, held))
-        if asym:
-            target = _rows(y, held) if s is None else _rows(y, held) + _rows(s, held)
-        else:
-            target = yh_held if sh_held is None else yh_held + sh_held
-        target = act.apply(target)
+        # are the originals, so the target is their sum). Kept in float32: the stop needs no more.
+        yh_held, sh_held = (_rows32(yh, held), _rows32(sh, held)) if asym else (_rows32(y, held), _rows32(s, held))
+        target = act.apply(_rows(y, held) if s is None else _rows(y, held) + _rows(s, held)).astype(np.float32)
         # ``pre`` already holds the shortcut: given as Y with no offset, and yhat given explicitly in the
         # symmetric case (it is y, not y + s): the same arithmetic as Y=y, offset=s, without a copy of y.
         f, _ = nonlinear_reconstruction(
             pre, rank, act, Yhat=xf if asym else (pre if s is None else _rows(y, fit)), offset_hat=shf,
-            init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None,
+            init=lin, held=HeldOut(yh_held, target, sh_held) if held.any() else None, rrr=rrr, ridge=RIDGE,
             **({} if schedule is None else {"schedule": schedule}))
         used = "nonlinear"
         del yh_held, sh_held, target
-    del pre, xf, shf
+    del pre, xf, shf, rrr
     return _scored(f, lin, used, sym, y, yh if asym else y, act, held, s, sh if asym else s, safety_net)
 
 

@@ -42,22 +42,31 @@ class SolveInfo:
 @dataclass
 class HeldOut:
     """Rows held back from the fit: ``X`` their inputs (rows of ``Yhat``), ``A`` their targets after the
-    activation, ``offset`` their rows of ``offset_hat`` (None: no offset)."""
+    activation, ``offset`` their rows of ``offset_hat`` (None: no offset); float32 (as sampled) or float64."""
 
     X: np.ndarray
     A: np.ndarray
     offset: np.ndarray | None = None
 
     def error(self, f: Factorisation, act: Activation) -> float:
-        """Squared error of ``r(f(X) + offset)`` against ``A`` (by row blocks: no temporaries of their size)."""
-        step = max(1, (1 << 16) // self.X.shape[1])
+        """Squared error of ``r(f(X) + offset)`` against ``A`` (by row blocks: no temporaries of their size), in
+        float32 products and activations (it only decides where the loop stops), summed in float64."""
+        d, r = f.P.shape
+        mats = (f.Q, f.P.T) if 2 * r < d else (f.Q @ f.P.T,)
+        mats = [np.ascontiguousarray(m, dtype=np.float32) for m in mats]
+        b = f.b.astype(np.float32)
+        step = max(1, (1 << 16) // d)
         total = 0.0
         for i in range(0, self.X.shape[0], step):
             rows = slice(i, i + step)
-            p = f.predict(self.X[rows])
+            p = self.X[rows]
+            for m in mats:
+                p = p @ m
+            p += b
             if self.offset is not None:
                 p += self.offset[rows]
-            total += _sq(self.A[rows] - act.apply(p))
+            t = self.A[rows] - act.impl.value(p)
+            total += _sq(t.astype(np.float64, copy=False))
         return total
 
 
@@ -120,6 +129,7 @@ def nonlinear_reconstruction(
     init: Factorisation | None = None,
     tol: float = STOP_TOL,
     held: HeldOut | None = None,
+    rrr: _RRR | None = None,
 ) -> tuple[Factorisation, SolveInfo]:
     """Section 3 (and 4 with ``Yhat``): minimise ``sum ||r(Y + offset) - r(Yhat M^T + b + offset_hat)||^2``
     over rank-r ``M`` and ``b`` through the relaxation
@@ -134,7 +144,9 @@ def nonlinear_reconstruction(
     than ``tol`` relative (0: run every iteration).
     Returns the iterate with the lowest true loss (the linear one if nothing beat it); with ``held``
     rows, the iterate with the lowest held-back error, and a stage also ends once that stops improving
-    (:data:`HELD_TOL`, :data:`HELD_PATIENCE`): early stopping, the fitted rows alone overfit."""
+    (:data:`HELD_TOL`, :data:`HELD_PATIENCE`): early stopping, the fitted rows alone overfit.
+    ``rrr``: the regression set up on ``Yhat`` already (e.g. for the linear start, with ``ridge``); the loop takes
+    its centred rows (``rrr.Xc`` is None after the call), so that they are not held twice."""
     Y = _as_2d("Y", Y)
     n, d = Y.shape
     r = _check_rank(rank, d)
@@ -152,7 +164,10 @@ def nonlinear_reconstruction(
 
     pre = Y if off is None else Y + off  # the true pre-activations: r(pre) = A exactly
     A = activation.apply(pre)
-    rrr = _RRR(X, ridge)
+    if rrr is None:
+        rrr = _RRR(X, ridge)
+    elif rrr.X is not X or rrr.Xc is None:
+        raise ValueError("rrr must be set up on Yhat, and not used by a loop before")
     fact = init if init is not None else _pca(Y, r) if Yhat is None else rrr.fit(Y, r)
     u = _predict_into(fact, X, np.empty((n, d)), off_hat)
     loss_lin = _sq(A - activation.apply(u))
@@ -162,7 +177,9 @@ def nonlinear_reconstruction(
 
     # each M step regresses Z = W - off_hat on X: through X whitened once (float32)
     mstep = WhitenedFit(rrr.Xc, rrr.xbar, rrr.V, rrr.inv, rrr.sqrt_s, off_hat, r)
+    rrr.Xc = None
     del rrr
+    start = fact
     best, best_loss = fact, loss_lin
     h = h_best = None if held is None else held.error(fact, activation)
     pending = 0  # iteration whose accepted factorisation has not been scored yet (0: none)
@@ -177,7 +194,7 @@ def nonlinear_reconstruction(
             # z step, warm-started from the previous z (at first: the true pre-activations); its
             # sums give the relaxed objective's fit term and the true loss of the current u
             z0 = pre if W_prev is None else W_prev
-            W, _, sums = _z_solve(A, u, lam, activation, z0, want_sums=True, out=W)
+            W, _, sums = _z_solve(A, u, lam, activation, z0, want_sums=True, want_loss_u=held is None, out=W)
             if pending:
                 if sums.loss_u < best_loss:
                     best, best_loss, info.best_iteration = fact, sums.loss_u, pending
@@ -185,8 +202,7 @@ def nonlinear_reconstruction(
             pre = None
             fit_term = sums.fit
             obj_old = fit_term + lam * sums.pen
-            cand = mstep.fit(W, start=fact.P)
-            _predict_into(cand, X, u_new, off_hat)
+            cand = mstep.fit(W, start=fact.P, predict=u_new)
             obj_new = fit_term + lam * _sqdist(W, u_new)
             # the ridge makes the M step inexact; never let it raise the relaxed objective
             if obj_new <= obj_old:
@@ -217,8 +233,8 @@ def nonlinear_reconstruction(
         loss = _sq(A - activation.apply(u))
         if loss < best_loss:
             best, best_loss, info.best_iteration = fact, loss, pending
-    if held is not None:
-        best_loss = _sq(A - activation.apply(u if best is fact else _predict_into(best, X, u, off_hat)))
+    if best is not start:  # in float64 (the loop's predictions are float32 products)
+        best_loss = _sq(A - activation.apply(_predict_into(best, X, u, off_hat)))
     info.iterations = it
     info.loss_final = best_loss
     return best, info

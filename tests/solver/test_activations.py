@@ -244,3 +244,12 @@ def test_named_constructors_match_the_explicit_form():
     assert Activation.silu() == Activation("silu")
     with pytest.raises(TypeError, match="at most 0 positional"):
         Activation.relu(1.0)
+
+
+@pytest.mark.parametrize("act", [Activation.hardswish(), Activation.relu(), Activation.clip(0.0, 6.0)], ids=lambda a: a.kind)
+def test_value_block_is_value_bit_for_bit(act):
+    """The z step's block form of the exact kinds (scored losses of the loop) gives the bits of ``apply``."""
+    from onnx_lowrank.solver.activations.base import Pool
+
+    z = np.random.default_rng(4).standard_normal((300, 7)) * 5.0
+    np.testing.assert_array_equal(act.impl.value_block(z, Pool(z.size)), act.apply(z))

@@ -130,3 +130,16 @@ def test_all_signs_of_a_diagonal_give_one_answer():
         outs.append(balance(Factorisation(f.P * d, f.Q * d, f.b), V + bc).factorisation.Q)
     for q in outs[1:]:
         np.testing.assert_allclose(q, outs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_ranges_over_blocks_of_float32_rows_are_those_of_all_rows():
+    """Rows kept as float32 and read a block at a time (3,000 rows: eight blocks) give the brute-force ranges of
+    all the widened rows at once (up to the product's round-off), the extreme rows placed in different blocks."""
+    f, V, bc = _case(4, n=3000)
+    Y = (V + bc).astype(np.float32)
+    Y[2999] *= 40.0
+    Y[5] *= -40.0
+    Z = Y.astype(np.float64) @ f.Q
+    centre, half = intermediate_ranges(f, Y)
+    np.testing.assert_allclose(centre, (Z.min(axis=0) + Z.max(axis=0)) / 2.0, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(half, (Z.max(axis=0) - Z.min(axis=0)) / 2.0, rtol=1e-13)

@@ -86,3 +86,31 @@ def test_pca_with_a_rank_bound_skips_the_gram_and_finds_the_same_directions(monk
     sketched = pca_rows(Y, rows, 20, bound=60)
     assert np.abs(full.P @ full.P.T - sketched.P @ sketched.P.T).max() < 1e-6
     assert np.abs(full.b - sketched.b).max() < 1e-6 * np.abs(full.b).max()
+
+
+def test_a_repeated_sketch_is_the_first_one_until_the_rows_change():
+    """The spectrum then the PCA of the same rows take one sketch (the second call computes nothing); rows written
+    in place, another mask or another array are sketched anew (each checked against a fresh computation)."""
+    Y, rows = _low_rank(n=1200, d=400, k=30)
+    first = gram._sketch(Y, rows, 40)
+    calls = []
+    real = gram._sketch_rows
+    gram._sketch_rows = lambda *a: calls.append(1) or real(*a)
+    try:
+        again = gram._sketch(Y, rows, 40)
+        assert not calls
+        for a, b in zip(first[:2], again[:2]):
+            np.testing.assert_array_equal(a, b)
+        again[1][:] = 0.0  # the caller's copy: the kept result is untouched
+        np.testing.assert_array_equal(gram._sketch(Y, rows, 40)[1], first[1])
+        Y[5, 7] += 1.0
+        other = rows.copy()
+        other[3] = not other[3]
+        for args in ((Y, rows, 40), (Y, other, 40), (Y.copy(), rows, 40), (Y, rows, 41)):
+            n_before = len(calls)
+            got = gram._sketch(*args)
+            want = real(*args)
+            assert len(calls) == n_before + 1
+            np.testing.assert_array_equal(got[1], want[1])
+    finally:
+        gram._sketch_rows = real

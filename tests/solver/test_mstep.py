@@ -82,3 +82,21 @@ def test_nonlinear_loop_with_the_warm_eigensolver_matches_the_full_one(kind, mon
     warm, info_warm = nonlinear_reconstruction(Y, 10, act, Yhat=X, schedule=[(6, 0.01), (6, 1.0)], tol=0)
     assert len(calls) == info_warm.iterations and info_warm.loss_final < info_warm.loss_linear
     np.testing.assert_allclose(info_warm.loss_final, info_full.loss_final, rtol=1e-3)
+
+
+@pytest.mark.parametrize("with_offset", [False, True])
+@pytest.mark.parametrize("rank", [3, 30])
+def test_prediction_through_the_whitened_inputs_is_the_fits_prediction(rank, with_offset):
+    """``fit(..., predict=out)`` writes the returned factorisation's float64 prediction on the fitted rows (plus the
+    offset), to float32 precision, through both product orders (rank below and above half the width), over
+    several blocks of rows and with a near-dead input channel."""
+    X, Z = _data(3000, 40, rank)
+    X[:, 7] = X[:, 7] * 1e-5 + 2.0
+    off = np.random.default_rng(2).standard_normal(Z.shape) if with_offset else None
+    rrr = _RRR(X, 1e-6)
+    fit = ms.WhitenedFit(rrr.Xc, rrr.xbar, rrr.V, rrr.inv, rrr.sqrt_s, off, rank)
+    fit.block = 256
+    out = np.full(Z.shape, np.nan)
+    f = fit.fit(Z, predict=out)
+    want = f.predict(X) + (0.0 if off is None else off)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -189,8 +189,11 @@ def test_relaxed_objective_never_increases_within_a_lambda(kind):
     _, info = nonlinear_reconstruction(Y, 4, act, schedule=((8, 0.01), (8, 1.0)), tol=0.0)
     assert info.lambdas == [0.01] * 8 + [1.0] * 8
     obj = np.array(info.objective)
+    # SiLU's z step keeps the better of its candidates by costs in float32 arithmetic, and the loop's predictions
+    # are float32 products: at convergence the objective may then rise by float32 round-off of its sum
+    rise = 1e-8 if kind == "silu" else 1e-9
     for seg in (obj[:8], obj[8:]):
-        assert np.all(np.diff(seg) <= 1e-9 * np.abs(seg[:-1]))
+        assert np.all(np.diff(seg) <= rise * np.abs(seg[:-1]))
     assert info.loss_final <= info.loss_linear
 
 
@@ -312,9 +315,28 @@ def test_held_back_rows_stop_the_loop_and_pick_the_best_held_iterate():
         return float(np.sum((act.apply(Yh) - act.apply(fz.predict(Xh))) ** 2))
 
     lin = linear_reconstruction(Y, r, X)
-    np.testing.assert_allclose(err(f), min([err(lin)] + info.held_error), rtol=1e-12)
+    # the loop scores the held-back rows in float32 products (HeldOut.error)
+    np.testing.assert_allclose(err(f), min([err(lin)] + info.held_error), rtol=1e-5)
     if info.best_iteration:
-        np.testing.assert_allclose(err(f), info.held_error[info.best_iteration - 1], rtol=1e-12)
+        np.testing.assert_allclose(err(f), info.held_error[info.best_iteration - 1], rtol=1e-5)
     # each stage ended after HELD_PATIENCE iterations without a HELD_TOL improvement, or ran out
     assert info.lambdas.count(0.01) < 25 or info.lambdas.count(1.0) < 25
     assert info.lambdas.count(0.01) >= HELD_PATIENCE
+
+
+@pytest.mark.parametrize("rank", [5, 40])
+def test_held_back_error_in_float32_is_the_float64_error(rank):
+    """HeldOut.error on float32 rows with an offset (float32 products and activation, float64 sums): the
+    brute-force float64 squared error to float32 precision, through both product orders, over several blocks."""
+    from onnx_lowrank.solver.nonlinear import HeldOut
+
+    rng = np.random.default_rng(8)
+    d = 64
+    X = _responses(3000, d, rng, decay=10.0) + 0.5
+    off = 0.2 * rng.standard_normal(X.shape)
+    act = Activation.hardswish()
+    f = linear_reconstruction(X + 0.1 * rng.standard_normal(X.shape), rank, X)
+    A = act.apply(X + off + 0.05 * rng.standard_normal(X.shape))
+    want = float(np.sum((A - act.apply(f.predict(X) + off)) ** 2))
+    got = HeldOut(X.astype(np.float32), A.astype(np.float32), off.astype(np.float32)).error(f, act)
+    np.testing.assert_allclose(got, want, rtol=1e-4)

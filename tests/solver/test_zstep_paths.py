@@ -128,3 +128,21 @@ def test_two_threads_give_the_serial_answer(kind, monkeypatch):
     np.testing.assert_array_equal(c2, c1)
     for f in ("fit", "pen", "loss_u"):
         assert getattr(s2, f) == pytest.approx(getattr(s1, f), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "relu"])
+def test_sums_without_the_loss_of_u_are_the_same_sums(kind):
+    """Leaving out ``loss_u`` (a loop stopped on held-back rows never reads it) changes no z and no other sum; asked
+    for, it is the brute-force loss of ``u``."""
+    from onnx_lowrank.solver.activations import Activation
+    from onnx_lowrank.solver.activations.zstep import _z_solve
+
+    act = Activation(kind, {})
+    rng = np.random.default_rng(9)
+    y = 3.0 * rng.standard_normal((700, 50))
+    a, u = act.apply(y), y + 0.5 * rng.standard_normal(y.shape)
+    z1, _, s1 = _z_solve(a, u, 0.3, act, y, want_sums=True)
+    z2, _, s2 = _z_solve(a, u, 0.3, act, y, want_sums=True, want_loss_u=False)
+    np.testing.assert_array_equal(z1, z2)
+    assert (s1.fit, s1.pen) == (s2.fit, s2.pen) and s2.loss_u == 0.0
+    np.testing.assert_allclose(s1.loss_u, np.sum((a - act.apply(u)) ** 2), rtol=1e-12)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .base import ActivationKind, f32, keep_better, new, objective_into, register
+from .base import ActivationKind, clip, f32, keep_better, new, objective_into, register
 from .piecewise import piecewise_linear
 
 CUBIC_NEWTON = 1  # float64 Newton steps on the cubic after the float32 estimate of its root
@@ -16,6 +16,14 @@ CUBIC_NEWTON = 1  # float64 Newton steps on the cubic after the float32 estimate
 class HardSwish(ActivationKind):
     def value(self, y):
         return y * np.clip(y / 6.0 + 0.5, 0.0, 1.0)
+
+    def value_block(self, z, P):
+        """:meth:`value`'s arithmetic (the same bits) in a scratch array: the z step's loss of each prediction."""
+        t = np.divide(z, 6.0, out=P(z))
+        t += 0.5
+        clip(t, 0.0, 1.0, out=t)
+        t *= z
+        return t
 
     def block_solver(self, lam):
         return lambda a, u, z0, z, P, offset=0: _hardswish(a, u, lam, z, P)
@@ -45,12 +53,12 @@ def _hardswish(a, u, lam, z, P=None):
     s = _largest_root(p, Q, P)
     # the other local minimum: sign(v) r, r = -(s + sqrt(max(s^2 - 4 Q / s, 0))) / 2 (where not real:
     # -s / 2, a harmless extra candidate)
-    r = np.clip(s, 1e-300, math.inf, out=new(P, a))
+    r = clip(s, 1e-300, math.inf, out=new(P, a))
     np.divide(Q, r, out=r)
     r *= -4.0
     t = np.multiply(s, s, out=p)
     r += t
-    np.clip(r, 0.0, math.inf, out=r)
+    clip(r, 0.0, math.inf, out=r)
     np.sqrt(r, out=r)
     r += s
     r *= 0.5  # |r|
@@ -60,7 +68,7 @@ def _hardswish(a, u, lam, z, P=None):
     tmp = Q
     for root in (s, r):
         root -= 1.5
-        np.clip(root, -3.0, 3.0, out=root)
+        clip(root, -3.0, 3.0, out=root)
         keep_better(z, c, root, _mid_cost(root, a, u, lam, P), tmp, P)
     return c
 
@@ -78,22 +86,22 @@ def _largest_root(p, Q, P=None):
     m3 *= 1.0 / 27.0
     disc += m3  # (Q/2)^2 + (p/3)^3
     one = np.greater(disc, 0.0, out=P.mask(Q32) if P is not None else None)
-    np.clip(disc, 0.0, math.inf, out=disc)
+    clip(disc, 0.0, math.inf, out=disc)
     np.sqrt(disc, out=disc)
     A = np.add(half, disc, out=disc)
     np.cbrt(A, out=A)
-    np.clip(A, 1e-30, math.inf, out=A)
+    clip(A, 1e-30, math.inf, out=A)
     sc = np.divide(p32, A, out=new(P, Q32))
     sc *= -1.0 / 3.0
     sc += A
     # three real roots (disc <= 0, p < 0): s = 2 m cos(arccos(Q / (2 m^3)) / 3), m = sqrt(-p / 3)
     m = np.multiply(p32, -1.0 / 3.0, out=m3)
-    np.clip(m, 1e-10, math.inf, out=m)
+    clip(m, 1e-10, math.inf, out=m)
     np.sqrt(m, out=m)
     cos = np.divide(half, m, out=half)
     cos /= m
     cos /= m  # Q / (2 m^3)
-    np.clip(cos, -1.0, 1.0, out=cos)
+    clip(cos, -1.0, 1.0, out=cos)
     np.arccos(cos, out=cos)
     cos *= 1.0 / 3.0
     np.cos(cos, out=cos)

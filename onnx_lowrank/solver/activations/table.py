@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import keep_better, new
+from .base import clip, keep_better, new
 
 POLISH = 1  # Newton steps after the lookup
 MOVED = 3e-3  # where that step moved z further than this (a flat objective) ...
@@ -140,7 +140,7 @@ def lookup(t: ZTable, a: np.ndarray, u: np.ndarray, P=None):
         else:
             np.less(x, -0.5, out=out)
         out |= np.greater(x, n - 0.5, out=far)
-        np.clip(x, 0.0, n - 1, out=x)
+        clip(x, 0.0, n - 1, out=x)
         i = np.rint(x, out=new(P, a))
         x -= i  # offset from the nearest grid point
         ij.append((x, i.astype(np.int32)))

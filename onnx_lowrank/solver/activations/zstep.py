@@ -61,7 +61,8 @@ def z_step_with_cost(
 class ZSums:
     """Sums over all elements that ``nonlinear_reconstruction`` needs, gathered block by block
     while the data is in cache: ``fit = sum (a - r(z))^2``, ``pen = sum (z - u)^2``,
-    ``loss_u = sum (a - r(u))^2`` (the true loss of the prediction ``u``)."""
+    ``loss_u = sum (a - r(u))^2`` (the true loss of the prediction ``u``; 0 unless asked for, where the kind's
+    solver does not track it)."""
 
     fit: float = 0.0
     pen: float = 0.0
@@ -77,6 +78,7 @@ def _z_solve(
     *,
     want_cost: bool = False,
     want_sums: bool = False,
+    want_loss_u: bool = True,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, ZSums | None]:
     lam = float(lam)
@@ -109,7 +111,7 @@ def _z_solve(
     def solve(part):
         lo, hi, solver = part
         return _solve_rows(kind, solver, lam, a2[lo:hi], u2[lo:hi], None if z02 is None else z02[lo:hi],
-                           z2[lo:hi], None if cost2 is None else cost2[lo:hi], step, want_sums)
+                           z2[lo:hi], None if cost2 is None else cost2[lo:hi], step, want_sums, want_loss_u)
 
     if len(parts) > 1:
         with ThreadPoolExecutor(max_workers=len(parts)) as ex:
@@ -152,8 +154,10 @@ def _chunks(nrow: int, step: int, ncol: int) -> list[tuple[int, int]]:
     return [(0, mid), (mid, nrow)]
 
 
-def _solve_rows(kind, solver, lam: float, a2, u2, z02, z2, cost2, step: int, want_sums: bool) -> ZSums:
-    """The block loop over a range of rows, with its own scratch pool and solver; its sums."""
+def _solve_rows(kind, solver, lam: float, a2, u2, z02, z2, cost2, step: int, want_sums: bool,
+                want_loss_u: bool = True) -> ZSums:
+    """The block loop over a range of rows, with its own scratch pool and solver; its sums (``loss_u`` only if
+    ``want_loss_u``, where the kind's solver does not give it anyway: a loop stopped on held-back rows never reads it)."""
     nrow, ncol = a2.shape
     sums = ZSums()
     P = Pool(min(step, nrow) * ncol)
@@ -168,7 +172,7 @@ def _solve_rows(kind, solver, lam: float, a2, u2, z02, z2, cost2, step: int, wan
             if cost2 is not None:
                 cost2[s] = cb
             if want_sums:
-                if not tracks_loss_u:
+                if want_loss_u and not tracks_loss_u:
                     t = kind.value_block(ub, P)
                     np.subtract(ab, t, out=t)
                     t = t.ravel()
