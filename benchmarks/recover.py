@@ -3,12 +3,14 @@
     python benchmarks/recover.py demo [--lrs 3e-5,1e-4,3e-4,1e-3] [--augments auto,none] [--epochs 20]
                                       [--losses nmse,kl:1,kl:2,kl:4]
     python benchmarks/recover.py ppocr_rec [--speedup 2] [--objective latency] [--calib 300] [--eval 300]
+    python benchmarks/recover.py det [--speedup 2] [--objective latency] [--calib 128] [--eval 64]
     python benchmarks/recover.py efficientnet [--speedup 1.3]     # after benchmarks/export_efficientnet_lite0.py
 
 Each case compresses the model, then recovers it from the calibration data only (the teacher is
 the original model, no labels), and evaluates original, factorised and recovered models on
 held-out data: the demo's labelled heldout.npz; PP-OCRv4 recogniser lines rendered with another
-seed (CER against the true text, spaces ignored); photo crops of another seed for EfficientNet
+seed (CER against the true text, spaces ignored); PP-OCRv4 detector pages of another seed (map F1 at
+0.3 against the original's map, word recall); photo crops of another seed for EfficientNet
 (top-1 agreement with the original). Recovery runs on one thread (the default).
 
 Writes benchmarks/results/recover_<case>.md and .json.
@@ -126,15 +128,18 @@ def _loss(spec: str) -> dict:
     return {"loss": name, "temperature": float(t)} if t else {"loss": name}
 
 
-def _bench_ratio(original, compressed, feed: dict, min_runs: int) -> dict:
-    """Measured latency of original vs compressed, batch 1, 1 thread, interleaved: rounds until the
-    speed-up's median is known within 2 % at 95 % confidence (at least ``min_runs`` rounds, at most 120 s)."""
+def _bench_ratio(original, compressed, feed: dict, min_runs: int, also=()) -> dict:
+    """Measured latency of original vs compressed (and the models in ``also``), batch 1, 1 thread,
+    interleaved: rounds until each speed-up's median is known within 2 % at 95 % confidence (at least
+    ``min_runs`` rounds, at most 120 s). ``also``'s ratios come back under "also"."""
     from onnx_lowrank.measure import bench
 
-    b = bench([original, compressed], feed, threads=1, warmup=5, min_runs=min_runs, max_seconds=120.0)
+    b = bench([original, compressed, *also], feed, threads=1, warmup=5, min_runs=min_runs, max_seconds=120.0)
     spread = b["speedup_spread"][1]
     return {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-            "speedup": b["speedup"][1], "spread": spread, "rounds": b["rounds"], "stable": b["stable"]}
+            "speedup": b["speedup"][1], "spread": spread, "rounds": b["rounds"], "stable": b["stable"],
+            "also": [{"ms": b["models"][i]["median_ms"], "speedup": b["speedup"][i],
+                      "spread": b["speedup_spread"][i]} for i in range(2, 2 + len(also))]}
 
 
 def _ci(lat: dict) -> str:
@@ -143,7 +148,8 @@ def _ci(lat: dict) -> str:
     return f"95 % interval {lo:.2f}x .. {hi:.2f}x" if lo is not None and hi is not None else "no interval"
 
 
-def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dict]:
+def _recover_rows(original, factorised, calib: dict, evaluate, args, models: list | None = None) -> list[dict]:
+    """One row per (augment, lr, loss, seed); ``models`` gets each recovered model when given."""
     rows = []
     for aug in args.augments.split(";"):
         for lr in [float(v) for v in args.lrs.split(",")]:
@@ -159,6 +165,8 @@ def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dic
                              "held_back_after": rep["held_back_loss_after"],
                              "held_back_nmse_after": rep["held_back_nmse_after"], "seconds": secs,
                              "epochs": rep["epochs"], **evaluate(res.model)})
+                if models is not None:
+                    models.append(res.model)
                 print({k: v for k, v in rows[-1].items() if k != "epochs"}, flush=True)
     return rows
 
@@ -179,19 +187,11 @@ def ppocr_rec(args) -> None:
         hyps = [rec.ctc_decode(q, chars) for q in p]
         return {"cer_nospace": rec.cer(eval_texts, hyps, spaces=False), "path_agreement": float((p == ref_paths).mean())}
 
+    title = f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
     try:
-        fact_model, info = _cached_rec_compression(model_path, calib_x, args)
-    except RankSelectionError as err:   # the target is out of reach: the section says so, with the tool's bound
-        md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
-                           f"{args.objective}, rank multiple {args.rank_multiple or 'default'}: target out of reach")
-        md += (f"{args.calib} calibration lines (seed 1), --objective {args.objective}, --threads {args.threads}, "
-               f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
-               f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")
-        common.write_result(f"recover_ppocr_rec{args.tag}", md)
-        (common.RESULTS / f"recover_ppocr_rec{args.tag}.json").write_text(json.dumps(
-            {"target": args.speedup, "objective": args.objective, "threads": args.threads,
-             "rank_multiple": args.rank_multiple, "max_speedup": err.max_speedup, "before": err.flops_before,
-             "smallest": err.min_flops, "unit": err.unit, "message": str(err)}, indent=1))
+        fact_model, info = _cached_target_compression("recover_ppocr_rec", model_path, "x", calib_x, args)
+    except RankSelectionError as err:
+        _write_refusal(f"recover_ppocr_rec{args.tag}", title, "calibration lines (seed 1)", err, args)
         return
     import onnx
 
@@ -207,8 +207,7 @@ def ppocr_rec(args) -> None:
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
               if args.objective == "latency" else
               f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
-    md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
-                       f"{args.objective}, augment {args.augments}")
+    md = common.header(f"{title}, augment {args.augments}")
     md += (f"Text lines as in benchmarks/ppocr_rec.py: {args.calib} calibration lines (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back for early stopping), {args.eval} "
            f"evaluation lines (seed 2, never seen by compression or recovery). Compressed at {target} with the "
@@ -232,18 +231,97 @@ def ppocr_rec(args) -> None:
          "rows": rows}, indent=1, default=float))
 
 
-def _cached_rec_compression(model_path, calib: np.ndarray, args):
-    """The factorised recogniser from .cache/, made once per objective, target, threads, rank multiple and
-    number of lines (with --objective latency the compression times layers: run it alone on the machine)."""
+def ppocr_det(args) -> None:
+    import onnx
+
+    from benchmarks import ppocr_det as det
+
+    model_path = det.package_dir() / det.MODEL_FILE
+    calib_x, _ = det.make_pages(args.calib, seed=1, size=args.size)
+    eval_x, eval_boxes = det.make_pages(args.eval, seed=2, size=args.size)
+    ref = det.prob_maps(model_path, eval_x)
+    recall_orig = det.word_recall(ref, eval_boxes)
+
+    def evaluate(model):
+        maps = det.prob_maps(model, eval_x)
+        return {**det.map_agreement(ref, maps), "word_recall": det.word_recall(maps, eval_boxes)}
+
+    title = f"Recovery on the PP-OCRv4 detector (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
+    try:
+        fact_model, info = _cached_target_compression("recover_ppocr_det", model_path, "x", calib_x, args)
+    except RankSelectionError as err:
+        _write_refusal(f"recover_ppocr_det{args.tag}", title, f"calibration pages of {args.size}x{args.size} (seed 1)",
+                       err, args)
+        return
+    original = onnx.load(str(model_path))
+    base = evaluate(fact_model)
+    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, map F1 {base['f1']:.4f} ({info['seconds']:.0f} s)",
+          flush=True)
+    load = [os.getloadavg()[0]]
+    recovered: list = []
+    rows = _recover_rows(original, fact_model, {"x": calib_x}, evaluate, args, recovered)
+    load.append(os.getloadavg()[0])
+    # Latency after recovery: original, factorised and every recovered model in one interleaved bench.
+    lat = _bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs, also=recovered)
+    for r, a in zip(rows, lat["also"]):
+        r["latency_speedup"] = a["speedup"]
+    load.append(os.getloadavg()[0])
+    print(f"measured {lat['speedup']:.2f}x ({_ci(lat)})", flush=True)
+    target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
+              f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
+              if args.objective == "latency" else
+              f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
+    fit = args.calib - args.calib // 5
+    md = common.header(f"{title}, augment {args.augments}")
+    md += (f"Pages as in benchmarks/ppocr_det.py ({args.size}x{args.size}): {args.calib} calibration pages (seed 1; "
+           f"{fit} fit, {args.calib - fit} held back for early stopping), {args.eval} evaluation pages (seed 2, "
+           f"never seen by compression or recovery). Compressed at {target} with the other defaults (nonlinear + "
+           f"asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x FLOPs, **measured "
+           f"{lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} rounds interleaved with the original and "
+           f"the recovered models, {_ci(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: "
+           f"{lat['original_ms']:.1f} -> {lat['compressed_ms']:.1f} ms). Map F1 at {det.THRESH} against the "
+           f"original: factorised {base['f1']:.4f} (IoU {base['iou']:.4f}, map MAE {base['mae']:.4g}); word recall "
+           f"original {recall_orig:.4f}, factorised {base['word_recall']:.4f}. Up to {args.epochs} epochs, patience "
+           f"{args.patience}, batch {args.batch_size}, 1 thread, time limit {args.time_limit:g} s; load average "
+           f"(1 min) {load[0]:.1f} at the start of recovery, {load[1]:.1f} at its end, {load[2]:.1f} after the "
+           f"bench.\n\n")
+    md += common.markdown_table(
+        LEAD + ["map F1", "share of F1 loss removed", "IoU", "map MAE", "word recall", "measured x", "recovery s"],
+        [[*_lead(r), f"{r['f1']:.4f}", f"{_removed(1.0, base['f1'], r['f1']):.0%}", f"{r['iou']:.4f}",
+          f"{r['mae']:.4g}", f"{r['word_recall']:.4f}", f"{r['latency_speedup']:.2f}", f"{r['seconds']:.0f}"]
+         for r in rows])
+    common.write_result(f"recover_ppocr_det{args.tag}", md)
+    (common.RESULTS / f"recover_ppocr_det{args.tag}.json").write_text(json.dumps(
+        {"word_recall_original": recall_orig, "factorised": base, "compression": info, "latency": lat,
+         "load": load, "rows": rows}, indent=1, default=float))
+
+
+def _write_refusal(name: str, title: str, what: str, err, args) -> None:
+    """The section for a target out of reach: the tool's message and its bound."""
+    md = common.header(f"{title}, rank multiple {args.rank_multiple or 'default'}: target out of reach")
+    md += (f"{args.calib} {what}, --objective {args.objective}, --threads {args.threads}, "
+           f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
+           f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")
+    common.write_result(name, md)
+    (common.RESULTS / f"{name}.json").write_text(json.dumps(
+        {"target": args.speedup, "objective": args.objective, "threads": args.threads,
+         "rank_multiple": args.rank_multiple, "max_speedup": err.max_speedup, "before": err.flops_before,
+         "smallest": err.min_flops, "unit": err.unit, "message": str(err)}, indent=1))
+
+
+def _cached_target_compression(prefix: str, model_path, input_name: str, calib: np.ndarray, args):
+    """The factorised model from .cache/, made once per objective, target, threads, rank multiple and
+    number of calibration inputs (with --objective latency the compression times layers: run it alone on
+    the machine). Raises RankSelectionError, with the tool's bound, when the target is out of reach."""
     import onnx
 
     multiple = args.rank_multiple or (1 if args.objective == "flops" else CompressConfig().rank_multiple)
-    path = common.CACHE / (f"recover_ppocr_rec_{args.objective}_{args.speedup:g}x_t{args.threads}_m{multiple}_"
+    path = common.CACHE / (f"{prefix}_{args.objective}_{args.speedup:g}x_t{args.threads}_m{multiple}_"
                            f"{args.calib}.onnx")
     side = path.with_suffix(".json")
     if not path.exists():
         t0 = time.perf_counter()
-        fact = Compressor(str(model_path), {"x": calib}, CompressConfig(
+        fact = Compressor(str(model_path), {input_name: calib}, CompressConfig(
             speedup=args.speedup, objective=args.objective, threads=args.threads, rank_multiple=multiple)).run()
         info = {"speedup_theoretical": fact.report["speedup_theoretical"], "seconds": time.perf_counter() - t0,
                 "predicted": fact.report.get("predicted_latency_speedup") or float("nan"), "rank_multiple": multiple}
@@ -332,24 +410,30 @@ def main() -> None:
     r.add_argument("--speedup", type=float, default=3.0)
     r.add_argument("--calib", type=int, default=300)
     r.add_argument("--eval", type=int, default=300)
-    r.add_argument("--runs", type=int, default=30, help="at least this many interleaved latency rounds")
-    r.add_argument("--objective", default="flops", choices=["flops", "latency"],
-                   help="what --speedup counts; latency: measured at --threads")
-    r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--rank-multiple", type=int, default=None, help="default: 1 (flops), the tool's (latency)")
+    t = sub.add_parser("det")
+    t.add_argument("--speedup", type=float, default=2.0)
+    t.add_argument("--calib", type=int, default=128)
+    t.add_argument("--eval", type=int, default=64)
+    t.add_argument("--size", type=int, default=320, help="page side, a multiple of 32")
     e = sub.add_parser("efficientnet")
     e.add_argument("--speedup", type=float, default=1.3)
     e.add_argument("--calib", type=int, default=256)
     e.add_argument("--eval", type=int, default=500)
     e.add_argument("--recover-crops", type=int, default=0, help="recover on this many fresh crops (seed 3) "
                    "instead of the compression's calibration crops")
-    for p in (d, r, e):
+    for p in (r, t):
+        p.add_argument("--runs", type=int, default=30, help="at least this many interleaved latency rounds")
+        p.add_argument("--objective", default="flops", choices=["flops", "latency"],
+                       help="what --speedup counts; latency: measured at --threads")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--rank-multiple", type=int, default=None, help="default: 1 (flops), the tool's (latency)")
+    for p in (d, r, t, e):
         p.add_argument("--time-limit", type=float, default=540.0)
         p.add_argument("--train", default="factorised", choices=["factorised", "all"])
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default: one epoch)")
         p.add_argument("--losses", default="nmse", help="comma-separated losses: nmse, kl:T (KL at temperature T)")
-    for p in (r, e):
+    for p in (r, t, e):
         p.add_argument("--lrs", default="1e-4")
         p.add_argument("--augments", default="none", help="';'-separated settings, e.g. 'none;crop,noise'")
         p.add_argument("--epochs", type=int, default=5)
@@ -358,7 +442,7 @@ def main() -> None:
         p.add_argument("--tag", default="")
     args = ap.parse_args()
     progress.set_enabled(False)
-    {"demo": demo, "ppocr_rec": ppocr_rec, "efficientnet": efficientnet}[args.case](args)
+    {"demo": demo, "ppocr_rec": ppocr_rec, "det": ppocr_det, "efficientnet": efficientnet}[args.case](args)
 
 
 if __name__ == "__main__":
