@@ -33,19 +33,11 @@ from onnx_lowrank import progress  # noqa: E402
 from onnx_lowrank.fidelity import evaluate  # noqa: E402
 from onnx_lowrank.compressor import Compressor  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
-from onnx_lowrank.recover import recover_models, RecoverConfig  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
-from onnx_lowrank.calibration.inputs import open_source  # noqa: E402
-from onnx_lowrank.calibration.batching import input_specs  # noqa: E402
+from benchmarks.recover_common import (LEAD, bench_ratio, cached_target_compression, ci_text, lead,  # noqa: E402
+                                       recover_rows, removed_share, write_refusal)
 
 DEMO = common.ROOT / "models" / "mnist_vgg"
-
-
-def run_recovery(original, factorised, calib: dict, cfg: RecoverConfig):
-    source = open_source(calib, input_specs(factorised))
-    t0 = time.perf_counter()
-    res = recover_models(original, factorised, source, cfg)
-    return res, time.perf_counter() - t0
 
 
 def demo(args) -> None:
@@ -68,7 +60,7 @@ def demo(args) -> None:
                 "agreement": e["top1_agreement"], "nmse": e["nmse"]}
 
     load = [os.getloadavg()[0]]
-    rows = _recover_rows(comp.source_model, fact.model, calib, scores, args)
+    rows = recover_rows(comp.source_model, fact.model, calib, scores, args)
     load.append(os.getloadavg()[0])
     md = common.header(f"Recovery on the demo model (mnist_vgg): lr {args.lrs}, augment {args.augments}, "
                        f"train {args.train}, {args.epochs} epochs" + (f", loss {args.losses}" if args.losses != "nmse"
@@ -84,7 +76,7 @@ def demo(args) -> None:
            f"calibration images; held-back NMSE: the same images' output NMSE, comparable across losses.\n\n")
     md += common.markdown_table(
         LEAD + ["accuracy %", "drop (points)", "agreement", "NMSE", "time s"],
-        [[*_lead(r), f"{100 * r['accuracy']:.2f}",
+        [[*lead(r), f"{100 * r['accuracy']:.2f}",
           f"{r['drop']:.2f}", f"{r['agreement']:.4f}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"] for r in rows])
     if len(str(args.seed).split(",")) > 1:
         md += "\n\nOver the seeds, per setting:\n\n" + _summary(rows)
@@ -92,17 +84,6 @@ def demo(args) -> None:
     (common.RESULTS / f"recover_demo{args.tag}.json").write_text(json.dumps({"baseline": {k: v for k, v in base.items()
                                                                              if not isinstance(v, list)},
                                                                 "rows": rows}, indent=1, default=float))
-
-
-#: The first columns of every recovery table: the setting and what early stopping saw (in the loss
-#: trained, and as output NMSE, which compares across losses).
-LEAD = ["loss", "seed", "lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after",
-        "held-back NMSE after"]
-
-
-def _lead(r: dict) -> list:
-    return [r["loss"], r["seed"], r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
-            f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['held_back_nmse_after']:.4f}"]
 
 
 def _summary(rows: list[dict]) -> str:
@@ -120,55 +101,6 @@ def _summary(rows: list[dict]) -> str:
     return common.markdown_table(["loss", "lr", "augment", "train", "seeds", "mean drop (points)", "drop range",
                                   "mean agreement", "mean held-back NMSE after", "runs that kept an epoch > 0",
                                   "mean time s"], out)
-
-
-def _loss(spec: str) -> dict:
-    """'nmse' or 'kl:T' as RecoverConfig fields."""
-    name, _, t = spec.partition(":")
-    return {"loss": name, "temperature": float(t)} if t else {"loss": name}
-
-
-def _bench_ratio(original, compressed, feed: dict, min_runs: int, also=()) -> dict:
-    """Measured latency of original vs compressed (and the models in ``also``), batch 1, 1 thread,
-    interleaved: rounds until each speed-up's median is known within 2 % at 95 % confidence (at least
-    ``min_runs`` rounds, at most 120 s). ``also``'s ratios come back under "also"."""
-    from onnx_lowrank.measure import bench
-
-    b = bench([original, compressed, *also], feed, threads=1, warmup=5, min_runs=min_runs, max_seconds=120.0)
-    spread = b["speedup_spread"][1]
-    return {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-            "speedup": b["speedup"][1], "spread": spread, "rounds": b["rounds"], "stable": b["stable"],
-            "also": [{"ms": b["models"][i]["median_ms"], "speedup": b["speedup"][i],
-                      "spread": b["speedup_spread"][i]} for i in range(2, 2 + len(also))]}
-
-
-def _ci(lat: dict) -> str:
-    """The measured speed-up's 95 % interval, as bench reports it."""
-    lo, hi = lat["spread"]["ci95"]
-    return f"95 % interval {lo:.2f}x .. {hi:.2f}x" if lo is not None and hi is not None else "no interval"
-
-
-def _recover_rows(original, factorised, calib: dict, evaluate, args, models: list | None = None) -> list[dict]:
-    """One row per (augment, lr, loss, seed); ``models`` gets each recovered model when given."""
-    rows = []
-    for aug in args.augments.split(";"):
-        for lr in [float(v) for v in args.lrs.split(",")]:
-            for spec, seed in [(sp, int(sd)) for sp in args.losses.split(",") for sd in str(args.seed).split(",")]:
-                cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=seed, patience=args.patience,
-                                    train=args.train, time_limit=args.time_limit, batch_size=args.batch_size,
-                                    warmup=args.warmup, **_loss(spec))
-                res, secs = run_recovery(original, factorised, calib, cfg)
-                rep = res.report
-                rows.append({"loss": spec, "seed": seed, "lr": lr, "augment": aug, "train": args.train,
-                             "epoch_kept": rep["epoch_kept"], "epochs_run": len(rep["epochs"]) - 1,
-                             "held_back_before": rep["held_back_loss_before"],
-                             "held_back_after": rep["held_back_loss_after"],
-                             "held_back_nmse_after": rep["held_back_nmse_after"], "seconds": secs,
-                             "epochs": rep["epochs"], **evaluate(res.model)})
-                if models is not None:
-                    models.append(res.model)
-                print({k: v for k, v in rows[-1].items() if k != "epochs"}, flush=True)
-    return rows
 
 
 def ppocr_rec(args) -> None:
@@ -189,19 +121,19 @@ def ppocr_rec(args) -> None:
 
     title = f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
     try:
-        fact_model, info = _cached_target_compression("recover_ppocr_rec", model_path, "x", calib_x, args)
+        fact_model, info = cached_target_compression("recover_ppocr_rec", model_path, "x", calib_x, args)
     except RankSelectionError as err:
-        _write_refusal(f"recover_ppocr_rec{args.tag}", title, "calibration lines (seed 1)", err, args)
+        write_refusal(f"recover_ppocr_rec{args.tag}", title, "calibration lines (seed 1)", err, args)
         return
     import onnx
 
     original = onnx.load(str(model_path))
-    lat = _bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs)
+    lat = bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs)
     base = evaluate(fact_model)
-    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, measured {lat['speedup']:.2f}x ({_ci(lat)}), "
+    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, measured {lat['speedup']:.2f}x ({ci_text(lat)}), "
           f"CER {cer_orig:.4f} -> {base['cer_nospace']:.4f} ({info['seconds']:.0f} s)", flush=True)
     load = [os.getloadavg()[0]]
-    rows = _recover_rows(original, fact_model, {"x": calib_x}, evaluate, args)
+    rows = recover_rows(original, fact_model, {"x": calib_x}, evaluate, args)
     load.append(os.getloadavg()[0])
     target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
@@ -213,7 +145,7 @@ def ppocr_rec(args) -> None:
            f"evaluation lines (seed 2, never seen by compression or recovery). Compressed at {target} with the "
            f"other defaults (nonlinear + asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x "
            f"FLOPs, **measured {lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} interleaved rounds, "
-           f"{_ci(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: {lat['original_ms']:.1f} -> "
+           f"{ci_text(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: {lat['original_ms']:.1f} -> "
            f"{lat['compressed_ms']:.1f} ms). "
            f"CER without spaces: original {cer_orig:.4f}, factorised {base['cer_nospace']:.4f} "
            f"(CTC argmax agreement {base['path_agreement']:.4f}). Up to {args.epochs} epochs, patience "
@@ -222,8 +154,8 @@ def ppocr_rec(args) -> None:
     md += common.markdown_table(
         LEAD + ["CER (no spaces)",
          "share of CER increase removed", "CTC agreement", "recovery s"],
-        [[*_lead(r), f"{r['cer_nospace']:.4f}",
-          f"{_removed(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
+        [[*lead(r), f"{r['cer_nospace']:.4f}",
+          f"{removed_share(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
           f"{r['seconds']:.0f}"] for r in rows])
     common.write_result(f"recover_ppocr_rec{args.tag}", md)
     (common.RESULTS / f"recover_ppocr_rec{args.tag}.json").write_text(json.dumps(
@@ -248,9 +180,9 @@ def ppocr_det(args) -> None:
 
     title = f"Recovery on the PP-OCRv4 detector (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
     try:
-        fact_model, info = _cached_target_compression("recover_ppocr_det", model_path, "x", calib_x, args)
+        fact_model, info = cached_target_compression("recover_ppocr_det", model_path, "x", calib_x, args)
     except RankSelectionError as err:
-        _write_refusal(f"recover_ppocr_det{args.tag}", title, f"calibration pages of {args.size}x{args.size} (seed 1)",
+        write_refusal(f"recover_ppocr_det{args.tag}", title, f"calibration pages of {args.size}x{args.size} (seed 1)",
                        err, args)
         return
     original = onnx.load(str(model_path))
@@ -259,14 +191,14 @@ def ppocr_det(args) -> None:
           flush=True)
     load = [os.getloadavg()[0]]
     recovered: list = []
-    rows = _recover_rows(original, fact_model, {"x": calib_x}, evaluate, args, recovered)
+    rows = recover_rows(original, fact_model, {"x": calib_x}, evaluate, args, recovered)
     load.append(os.getloadavg()[0])
     # Latency after recovery: original, factorised and every recovered model in one interleaved bench.
-    lat = _bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs, also=recovered)
+    lat = bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs, also=recovered)
     for r, a in zip(rows, lat["also"]):
         r["latency_speedup"] = a["speedup"]
     load.append(os.getloadavg()[0])
-    print(f"measured {lat['speedup']:.2f}x ({_ci(lat)})", flush=True)
+    print(f"measured {lat['speedup']:.2f}x ({ci_text(lat)})", flush=True)
     target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
               if args.objective == "latency" else
@@ -278,7 +210,7 @@ def ppocr_det(args) -> None:
            f"never seen by compression or recovery). Compressed at {target} with the other defaults (nonlinear + "
            f"asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x FLOPs, **measured "
            f"{lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} rounds interleaved with the original and "
-           f"the recovered models, {_ci(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: "
+           f"the recovered models, {ci_text(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: "
            f"{lat['original_ms']:.1f} -> {lat['compressed_ms']:.1f} ms). Map F1 at {det.THRESH} against the "
            f"original: factorised {base['f1']:.4f} (IoU {base['iou']:.4f}, map MAE {base['mae']:.4g}); word recall "
            f"original {recall_orig:.4f}, factorised {base['word_recall']:.4f}. Up to {args.epochs} epochs, patience "
@@ -287,48 +219,13 @@ def ppocr_det(args) -> None:
            f"bench.\n\n")
     md += common.markdown_table(
         LEAD + ["map F1", "share of F1 loss removed", "IoU", "map MAE", "word recall", "measured x", "recovery s"],
-        [[*_lead(r), f"{r['f1']:.4f}", f"{_removed(1.0, base['f1'], r['f1']):.0%}", f"{r['iou']:.4f}",
+        [[*lead(r), f"{r['f1']:.4f}", f"{removed_share(1.0, base['f1'], r['f1']):.0%}", f"{r['iou']:.4f}",
           f"{r['mae']:.4g}", f"{r['word_recall']:.4f}", f"{r['latency_speedup']:.2f}", f"{r['seconds']:.0f}"]
          for r in rows])
     common.write_result(f"recover_ppocr_det{args.tag}", md)
     (common.RESULTS / f"recover_ppocr_det{args.tag}.json").write_text(json.dumps(
         {"word_recall_original": recall_orig, "factorised": base, "compression": info, "latency": lat,
          "load": load, "rows": rows}, indent=1, default=float))
-
-
-def _write_refusal(name: str, title: str, what: str, err, args) -> None:
-    """The section for a target out of reach: the tool's message and its bound."""
-    md = common.header(f"{title}, rank multiple {args.rank_multiple or 'default'}: target out of reach")
-    md += (f"{args.calib} {what}, --objective {args.objective}, --threads {args.threads}, "
-           f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
-           f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")
-    common.write_result(name, md)
-    (common.RESULTS / f"{name}.json").write_text(json.dumps(
-        {"target": args.speedup, "objective": args.objective, "threads": args.threads,
-         "rank_multiple": args.rank_multiple, "max_speedup": err.max_speedup, "before": err.flops_before,
-         "smallest": err.min_flops, "unit": err.unit, "message": str(err)}, indent=1))
-
-
-def _cached_target_compression(prefix: str, model_path, input_name: str, calib: np.ndarray, args):
-    """The factorised model from .cache/, made once per objective, target, threads, rank multiple and
-    number of calibration inputs (with --objective latency the compression times layers: run it alone on
-    the machine). Raises RankSelectionError, with the tool's bound, when the target is out of reach."""
-    import onnx
-
-    multiple = args.rank_multiple or (1 if args.objective == "flops" else CompressConfig().rank_multiple)
-    path = common.CACHE / (f"{prefix}_{args.objective}_{args.speedup:g}x_t{args.threads}_m{multiple}_"
-                           f"{args.calib}.onnx")
-    side = path.with_suffix(".json")
-    if not path.exists():
-        t0 = time.perf_counter()
-        fact = Compressor(str(model_path), {input_name: calib}, CompressConfig(
-            speedup=args.speedup, objective=args.objective, threads=args.threads, rank_multiple=multiple)).run()
-        info = {"speedup_theoretical": fact.report["speedup_theoretical"], "seconds": time.perf_counter() - t0,
-                "predicted": fact.report.get("predicted_latency_speedup") or float("nan"), "rank_multiple": multiple}
-        common.CACHE.mkdir(exist_ok=True)
-        onnx.save(fact.model, str(path))
-        side.write_text(json.dumps(info))
-    return onnx.load(str(path)), json.loads(side.read_text())
 
 
 def efficientnet(args) -> None:
@@ -350,7 +247,7 @@ def efficientnet(args) -> None:
     print(f"compressed {theoretical:.2f}x FLOPs, agreement {base['agreement']:.4f}", flush=True)
     # Recovery data: the compression's crops, or --recover-crops fresh ones (seed 3) it never fitted.
     rec = preprocess(common.photo_crops(args.recover_crops, seed=3)) if args.recover_crops else calib
-    rows = _recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
+    rows = recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
     crops = f"{args.recover_crops} fresh crops" if args.recover_crops else "the calibration crops"
     md = common.header(f"Recovery on EfficientNet-Lite0 (ImageNet): lr {args.lrs}, augment {args.augments}, {crops}, "
                        f"warm-up {args.warmup if args.warmup else 'one epoch'}")
@@ -364,8 +261,8 @@ def efficientnet(args) -> None:
     md += common.markdown_table(
         LEAD + ["top-1 agreement",
          "share of agreement loss removed", "logit NMSE", "recovery s"],
-        [[*_lead(r), f"{r['agreement']:.4f}",
-          f"{_removed(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
+        [[*lead(r), f"{r['agreement']:.4f}",
+          f"{removed_share(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
          for r in rows])
     common.write_result(f"recover_efficientnet{args.tag}", md)
     (common.RESULTS / f"recover_efficientnet{args.tag}.json").write_text(json.dumps(
@@ -388,11 +285,6 @@ def _cached_compression(original, calib: np.ndarray, args):
         onnx.save(fact.model, str(path))
         side.write_text(json.dumps({"speedup_theoretical": fact.report["speedup_theoretical"]}))
     return onnx.load(str(path)), json.loads(side.read_text())["speedup_theoretical"]
-
-
-def _removed(orig: float, before: float, after: float) -> float:
-    """Share of the loss (before - orig) that recovery removed; 1 = all of it."""
-    return (before - after) / (before - orig) if before != orig else float("nan")
 
 
 def main() -> None:
