@@ -191,7 +191,9 @@ def ppocr_det(args) -> None:
           flush=True)
     load = [os.getloadavg()[0]]
     recovered: list = []
-    rows = recover_rows(original, fact_model, {"x": calib_x}, evaluate, args, recovered)
+    # Recovery data: the compression's pages, or --recover-pages fresh ones (seed 3) it never fitted.
+    rec_x = det.make_pages(args.recover_pages, seed=3, size=args.size)[0] if args.recover_pages else calib_x
+    rows = recover_rows(original, fact_model, {"x": rec_x}, evaluate, args, recovered)
     load.append(os.getloadavg()[0])
     # Latency after recovery: original, factorised and every recovered model in one interleaved bench.
     lat = bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs, also=recovered)
@@ -203,11 +205,16 @@ def ppocr_det(args) -> None:
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
               if args.objective == "latency" else
               f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
-    fit = args.calib - args.calib // 5
-    md = common.header(f"{title}, augment {args.augments}")
-    md += (f"Pages as in benchmarks/ppocr_det.py ({args.size}x{args.size}): {args.calib} calibration pages (seed 1; "
-           f"{fit} fit, {args.calib - fit} held back for early stopping), {args.eval} evaluation pages (seed 2, "
-           f"never seen by compression or recovery). Compressed at {target} with the other defaults (nonlinear + "
+    n_rec = args.recover_pages or args.calib
+    fit = n_rec - n_rec // 5
+    pages = (f"recovery on the same pages ({fit} fit, {n_rec - fit} held back for early stopping)"
+             if not args.recover_pages else
+             f"recovery on {n_rec} other pages (seed 3, never seen by the compression; {fit} fit, {n_rec - fit} "
+             f"held back for early stopping)")
+    md = common.header(f"{title}, lr {args.lrs}, augment {args.augments}, "
+                       + (f"{n_rec} fresh pages" if args.recover_pages else "the calibration pages"))
+    md += (f"Pages as in benchmarks/ppocr_det.py ({args.size}x{args.size}): {args.calib} calibration pages (seed 1), "
+           f"{args.eval} evaluation pages (seed 2, never seen by compression or recovery); {pages}. Compressed at {target} with the other defaults (nonlinear + "
            f"asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x FLOPs, **measured "
            f"{lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} rounds interleaved with the original and "
            f"the recovered models, {ci_text(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: "
@@ -307,6 +314,8 @@ def main() -> None:
     t.add_argument("--calib", type=int, default=128)
     t.add_argument("--eval", type=int, default=64)
     t.add_argument("--size", type=int, default=320, help="page side, a multiple of 32")
+    t.add_argument("--recover-pages", type=int, default=0, help="recover on this many fresh pages (seed 3) "
+                   "instead of the compression's calibration pages")
     e = sub.add_parser("efficientnet")
     e.add_argument("--speedup", type=float, default=1.3)
     e.add_argument("--calib", type=int, default=256)
