@@ -139,7 +139,7 @@ def ppocr_rec(args) -> None:
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
               if args.objective == "latency" else
               f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
-    md = common.header(f"{title}, augment {args.augments}")
+    md = common.header(f"{title}, lr {args.lrs}, augment {args.augments}")
     md += (f"Text lines as in benchmarks/ppocr_rec.py: {args.calib} calibration lines (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back for early stopping), {args.eval} "
            f"evaluation lines (seed 2, never seen by compression or recovery). Compressed at {target} with the "
