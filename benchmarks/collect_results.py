@@ -85,6 +85,18 @@ ORDER = [
     ("recover_ppocr_rec_3x_cn", "Issue 16: recovery on the PP-OCRv4 recogniser at 3x FLOPs, crop + noise"),
     ("recover_ppocr_rec_lat1.7x", "Issue 16: recovery on the PP-OCRv4 recogniser at 1.7x measured latency"),
     ("recover_ppocr_rec_5x_none", "Issue 16: recovery on the PP-OCRv4 recogniser at 5x FLOPs, augment none"),
+    ("recover_det_notes", "Issue 16: recovery on the PP-OCRv4 detector, and the learning-rate floor (reading)"),
+    ("recover_ppocr_det_lat2x_m16", "Issue 16: PP-OCRv4 detector at 2x measured latency, ranks multiples of 16"),
+    ("recover_ppocr_det_lat2x", "Issue 16: PP-OCRv4 detector at 2x measured latency, ranks multiples of 1"),
+    ("recover_ppocr_det_lat1.25x", "Issue 16: PP-OCRv4 detector at 1.25x measured latency, before the lr floor fix"),
+    ("recover_ppocr_det_lat1.25x_calib", "Issue 16: PP-OCRv4 detector at 1.25x measured latency, lr 1e-4 / 1e-3 on "
+     "the calibration pages"),
+    ("recover_ppocr_det_lat1.25x_fresh", "Issue 16: PP-OCRv4 detector at 1.25x measured latency, 512 fresh pages"),
+    ("recover_ppocr_det_flops3x_fresh", "Issue 16: PP-OCRv4 detector at 3x FLOPs, 512 fresh pages"),
+    ("recover_demo_floorfix", "Issue 16: recovery on the demo after the lr floor fix, lr 1e-4 / 3e-4 / 1e-3"),
+    ("recover_ppocr_rec_3x_prefix", "Issue 16: PP-OCRv4 recogniser at 3x FLOPs, before the lr floor fix (ed8e359)"),
+    ("recover_ppocr_rec_3x_floorfix", "Issue 16: PP-OCRv4 recogniser at 3x FLOPs after the lr floor fix, lr 1e-4 / "
+     "1e-3"),
     ("allocation_demo_flops_4x", "Issue 15: energy vs sensitivity allocation, demo at 4x FLOPs"),
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "

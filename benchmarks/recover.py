@@ -3,12 +3,14 @@
     python benchmarks/recover.py demo [--lrs 3e-5,1e-4,3e-4,1e-3] [--augments auto,none] [--epochs 20]
                                       [--losses nmse,kl:1,kl:2,kl:4]
     python benchmarks/recover.py ppocr_rec [--speedup 2] [--objective latency] [--calib 300] [--eval 300]
+    python benchmarks/recover.py det [--speedup 2] [--objective latency] [--calib 128] [--eval 64]
     python benchmarks/recover.py efficientnet [--speedup 1.3]     # after benchmarks/export_efficientnet_lite0.py
 
 Each case compresses the model, then recovers it from the calibration data only (the teacher is
 the original model, no labels), and evaluates original, factorised and recovered models on
 held-out data: the demo's labelled heldout.npz; PP-OCRv4 recogniser lines rendered with another
-seed (CER against the true text, spaces ignored); photo crops of another seed for EfficientNet
+seed (CER against the true text, spaces ignored); PP-OCRv4 detector pages of another seed (map F1 at
+0.3 against the original's map, word recall); photo crops of another seed for EfficientNet
 (top-1 agreement with the original). Recovery runs on one thread (the default).
 
 Writes benchmarks/results/recover_<case>.md and .json.
@@ -31,19 +33,11 @@ from onnx_lowrank import progress  # noqa: E402
 from onnx_lowrank.fidelity import evaluate  # noqa: E402
 from onnx_lowrank.compressor import Compressor  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
-from onnx_lowrank.recover import recover_models, RecoverConfig  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
-from onnx_lowrank.calibration.inputs import open_source  # noqa: E402
-from onnx_lowrank.calibration.batching import input_specs  # noqa: E402
+from benchmarks.recover_common import (LEAD, bench_ratio, cached_target_compression, ci_text, lead,  # noqa: E402
+                                       recover_rows, removed_share, write_refusal)
 
 DEMO = common.ROOT / "models" / "mnist_vgg"
-
-
-def run_recovery(original, factorised, calib: dict, cfg: RecoverConfig):
-    source = open_source(calib, input_specs(factorised))
-    t0 = time.perf_counter()
-    res = recover_models(original, factorised, source, cfg)
-    return res, time.perf_counter() - t0
 
 
 def demo(args) -> None:
@@ -66,7 +60,7 @@ def demo(args) -> None:
                 "agreement": e["top1_agreement"], "nmse": e["nmse"]}
 
     load = [os.getloadavg()[0]]
-    rows = _recover_rows(comp.source_model, fact.model, calib, scores, args)
+    rows = recover_rows(comp.source_model, fact.model, calib, scores, args)
     load.append(os.getloadavg()[0])
     md = common.header(f"Recovery on the demo model (mnist_vgg): lr {args.lrs}, augment {args.augments}, "
                        f"train {args.train}, {args.epochs} epochs" + (f", loss {args.losses}" if args.losses != "nmse"
@@ -84,7 +78,7 @@ def demo(args) -> None:
            f"calibration images; held-back NMSE: the same images' output NMSE, comparable across losses.\n\n")
     md += common.markdown_table(
         LEAD + ["accuracy %", "drop (points)", "agreement", "NMSE", "time s"],
-        [[*_lead(r), f"{100 * r['accuracy']:.2f}",
+        [[*lead(r), f"{100 * r['accuracy']:.2f}",
           f"{r['drop']:.2f}", f"{r['agreement']:.4f}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"] for r in rows])
     if len(str(args.seed).split(",")) > 1:
         md += "\n\nOver the seeds, per setting:\n\n" + _summary(rows)
@@ -101,17 +95,6 @@ def _schemes_kept(report: dict) -> str:
         if layer.get("scheme"):
             kept[layer["scheme"]] = kept.get(layer["scheme"], 0) + 1
     return (", kept: " + ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))) if kept else ""
-
-
-#: The first columns of every recovery table: the setting and what early stopping saw (in the loss
-#: trained, and as output NMSE, which compares across losses).
-LEAD = ["loss", "seed", "lr", "augment", "train", "epochs run", "epoch kept", "held-back loss before -> after",
-        "held-back NMSE after"]
-
-
-def _lead(r: dict) -> list:
-    return [r["loss"], r["seed"], r["lr"], r["augment"], r["train"], r["epochs_run"], r["epoch_kept"],
-            f"{r['held_back_before']:.4f} -> {r['held_back_after']:.4f}", f"{r['held_back_nmse_after']:.4f}"]
 
 
 def _summary(rows: list[dict]) -> str:
@@ -131,49 +114,6 @@ def _summary(rows: list[dict]) -> str:
                                   "mean time s"], out)
 
 
-def _loss(spec: str) -> dict:
-    """'nmse' or 'kl:T' as RecoverConfig fields."""
-    name, _, t = spec.partition(":")
-    return {"loss": name, "temperature": float(t)} if t else {"loss": name}
-
-
-def _bench_ratio(original, compressed, feed: dict, min_runs: int) -> dict:
-    """Measured latency of original vs compressed, batch 1, 1 thread, interleaved: rounds until the
-    speed-up's median is known within 2 % at 95 % confidence (at least ``min_runs`` rounds, at most 120 s)."""
-    from onnx_lowrank.measure import bench
-
-    b = bench([original, compressed], feed, threads=1, warmup=5, min_runs=min_runs, max_seconds=120.0)
-    spread = b["speedup_spread"][1]
-    return {"original_ms": b["models"][0]["median_ms"], "compressed_ms": b["models"][1]["median_ms"],
-            "speedup": b["speedup"][1], "spread": spread, "rounds": b["rounds"], "stable": b["stable"]}
-
-
-def _ci(lat: dict) -> str:
-    """The measured speed-up's 95 % interval, as bench reports it."""
-    lo, hi = lat["spread"]["ci95"]
-    return f"95 % interval {lo:.2f}x .. {hi:.2f}x" if lo is not None and hi is not None else "no interval"
-
-
-def _recover_rows(original, factorised, calib: dict, evaluate, args) -> list[dict]:
-    rows = []
-    for aug in args.augments.split(";"):
-        for lr in [float(v) for v in args.lrs.split(",")]:
-            for spec, seed in [(sp, int(sd)) for sp in args.losses.split(",") for sd in str(args.seed).split(",")]:
-                cfg = RecoverConfig(epochs=args.epochs, lr=lr, augment=aug, seed=seed, patience=args.patience,
-                                    train=args.train, time_limit=args.time_limit, batch_size=args.batch_size,
-                                    warmup=args.warmup, **_loss(spec))
-                res, secs = run_recovery(original, factorised, calib, cfg)
-                rep = res.report
-                rows.append({"loss": spec, "seed": seed, "lr": lr, "augment": aug, "train": args.train,
-                             "epoch_kept": rep["epoch_kept"], "epochs_run": len(rep["epochs"]) - 1,
-                             "held_back_before": rep["held_back_loss_before"],
-                             "held_back_after": rep["held_back_loss_after"],
-                             "held_back_nmse_after": rep["held_back_nmse_after"], "seconds": secs,
-                             "epochs": rep["epochs"], **evaluate(res.model)})
-                print({k: v for k, v in rows[-1].items() if k != "epochs"}, flush=True)
-    return rows
-
-
 def ppocr_rec(args) -> None:
     from benchmarks import ppocr_rec as rec
 
@@ -190,42 +130,33 @@ def ppocr_rec(args) -> None:
         hyps = [rec.ctc_decode(q, chars) for q in p]
         return {"cer_nospace": rec.cer(eval_texts, hyps, spaces=False), "path_agreement": float((p == ref_paths).mean())}
 
+    title = f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
     try:
-        fact_model, info = _cached_rec_compression(model_path, calib_x, args)
-    except RankSelectionError as err:   # the target is out of reach: the section says so, with the tool's bound
-        md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
-                           f"{args.objective}, rank multiple {args.rank_multiple or 'default'}: target out of reach")
-        md += (f"{args.calib} calibration lines (seed 1), --objective {args.objective}, --threads {args.threads}, "
-               f"--rank-multiple {args.rank_multiple or 'default'}: the compression refused the target. "
-               f"The tool's message: {err}. Highest reachable speed-up: **{err.max_speedup:.2f}x**.\n")
-        common.write_result(f"recover_ppocr_rec{args.tag}", md)
-        (common.RESULTS / f"recover_ppocr_rec{args.tag}.json").write_text(json.dumps(
-            {"target": args.speedup, "objective": args.objective, "threads": args.threads,
-             "rank_multiple": args.rank_multiple, "max_speedup": err.max_speedup, "before": err.flops_before,
-             "smallest": err.min_flops, "unit": err.unit, "message": str(err)}, indent=1))
+        fact_model, info = cached_target_compression("recover_ppocr_rec", model_path, "x", calib_x, args)
+    except RankSelectionError as err:
+        write_refusal(f"recover_ppocr_rec{args.tag}", title, "calibration lines (seed 1)", err, args)
         return
     import onnx
 
     original = onnx.load(str(model_path))
-    lat = _bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs)
+    lat = bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs)
     base = evaluate(fact_model)
-    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, measured {lat['speedup']:.2f}x ({_ci(lat)}), "
+    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, measured {lat['speedup']:.2f}x ({ci_text(lat)}), "
           f"CER {cer_orig:.4f} -> {base['cer_nospace']:.4f} ({info['seconds']:.0f} s)", flush=True)
     load = [os.getloadavg()[0]]
-    rows = _recover_rows(original, fact_model, {"x": calib_x}, evaluate, args)
+    rows = recover_rows(original, fact_model, {"x": calib_x}, evaluate, args)
     load.append(os.getloadavg()[0])
     target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
               f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
               if args.objective == "latency" else
               f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
-    md = common.header(f"Recovery on the PP-OCRv4 recogniser (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x "
-                       f"{args.objective}, augment {args.augments}")
+    md = common.header(f"{title}, lr {args.lrs}, augment {args.augments}")
     md += (f"Text lines as in benchmarks/ppocr_rec.py: {args.calib} calibration lines (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back for early stopping), {args.eval} "
            f"evaluation lines (seed 2, never seen by compression or recovery). Compressed at {target} with the "
            f"other defaults (nonlinear + asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x "
            f"FLOPs, **measured {lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} interleaved rounds, "
-           f"{_ci(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: {lat['original_ms']:.1f} -> "
+           f"{ci_text(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: {lat['original_ms']:.1f} -> "
            f"{lat['compressed_ms']:.1f} ms). "
            f"CER without spaces: original {cer_orig:.4f}, factorised {base['cer_nospace']:.4f} "
            f"(CTC argmax agreement {base['path_agreement']:.4f}). Up to {args.epochs} epochs, patience "
@@ -234,8 +165,8 @@ def ppocr_rec(args) -> None:
     md += common.markdown_table(
         LEAD + ["CER (no spaces)",
          "share of CER increase removed", "CTC agreement", "recovery s"],
-        [[*_lead(r), f"{r['cer_nospace']:.4f}",
-          f"{_removed(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
+        [[*lead(r), f"{r['cer_nospace']:.4f}",
+          f"{removed_share(cer_orig, base['cer_nospace'], r['cer_nospace']):.0%}", f"{r['path_agreement']:.4f}",
           f"{r['seconds']:.0f}"] for r in rows])
     common.write_result(f"recover_ppocr_rec{args.tag}", md)
     (common.RESULTS / f"recover_ppocr_rec{args.tag}.json").write_text(json.dumps(
@@ -243,25 +174,76 @@ def ppocr_rec(args) -> None:
          "rows": rows}, indent=1, default=float))
 
 
-def _cached_rec_compression(model_path, calib: np.ndarray, args):
-    """The factorised recogniser from .cache/, made once per objective, target, threads, rank multiple and
-    number of lines (with --objective latency the compression times layers: run it alone on the machine)."""
+def ppocr_det(args) -> None:
     import onnx
 
-    multiple = args.rank_multiple or (1 if args.objective == "flops" else CompressConfig().rank_multiple)
-    path = common.CACHE / (f"recover_ppocr_rec_{args.objective}_{args.speedup:g}x_t{args.threads}_m{multiple}_"
-                           f"{args.calib}.onnx")
-    side = path.with_suffix(".json")
-    if not path.exists():
-        t0 = time.perf_counter()
-        fact = Compressor(str(model_path), {"x": calib}, CompressConfig(
-            speedup=args.speedup, objective=args.objective, threads=args.threads, rank_multiple=multiple)).run()
-        info = {"speedup_theoretical": fact.report["speedup_theoretical"], "seconds": time.perf_counter() - t0,
-                "predicted": fact.report.get("predicted_latency_speedup") or float("nan"), "rank_multiple": multiple}
-        common.CACHE.mkdir(exist_ok=True)
-        onnx.save(fact.model, str(path))
-        side.write_text(json.dumps(info))
-    return onnx.load(str(path)), json.loads(side.read_text())
+    from benchmarks import ppocr_det as det
+
+    model_path = det.package_dir() / det.MODEL_FILE
+    calib_x, _ = det.make_pages(args.calib, seed=1, size=args.size)
+    eval_x, eval_boxes = det.make_pages(args.eval, seed=2, size=args.size)
+    ref = det.prob_maps(model_path, eval_x)
+    recall_orig = det.word_recall(ref, eval_boxes)
+
+    def evaluate(model):
+        maps = det.prob_maps(model, eval_x)
+        return {**det.map_agreement(ref, maps), "word_recall": det.word_recall(maps, eval_boxes)}
+
+    title = f"Recovery on the PP-OCRv4 detector (rapidocr-onnxruntime 1.4.4), {args.speedup:g}x {args.objective}"
+    try:
+        fact_model, info = cached_target_compression("recover_ppocr_det", model_path, "x", calib_x, args)
+    except RankSelectionError as err:
+        write_refusal(f"recover_ppocr_det{args.tag}", title, f"calibration pages of {args.size}x{args.size} (seed 1)",
+                       err, args)
+        return
+    original = onnx.load(str(model_path))
+    base = evaluate(fact_model)
+    print(f"compressed {info['speedup_theoretical']:.2f}x FLOPs, map F1 {base['f1']:.4f} ({info['seconds']:.0f} s)",
+          flush=True)
+    load = [os.getloadavg()[0]]
+    recovered: list = []
+    # Recovery data: the compression's pages, or --recover-pages fresh ones (seed 3) it never fitted.
+    rec_x = det.make_pages(args.recover_pages, seed=3, size=args.size)[0] if args.recover_pages else calib_x
+    rows = recover_rows(original, fact_model, {"x": rec_x}, evaluate, args, recovered)
+    load.append(os.getloadavg()[0])
+    # Latency after recovery: original, factorised and every recovered model in one interleaved bench.
+    lat = bench_ratio(original, fact_model, {"x": eval_x[:1]}, args.runs, also=recovered)
+    for r, a in zip(rows, lat["also"]):
+        r["latency_speedup"] = a["speedup"]
+    load.append(os.getloadavg()[0])
+    print(f"measured {lat['speedup']:.2f}x ({ci_text(lat)})", flush=True)
+    target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
+              f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
+              if args.objective == "latency" else
+              f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
+    n_rec = args.recover_pages or args.calib
+    fit = n_rec - n_rec // 5
+    pages = (f"recovery on the same pages ({fit} fit, {n_rec - fit} held back for early stopping)"
+             if not args.recover_pages else
+             f"recovery on {n_rec} other pages (seed 3, never seen by the compression; {fit} fit, {n_rec - fit} "
+             f"held back for early stopping)")
+    md = common.header(f"{title}, lr {args.lrs}, augment {args.augments}, "
+                       + (f"{n_rec} fresh pages" if args.recover_pages else "the calibration pages"))
+    md += (f"Pages as in benchmarks/ppocr_det.py ({args.size}x{args.size}): {args.calib} calibration pages (seed 1), "
+           f"{args.eval} evaluation pages (seed 2, never seen by compression or recovery); {pages}. Compressed at {target} with the other defaults (nonlinear + "
+           f"asymmetric) in {info['seconds']:.0f} s: {info['speedup_theoretical']:.2f}x FLOPs, **measured "
+           f"{lat['speedup']:.2f}x** (batch 1, 1 thread, {lat['rounds']} rounds interleaved with the original and "
+           f"the recovered models, {ci_text(lat)}{'' if lat['stable'] else ', not stable within 2 %'}: "
+           f"{lat['original_ms']:.1f} -> {lat['compressed_ms']:.1f} ms). Map F1 at {det.THRESH} against the "
+           f"original: factorised {base['f1']:.4f} (IoU {base['iou']:.4f}, map MAE {base['mae']:.4g}); word recall "
+           f"original {recall_orig:.4f}, factorised {base['word_recall']:.4f}. Up to {args.epochs} epochs, patience "
+           f"{args.patience}, batch {args.batch_size}, 1 thread, time limit {args.time_limit:g} s; load average "
+           f"(1 min) {load[0]:.1f} at the start of recovery, {load[1]:.1f} at its end, {load[2]:.1f} after the "
+           f"bench.\n\n")
+    md += common.markdown_table(
+        LEAD + ["map F1", "share of F1 loss removed", "IoU", "map MAE", "word recall", "measured x", "recovery s"],
+        [[*lead(r), f"{r['f1']:.4f}", f"{removed_share(1.0, base['f1'], r['f1']):.0%}", f"{r['iou']:.4f}",
+          f"{r['mae']:.4g}", f"{r['word_recall']:.4f}", f"{r['latency_speedup']:.2f}", f"{r['seconds']:.0f}"]
+         for r in rows])
+    common.write_result(f"recover_ppocr_det{args.tag}", md)
+    (common.RESULTS / f"recover_ppocr_det{args.tag}.json").write_text(json.dumps(
+        {"word_recall_original": recall_orig, "factorised": base, "compression": info, "latency": lat,
+         "load": load, "rows": rows}, indent=1, default=float))
 
 
 def efficientnet(args) -> None:
@@ -283,7 +265,7 @@ def efficientnet(args) -> None:
     print(f"compressed {theoretical:.2f}x FLOPs, agreement {base['agreement']:.4f}", flush=True)
     # Recovery data: the compression's crops, or --recover-crops fresh ones (seed 3) it never fitted.
     rec = preprocess(common.photo_crops(args.recover_crops, seed=3)) if args.recover_crops else calib
-    rows = _recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
+    rows = recover_rows(original, fact_model, {"input": rec}, evaluate_model, args)
     crops = f"{args.recover_crops} fresh crops" if args.recover_crops else "the calibration crops"
     md = common.header(f"Recovery on EfficientNet-Lite0 (ImageNet): lr {args.lrs}, augment {args.augments}, {crops}, "
                        f"warm-up {args.warmup if args.warmup else 'one epoch'}")
@@ -297,8 +279,8 @@ def efficientnet(args) -> None:
     md += common.markdown_table(
         LEAD + ["top-1 agreement",
          "share of agreement loss removed", "logit NMSE", "recovery s"],
-        [[*_lead(r), f"{r['agreement']:.4f}",
-          f"{_removed(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
+        [[*lead(r), f"{r['agreement']:.4f}",
+          f"{removed_share(1.0, base['agreement'], r['agreement']):.0%}", f"{r['nmse']:.4f}", f"{r['seconds']:.0f}"]
          for r in rows])
     common.write_result(f"recover_efficientnet{args.tag}", md)
     (common.RESULTS / f"recover_efficientnet{args.tag}.json").write_text(json.dumps(
@@ -323,11 +305,6 @@ def _cached_compression(original, calib: np.ndarray, args):
     return onnx.load(str(path)), json.loads(side.read_text())["speedup_theoretical"]
 
 
-def _removed(orig: float, before: float, after: float) -> float:
-    """Share of the loss (before - orig) that recovery removed; 1 = all of it."""
-    return (before - after) / (before - orig) if before != orig else float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="case", required=True)
@@ -344,24 +321,32 @@ def main() -> None:
     r.add_argument("--speedup", type=float, default=3.0)
     r.add_argument("--calib", type=int, default=300)
     r.add_argument("--eval", type=int, default=300)
-    r.add_argument("--runs", type=int, default=30, help="at least this many interleaved latency rounds")
-    r.add_argument("--objective", default="flops", choices=["flops", "latency"],
-                   help="what --speedup counts; latency: measured at --threads")
-    r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--rank-multiple", type=int, default=None, help="default: 1 (flops), the tool's (latency)")
+    t = sub.add_parser("det")
+    t.add_argument("--speedup", type=float, default=2.0)
+    t.add_argument("--calib", type=int, default=128)
+    t.add_argument("--eval", type=int, default=64)
+    t.add_argument("--size", type=int, default=320, help="page side, a multiple of 32")
+    t.add_argument("--recover-pages", type=int, default=0, help="recover on this many fresh pages (seed 3) "
+                   "instead of the compression's calibration pages")
     e = sub.add_parser("efficientnet")
     e.add_argument("--speedup", type=float, default=1.3)
     e.add_argument("--calib", type=int, default=256)
     e.add_argument("--eval", type=int, default=500)
     e.add_argument("--recover-crops", type=int, default=0, help="recover on this many fresh crops (seed 3) "
                    "instead of the compression's calibration crops")
-    for p in (d, r, e):
+    for p in (r, t):
+        p.add_argument("--runs", type=int, default=30, help="at least this many interleaved latency rounds")
+        p.add_argument("--objective", default="flops", choices=["flops", "latency"],
+                       help="what --speedup counts; latency: measured at --threads")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--rank-multiple", type=int, default=None, help="default: 1 (flops), the tool's (latency)")
+    for p in (d, r, t, e):
         p.add_argument("--time-limit", type=float, default=540.0)
         p.add_argument("--train", default="factorised", choices=["factorised", "all"])
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default: one epoch)")
         p.add_argument("--losses", default="nmse", help="comma-separated losses: nmse, kl:T (KL at temperature T)")
-    for p in (r, e):
+    for p in (r, t, e):
         p.add_argument("--lrs", default="1e-4")
         p.add_argument("--augments", default="none", help="';'-separated settings, e.g. 'none;crop,noise'")
         p.add_argument("--epochs", type=int, default=5)
@@ -370,7 +355,7 @@ def main() -> None:
         p.add_argument("--tag", default="")
     args = ap.parse_args()
     progress.set_enabled(False)
-    {"demo": demo, "ppocr_rec": ppocr_rec, "efficientnet": efficientnet}[args.case](args)
+    {"demo": demo, "ppocr_rec": ppocr_rec, "det": ppocr_det, "efficientnet": efficientnet}[args.case](args)
 
 
 if __name__ == "__main__":
