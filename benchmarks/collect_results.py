@@ -89,6 +89,7 @@ ORDER = [
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
+    ("head_layer", "Issue 15: the output head kept whole by default (the recogniser's classifier)"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
     ("memory_cap_100", "Issue 17: peak memory after the solve's memory fix, 100 images"),
     ("memory_cap_500", "Issue 17: peak memory after the solve's memory fix, 500 images (the issue's case)"),
