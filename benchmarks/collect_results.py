@@ -101,6 +101,7 @@ ORDER = [
     ("allocation_demo_flops_6x", "Issue 15: energy vs sensitivity allocation, demo at 6x FLOPs (any rank)"),
     ("allocation_ppocr_rec_latency_1.5x", "Issue 15: energy vs sensitivity allocation, PP-OCRv4 recogniser at "
      "measured 1.5x"),
+    ("head_layer", "Issue 15: the output head kept whole by default (the recogniser's classifier)"),
     ("allocation_notes", "Issue 15: what the damage measurements miss"),
     ("allocation_refined_demo_flops_4x", "Issue 15: energy vs refined allocation (exchanges checked end to end), "
      "demo at 4x FLOPs"),

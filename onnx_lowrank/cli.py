@@ -113,7 +113,7 @@ def main():
 @_image_options
 def compress(model, more_samples, calib, output, samples, shards, executor, workers, speedup, ranks, exclude, method, asymmetric, schedule, samples_per_image, max_images,
              max_memory, batch_size, seed, report_path, threads, quiet, eval_data, labels, max_accuracy_drop, min_agreement,
-             write_failed, objective, rank_multiple, latency_table, scheme, allocation,
+             write_failed, objective, rank_multiple, latency_table, scheme, allocation, factorise_head,
              damage_metric, measure, input_shapes, recover_epochs=None, **image):
     """Factorise the Conv layers of MODEL and write a faster model plus a report.
 
@@ -169,7 +169,7 @@ def compress(model, more_samples, calib, output, samples, shards, executor, work
                          max_memory=max_memory, batch_size=batch_size, input_shapes=shapes, threads=threads,
                          preprocess=_preprocess(**image), objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme,
-                         allocation=allocation, damage_metric=damage_metric)
+                         allocation=allocation, damage_metric=damage_metric, factorise_head=factorise_head)
     show = None if quiet else (lambda result: click.echo(format_report(result.report) + _recovery_lines(result.report)))
     wrote = f"wrote {output}" + (f" and {report_path}" if report_path else "")
     try:
@@ -211,6 +211,7 @@ def layers(model, input_shapes):
     """List the Conv, MatMul and Gemm layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why
     some are skipped."""
     from .graph.dense import find_dense_layers
+    from .graph.heads import mark_heads
     from .graph.layers import find_conv_layers
     from .graph.loading import infer_value_types, load_model, parse_input_shapes, with_input_shapes
     from .graph.normalise import normalise
@@ -219,7 +220,9 @@ def layers(model, input_shapes):
 
     norm = normalise(load_model(model))
     vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
-    click.echo(format_layers(find_conv_layers(norm, vt) + find_dense_layers(norm, vt)))
+    layers = find_conv_layers(norm, vt) + find_dense_layers(norm, vt)
+    mark_heads(norm, layers)
+    click.echo(format_layers(layers))
 
 
 def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):
@@ -332,7 +335,7 @@ def eval_(reference, candidate, data, labels, output_name, batch, max_samples, a
 @_executor_options
 @_shapes_option
 def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples_per_image, max_images, max_memory, seed, runs,
-          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation,
+          threads, out_prefix, quiet, objective, rank_multiple, latency_table, scheme, allocation, factorise_head,
           damage_metric, executor, workers, input_shapes):
     """Compress MODEL at several speed-ups and measure each: theoretical and measured speed-up against
     fidelity (top-1 agreement, NMSE) and accuracy. Writes a CSV and a PNG plot.
@@ -363,7 +366,7 @@ def sweep(model, calib, eval_data, labels, speedups, method, asymmetric, samples
                          max_images=max_images, max_memory=max_memory, seed=seed, input_shapes=parse_input_shapes(input_shapes),
                          threads=threads, objective=objective, rank_multiple=rank_multiple,
                          latency_table=str(latency_table) if latency_table else None, scheme=scheme,
-                         allocation=allocation, damage_metric=damage_metric)
+                         allocation=allocation, damage_metric=damage_metric, factorise_head=factorise_head)
     executor_kind(executor).check_available()
     rows = run(model, calib, eval_data, values, cfg, labels=labels, runs=runs, threads=threads, executor=executor,
                workers=workers)

@@ -105,6 +105,11 @@ def objective_options(f):
                           "refined solves the energy choice, then exchanges rank steps between layers at the same "
                           "cost while the whole model's damage on held-back images, measured with the real fits, "
                           "falls."),
+        click.option("--factorise-head", is_flag=True,
+                     help="Let automatic ranks cut the model's output head too (the layer whose output reaches "
+                          "the outputs only through bias, Softmax or reshapes). By default it is kept whole: "
+                          "response energy does not see what its error does to the outputs (a classifier can "
+                          "keep 97 % of its logits' energy and lose its top class). --ranks sets it by hand."),
         click.option("--damage-metric", type=click.Choice([*METRICS, "auto"]), default="auto", show_default=True,
                      help="Sensitivity allocation: output damage as NMSE or KL divergence (auto: KL for probability "
                           "outputs, else NMSE)."),

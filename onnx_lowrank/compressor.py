@@ -28,6 +28,7 @@ from .errors import LowRankError
 from .exchange import refine
 from .graph.dense import find_dense_layers, is_dense, notional_shape
 from .graph.external import release_mapped_pages, uses_external_data
+from .graph.heads import mark_heads
 from .graph.layers import ConvLayer, find_conv_layers, node_flops
 from .graph.loading import infer_value_types, load_model, with_input_shapes
 from .graph.normalise import normalise
@@ -81,6 +82,7 @@ class Compressor:
         shapes.update(cfg.input_shapes)
         self.value_types = infer_value_types(with_input_shapes(norm, shapes))
         self.layers = find_conv_layers(norm, self.value_types) + find_dense_layers(norm, self.value_types)
+        mark_heads(norm, self.layers)
         self.flops = node_flops(norm, self.value_types)
         _probe_unknown_shapes(norm, self.layers, self.flops, self.value_types,
                               lambda: next(self.source.batches(self.batch, self.batch)))

@@ -55,6 +55,9 @@ class CompressConfig:
     latency_cache: str | None = None
     #: Seconds of timing per layer (all its candidate ranks together).
     latency_seconds: float = 1.0
+    #: Let the automatic rank choice factorise the model's output head (graph/heads.py); by default it is
+    #: kept whole, because response energy does not see what its error does to the outputs.
+    factorise_head: bool = False
     #: A key of schemes.SCHEME_CHOICES: "channel" (k x k then 1 x 1), "3d" (k x 1, 1 x k, 1 x 1; layers it
     #: cannot split keep the channel pair) or "auto" (3-D ranks, then per layer whichever of 3-D and the
     #: pair at equal FLOPs fits the held-back images better).

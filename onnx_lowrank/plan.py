@@ -61,6 +61,10 @@ class LayerPlan:
         return self.scheme.stages(self.layer, self.rank, self.factorisation, self.balanced, self.split)
 
 
+#: Why an output head is left alone (graph/heads.py says why).
+HEAD_REASON = "model output head: kept whole (its error goes straight to the outputs; --factorise-head to allow)"
+
+
 def make_plan(layers: list[ConvLayer], flops: dict[str, int], cfg) -> list[LayerPlan]:
     """Which layers are candidates (and why the others are not), each with its scheme."""
     names = {lay.name for lay in layers}
@@ -79,6 +83,8 @@ def make_plan(layers: list[ConvLayer], flops: dict[str, int], cfg) -> list[Layer
             reason = "excluded by --exclude"
         elif lay.name in cfg.ranks and cfg.ranks[lay.name] > lay.out_channels:
             raise LowRankError(f"rank {cfg.ranks[lay.name]} for {lay.name!r} exceeds its {lay.out_channels} filters")
+        elif lay.head and lay.name not in cfg.ranks and not cfg.factorise_head:
+            reason = HEAD_REASON
         elif lay.name not in cfg.ranks and p.shape.break_even_rank() < 1:
             reason = "no rank saves FLOPs (break-even rank is 0)"
         plan.append(LayerPlan(lay, i, p.scheme, p.flops_before, candidate=not reason, reason=reason))

@@ -270,7 +270,8 @@ def format_layers(layers: list) -> str:
     """The ``layers`` command: every Conv / MatMul / Gemm layer, and why some are skipped."""
     rows = [[lay.name, f"{lay.in_channels} -> {lay.out_channels}", "x".join(map(str, lay.kernel)), str(lay.group),
              "x".join(map(str, lay.out_shape[2:])) if lay.out_shape else "?", lay.target_description,
-             lay.skip_reason or "candidate"] for lay in layers]
+             lay.skip_reason or ("candidate (output head: automatic ranks keep it)" if lay.head else "candidate")]
+            for lay in layers]
     return "\n".join(table(["name", "c -> d", "kernel", "group", "output", "activation", "status"], rows, left=7))
 
 

@@ -48,6 +48,7 @@ class ConvLayer:
     shortcut: str | None = None            # residual tensor added before the activation
     skip_reason: str | None = None
     activation_unknown: str | None = None  # an elementwise nonlinearity the solver does not know
+    head: bool = False                     # writes the model's outputs (graph/heads.py): automatic ranks keep it
 
     @property
     def in_channels(self) -> int:
