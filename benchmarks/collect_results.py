@@ -110,6 +110,8 @@ ORDER = [
      "measured 1.5x"),
     ("allocation_refined_ppocr_rec_latency_1.5x_cold_cache", "Issue 15: energy vs refined allocation, PP-OCRv4 "
      "recogniser at measured 1.5x, latency tables measured afresh"),
+    ("allocation_refined_ppocr_rec_latency_1.5x_head_kept", "Issue 15: energy vs refined on the recogniser at "
+     "measured 1.5x, output head kept whole"),
     ("exchange_ranking_demo_6x_m1", "Issue 15: do short fits rank the exchanges like the real fits? Demo"),
     ("exchange_ranking_ppocr_rec_1.5x_m16", "Issue 15: do short fits rank the exchanges like the real fits? "
      "PP-OCRv4 recogniser"),
