@@ -94,6 +94,10 @@ ORDER = [
     ("recover_ppocr_det_lat1.25x_fresh", "Issue 16: PP-OCRv4 detector at 1.25x measured latency, 512 fresh pages"),
     ("recover_ppocr_det_flops3x_fresh", "Issue 16: PP-OCRv4 detector at 3x FLOPs, 512 fresh pages"),
     ("recover_demo_floorfix", "Issue 16: recovery on the demo after the lr floor fix, lr 1e-4 / 3e-4 / 1e-3"),
+    ("recover_lr_floor_probe", "Issue 16: a probe of the learning-rate floor (weights floored too)"),
+    ("recover_ppocr_rec_3x_floorweights", "Issue 16: probe, recogniser at 3x FLOPs, weights floored too"),
+    ("recover_ppocr_det_lat1.25x_floorweights", "Issue 16: probe, detector at 1.25x, weights floored too"),
+    ("recover_demo_floorweights", "Issue 16: probe, demo at 10x, weights floored too"),
     ("recover_ppocr_rec_3x_prefix", "Issue 16: PP-OCRv4 recogniser at 3x FLOPs, before the lr floor fix (ed8e359)"),
     ("recover_ppocr_rec_3x_floorfix", "Issue 16: PP-OCRv4 recogniser at 3x FLOPs after the lr floor fix, lr 1e-4 / "
      "1e-3"),
