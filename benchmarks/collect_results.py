@@ -151,6 +151,7 @@ ORDER = [
     ("compress_time_profile_final_rec", "Issue 17: where the recogniser's solve goes on the final tree (profile)"),
     ("compress_time_minilm_final", "Issue 17: MiniLM on the final tree"),
     ("result_moves_merged", "Issue 17: no-result-moves cases before and after merging the two solver branches"),
+    ("compress_time_minilm_final2", "Issue 17: MiniLM on the merged tree"),
     ("compress_time_rec_final2", "Issue 17: the recogniser's solve on the merged tree, quiet machine"),
     ("compress_time_rec_recfast", "Issue 17: the recogniser's solve, main against branch recfast alternately"),
     ("compress_time_profile_recfast_rec", "Issue 17: where the recogniser's solve goes, branch recfast (profile)"),
