@@ -126,23 +126,27 @@ def _probe_weights(layer: ConvLayer, f: Factorisation | None) -> dict[str, np.nd
 class DamageMeter:
     """The whole model's output damage on fixed feeds: ``meter(extra feed)`` runs ``probe`` (a model with
     inputs beyond the original's, e.g. graph/probe.py's channel maps) and compares its outputs with those of
-    ``model`` (computed once)."""
+    ``model`` (computed once); :meth:`damage` compares any other session's with the same references."""
 
-    def __init__(self, model: onnx.ModelProto, probe: onnx.ModelProto, feeds: list[dict], metric: str = "auto",
-                 threads: int | None = None):
+    def __init__(self, model: onnx.ModelProto, probe: onnx.ModelProto | None, feeds: list[dict],
+                 metric: str = "auto", threads: int | None = None):
         ref_sess = session(model, CALIBRATION, threads)
         self.out_name = ref_sess.get_outputs()[0].name
         self.feeds = feeds
         self.refs = [run(ref_sess, [self.out_name], feed)[0].astype(np.float64) for feed in feeds]
         self.metric = resolve_metric(metric, self.refs[0])
-        self.sess = session(probe, CALIBRATION, threads)
+        self.sess = session(probe, CALIBRATION, threads) if probe is not None else None
         self.calls = 0
 
     def __call__(self, extra: dict[str, np.ndarray]) -> float:
         self.calls += 1
+        return self.damage(self.sess, extra)
+
+    def damage(self, sess, extra: dict[str, np.ndarray]) -> float:
+        """Damage of ``sess``'s outputs (fed the feeds plus ``extra``) against the references."""
         num = den = 0.0
         for feed, ref in zip(self.feeds, self.refs):
-            (out,) = run(self.sess, [self.out_name], {**feed, **extra})
+            (out,) = run(sess, [self.out_name], {**feed, **extra})
             a, b = self.metric.parts(ref, out.astype(np.float64))
             num, den = num + a, den + b
         return num / den if den > 0 else 0.0
@@ -158,10 +162,7 @@ def measure_damage(model: onnx.ModelProto, candidates: list[tuple[ConvLayer, dic
     layer named there holds its fit while one layer takes its candidates, and the table gives the
     damage *added* by each candidate over keeping that layer whole (rank 0 is not used): the damage is
     then measured where the allocation will land, interactions between layers included to first order."""
-    ref_sess = session(model, CALIBRATION, threads)
-    out_name = ref_sess.get_outputs()[0].name
-    refs = [run(ref_sess, [out_name], feed)[0].astype(np.float64) for feed in feeds]
-    chosen = resolve_metric(metric, refs[0])
+    meter = DamageMeter(model, None, feeds, metric, threads)
     result: dict[str, dict[int, float]] = {}
     context = context or {}
     for layer, fits in candidates:
@@ -170,20 +171,14 @@ def measure_damage(model: onnx.ModelProto, candidates: list[tuple[ConvLayer, dic
         sess = session(probe_model(model, layer, others), CALIBRATION, threads)
         table = {}
         for r, f in ([(0, None)] if context else []) + list(fits.items()):
-            weights = _probe_weights(layer, f)
-            num = den = 0.0
-            for feed, ref in zip(feeds, refs):
-                (out,) = run(sess, [out_name], {**feed, **weights})
-                a, b = chosen.parts(ref, out.astype(np.float64))
-                num, den = num + a, den + b
-            table[int(r)] = num / den if den > 0 else 0.0
+            table[int(r)] = meter.damage(sess, _probe_weights(layer, f))
         if context:
             keep = table.pop(0)
             table = {r: v - keep for r, v in table.items()}
         result[layer.name] = table
         if update:
             update(1)
-    return result, chosen.name
+    return result, meter.metric.name
 
 
 class DamageCache:
