@@ -27,6 +27,7 @@ from . import progress
 from .calibration.damage import DamageMeter, factor_weights, held_back_feeds
 from .graph.probe import map_inputs, probe_layers
 from .graph.rewrite import rewrite_convs
+from .runtime import CALIBRATION, session
 from .solve import solve_again
 from .solver.exchange import Ladder, Move, apply, moves, total_cost
 
@@ -163,7 +164,7 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
     result = [out[p.layer_id] for p in solved]
     resolved = None
     if taken and cfg.exchange_resolve and solve_at is not None:
-        resolved, result = _solved_again(model, result, solve_at, feeds, ex.meter.metric.name, cfg, now)
+        resolved, result = _solved_again(model, result, solve_at, ex.meter, cfg, now)
     summary = {"metric": ex.meter.metric.name, "damage_before": start, "damage_after": now, "budget": budget,
                "damage_solved_again": resolved, "kept_solved_again": resolved is not None and resolved < now,
                "cost_after": total_cost(ex.ladders, ex.at), "layers_movable": len(pairs),
@@ -178,12 +179,13 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
     return result, summary
 
 
-def _solved_again(model, plans: list, solve_at, feeds: list[dict], metric: str, cfg, now: float):
-    """(held-back damage of the refined ranks solved again from scratch, the plans to keep)."""
+def _solved_again(model, plans: list, solve_at, meter: DamageMeter, cfg, now: float):
+    """(held-back damage of the refined ranks solved again from scratch, against ``meter``'s references; the
+    plans to keep)."""
     again = {p.layer_id: p for p in solve_at({p.layer_id: p.rank for p in plans})}
     written = [again[p.layer_id] for p in plans if p.layer_id in again]
     rewritten = rewrite_convs(model, {p.layer.name: p.stages() for p in written}) if written else model
-    damage = DamageMeter(model, rewritten, feeds, metric, cfg.threads)({})
+    damage = meter.damage(session(rewritten, CALIBRATION, cfg.threads), {})
     if not damage < now:
         return damage, plans
     def note(p, q):
