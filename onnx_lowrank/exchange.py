@@ -125,8 +125,9 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
     budget = total_cost(ex.ladders, ex.at)
     start = now = ex.damage(ex.at)
     gain, loss = [None] * len(pairs), [None] * len(pairs)
-    with progress.bar(f"exchange marginals ({len(pairs)} layers, {sum(len(next(iter(f.values()))) for f in feeds)} "
-                      f"held-back images, {ex.meter.metric.name})", len(pairs), "layer") as update:
+    images = sum(len(next(iter(f.values()))) for f in feeds)
+    with progress.bar(f"exchange marginals ({len(pairs)} layers, {images} held-back images, {ex.meter.metric.name})",
+                      len(pairs), "layer") as update:
         for i in range(len(pairs)):
             gain[i], loss[i] = ex.marginals(i, now)
             update(1, ex.names[i])
@@ -168,7 +169,7 @@ def refine(model, source, samples, solved: list, inputs: dict, costs, cfg, batch
     summary = {"metric": ex.meter.metric.name, "damage_before": start, "damage_after": now, "budget": budget,
                "damage_solved_again": resolved, "kept_solved_again": resolved is not None and resolved < now,
                "cost_after": total_cost(ex.ladders, ex.at), "layers_movable": len(pairs),
-               "held_back_images": sum(len(next(iter(f.values()))) for f in feeds), "evaluations": ex.meter.calls,
+               "held_back_images": images, "evaluations": ex.meter.calls,
                "solves": ex.solves, "taken": taken, "tried": tried, "marginals": first,
                "schedule": [list(st) for st in cfg.exchange_schedule] if cfg.exchange_schedule else None,
                "seconds": time.perf_counter() - t0}

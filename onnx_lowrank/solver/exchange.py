@@ -75,7 +75,7 @@ def moves(ladders: Sequence[Ladder], at: Sequence[int], budget: float, gain: Seq
     ``loss[i]``: damage increase when it goes one step down. Ties: lower layer indices first."""
     cost, tol = total_cost(ladders, at), _tolerance(budget)
     out: list[Move] = []
-    for b, lad in enumerate(ladders):
+    for b in range(len(ladders)):
         if at[b] > 0 and loss[b] is not None and loss[b] < 0:
             out.append(Move(None, b, 1, -float(loss[b])))
     for a, lad in enumerate(ladders):
