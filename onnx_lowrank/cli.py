@@ -210,9 +210,7 @@ def _synthetic(model: Path, shapes: dict, seed: int, count: int = 8):
 def layers(model, input_shapes):
     """List the Conv, MatMul and Gemm layers of MODEL: names (for --ranks / --exclude), shapes, activation, and why
     some are skipped."""
-    from .graph.dense import find_dense_layers
-    from .graph.heads import mark_heads
-    from .graph.layers import find_conv_layers
+    from .compressor import find_layers
     from .graph.loading import infer_value_types, load_model, parse_input_shapes, with_input_shapes
     from .graph.normalise import normalise
 
@@ -220,9 +218,7 @@ def layers(model, input_shapes):
 
     norm = normalise(load_model(model))
     vt = infer_value_types(with_input_shapes(norm, parse_input_shapes(input_shapes)))
-    layers = find_conv_layers(norm, vt) + find_dense_layers(norm, vt)
-    mark_heads(norm, layers)
-    click.echo(format_layers(layers))
+    click.echo(format_layers(find_layers(norm, vt)))
 
 
 def _feeds_for(model: Path, data, batch: int, seed: int, shapes: dict, limit: int | None = None):

@@ -45,6 +45,14 @@ from .solver.allocation import ALLOCATORS
 from .solve import energy, solve_all
 
 
+def find_layers(model, value_types) -> list:
+    """Every Conv and dense (MatMul / Gemm) layer of ``model``, output heads marked (graph/heads.py): what the
+    Compressor plans over and what the ``layers`` command lists."""
+    layers = find_conv_layers(model, value_types) + find_dense_layers(model, value_types)
+    mark_heads(model, layers)
+    return layers
+
+
 @dataclass
 class CompressionResult:
     model: onnx.ModelProto
@@ -81,8 +89,7 @@ class Compressor:
         shapes = {i.name: [1] + list(first[i.name].shape[1:]) for i in inputs}
         shapes.update(cfg.input_shapes)
         self.value_types = infer_value_types(with_input_shapes(norm, shapes))
-        self.layers = find_conv_layers(norm, self.value_types) + find_dense_layers(norm, self.value_types)
-        mark_heads(norm, self.layers)
+        self.layers = find_layers(norm, self.value_types)
         self.flops = node_flops(norm, self.value_types)
         _probe_unknown_shapes(norm, self.layers, self.flops, self.value_types,
                               lambda: next(self.source.batches(self.batch, self.batch)))
