@@ -45,9 +45,10 @@ def sketchable(n: int, d: int, bound: int | None) -> bool:
     return bound is not None and (bound + SKETCH_EXTRA) * 4 <= d and bound + SKETCH_EXTRA < n
 
 
-#: The last sketch taken: (a weak reference to its rows' array, their mask, m, the result). Rank choice's spectrum
-#: and the layer's symmetric PCA ask for the same one (a 6,625-wide classifier: two products of 1.6e10 flops, about
-#: a second on 2 cores); one entry, so the memory it keeps is one (m, d) matrix.
+#: The last sketch taken: (a weak reference to its rows' array, their mask, m, the result, the array's float64
+#: column sums, which tell whether it was written to since). Rank choice's spectrum and the layer's symmetric PCA
+#: ask for the same one (a 6,625-wide classifier: two products of 1.6e10 flops, about a second on 2 cores); one
+#: entry, so the memory it keeps is one (m, d) matrix.
 _LAST: tuple | None = None
 
 
