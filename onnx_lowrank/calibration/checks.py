@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 
 from ..errors import LowRankError
+from ..solver.gram import _row_blocks
 
 #: A layer whose sampled responses vary by less than this fraction of their mean square is "flat".
 FLAT_RESPONSE = 1e-6
@@ -62,17 +63,16 @@ def flat_layers(samples, keys: dict[str, str]) -> list[str]:
     return out
 
 
-def _spread(rows: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
-    """Summed per-channel variance and mean square of the (n, d) rows, in float64 over blocks of rows (two
-    passes): a 6,625-wide classifier's 12,000 rows widened whole took 0.6 GB, three times over."""
-    n, step = len(rows), max(1, block // max(rows.shape[1], 1))
-    blocks = [slice(i, i + step) for i in range(0, n, step)]
-    mean = sum(rows[b].astype(np.float64).sum(axis=0) for b in blocks) / n
+def _spread(rows: np.ndarray) -> tuple[float, float]:
+    """Summed per-channel variance and mean square of the (n, d) rows, in float64 over the Gram's blocks of rows
+    (:func:`~..solver.gram._row_blocks`, two passes): a 6,625-wide classifier's 12,000 rows widened whole took
+    0.6 GB, three times over."""
+    blocks, n = _row_blocks(rows, None)
+    mean = sum(b.sum(axis=0) for b in blocks()) / n
     var = ms = 0.0
-    for b in blocks:
-        y = rows[b].astype(np.float64)
+    for y in blocks():
         ms += float(np.einsum("ij,ij->", y, y))
-        y -= mean
+        y = y - mean   # a new block: ``y`` is a view of the caller's rows where they are float64 already
         var += float(np.einsum("ij,ij->", y, y))
     return var / n, ms / n
 

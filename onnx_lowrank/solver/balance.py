@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reconstruction import Factorisation, gram_block_rows
+from .gram import _row_blocks
+from .reconstruction import Factorisation
 
 #: Channels whose range is below this fraction of the largest are treated as having that range,
 #: so that a dead channel (constant over the calibration data) does not produce an infinite scale.
@@ -55,11 +56,10 @@ def intermediate_ranges(f: Factorisation, Yhat: np.ndarray) -> tuple[np.ndarray,
     """(centre, half-range) per intermediate channel of ``Yhat @ Q`` over the given rows, widened to float64 a
     block of rows at a time (a 6,625-wide classifier's 12,000 float32 rows are 640 MB widened whole: 2.9 s of the
     recogniser's solve)."""
-    n, d = Yhat.shape
-    step = gram_block_rows(n, d)
+    blocks, _ = _row_blocks(Yhat, None)
     lo = hi = None
-    for i in range(0, n, step):
-        Z = np.asarray(Yhat[i:i + step], dtype=np.float64) @ f.Q
+    for b in blocks():
+        Z = b @ f.Q
         lo = Z.min(axis=0) if lo is None else np.minimum(lo, Z.min(axis=0))
         hi = Z.max(axis=0) if hi is None else np.maximum(hi, Z.max(axis=0))
     return (lo + hi) / 2.0, (hi - lo) / 2.0

@@ -45,9 +45,10 @@ def sketchable(n: int, d: int, bound: int | None) -> bool:
     return bound is not None and (bound + SKETCH_EXTRA) * 4 <= d and bound + SKETCH_EXTRA < n
 
 
-#: The last sketch taken: (a weak reference to its rows' array, their mask, m, the result). Rank choice's spectrum
-#: and the layer's symmetric PCA ask for the same one (a 6,625-wide classifier: two products of 1.6e10 flops, about
-#: a second on 2 cores); one entry, so the memory it keeps is one (m, d) matrix.
+#: The last sketch taken: (a weak reference to its rows' array, their mask, m, the result, the array's float64
+#: column sums, which tell whether it was written to since). Rank choice's spectrum and the layer's symmetric PCA
+#: ask for the same one (a 6,625-wide classifier: two products of 1.6e10 flops, about a second on 2 cores); one
+#: entry, so the memory it keeps is one (m, d) matrix.
 _LAST: tuple | None = None
 
 
@@ -73,7 +74,7 @@ def _sketch(Y: np.ndarray, rows: np.ndarray | None, m: int) -> tuple[np.ndarray,
 def _sketch_rows(Y: np.ndarray, rows: np.ndarray | None, m: int) -> tuple[np.ndarray, np.ndarray, int]:
     omega = np.random.default_rng(0).standard_normal((Y.shape[1], m))
     blocks, n = _row_blocks(Y, rows)
-    mean = sum(b.sum(axis=0) for b in blocks()) / n
+    mean = _finite_mean(blocks, n)
     Q, _ = np.linalg.qr(np.concatenate([(b - mean) @ omega for b in blocks()]))
     T, i = np.zeros((m, Y.shape[1])), 0
     for b in blocks():
@@ -92,6 +93,17 @@ def _row_blocks(Y: np.ndarray, rows: np.ndarray | None):
         for i in range(0, n, step):
             yield np.asarray(Y[i:i + step] if idx is None else Y[idx[i:i + step]], dtype=np.float64)
     return blocks, n
+
+
+def _finite_mean(blocks, n: int) -> np.ndarray:
+    """Column means of the rows of ``blocks`` (from :func:`_row_blocks`), refusing non-finite rows: a NaN or inf
+    leaves its column's sum non-finite (float32 rows summed in float64 cannot overflow), so the check costs
+    nothing beyond the sum, and the spectrum and the PCA fail with this message, not LinAlgError from eigh."""
+    mean = sum(b.sum(axis=0) for b in blocks()) / n
+    if not np.isfinite(mean).all():
+        raise ValueError("the responses have non-finite values (NaN or inf): the model overflows or computes NaN "
+                         "on the calibration data")
+    return mean
 
 
 #: Rows per block of :func:`centred_gram`: about this many float64 elements (32 MB), and at most an eighth of
@@ -114,7 +126,7 @@ def centred_gram(Y: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndar
 
     blocks, n = _row_blocks(Y, rows)
     d = Y.shape[1]
-    mean = sum(b.sum(axis=0) for b in blocks()) / n
+    mean = _finite_mean(blocks, n)
     G = np.zeros((d, d), order="F")
     for b in blocks():
         c = b - mean   # a new block: ``b`` may be a view of the caller's rows

@@ -46,7 +46,6 @@ class WhitenedFit:
         self.off_mean = None if off is None else off.mean(axis=0)
         self.block = max(256, (1 << 20) // d)  # rows per float32 product: a (block, d) buffer, not (n, d)
         self.Zc = np.empty((min(self.block, n), d), dtype=np.float32)
-        self.rank = rank
         self.eig = WarmEig(d, rank, rows=n - 1)
 
     def fit(self, W: np.ndarray, start: np.ndarray | None = None, predict: np.ndarray | None = None) -> Factorisation:
@@ -100,7 +99,7 @@ class WarmEig:
     """Top-r eigenvectors of a sequence of slowly changing symmetric PSD matrices."""
 
     def __init__(self, d: int, r: int, rows: int):
-        self.d, self.r, self.rows = d, r, rows
+        self.r, self.rows = r, rows
         self.k = min(d, r + EXTRA)
         self.warm = d >= WARM_MIN_D and self.k <= WARM_MAX_SHARE * d and 2 * self.k < rows
         self.basis = None

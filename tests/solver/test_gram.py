@@ -114,3 +114,16 @@ def test_a_repeated_sketch_is_the_first_one_until_the_rows_change():
             np.testing.assert_array_equal(got[1], want[1])
     finally:
         gram._sketch_rows = real
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("bound", [None, 30])
+def test_non_finite_responses_are_refused_by_name_not_by_eigh(bad, bound):
+    """Responses with a NaN or inf (the model overflows on the calibration data): the spectrum and the PCA, through
+    the Gram or the sketch, say so instead of failing in eigh ("Eigenvalues did not converge")."""
+    Y, rows = _low_rank(n=1200, d=400, k=20)
+    Y[7, 3], rows[7] = bad, True
+    with pytest.raises(ValueError, match="non-finite"):
+        response_spectrum(Y, rows, bound)
+    with pytest.raises(ValueError, match="non-finite"):
+        pca_rows(Y, rows, 10, bound)
