@@ -82,9 +82,7 @@ class Rec:
                 "--rank-multiple", "1", "--no-measure", "--factorise-head"]
 
     def accuracy(self, path) -> float:
-        m = self.mod
-        hyps = [m.ctc_decode(p, self.chars) for p in m.argmax_paths(path, self.eval_x)]
-        return m.cer(self.texts, hyps, spaces=False)
+        return self.mod.model_cer(path, self.eval_x, self.texts, self.chars)
 
 
 class MiniLM:

@@ -48,7 +48,7 @@ def main() -> None:
     texts, eval_x = rec.make_lines(args.eval, seed=2, charset=set(chars[1:]))
 
     def cer(path) -> float:
-        return rec.cer(texts, [rec.ctc_decode(p, chars) for p in rec.argmax_paths(path, eval_x)], spaces=False)
+        return rec.model_cer(path, eval_x, texts, chars)
 
     rows, tmp = [], Path(tempfile.mkdtemp())
     for label, extra in SETTINGS.items():

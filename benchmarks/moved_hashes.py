@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+from result_moves import run as _outputs
 
 CHILD = r"""
 import hashlib, json, shutil, sys, tempfile
@@ -40,12 +41,6 @@ for name in ("mnist_vgg", "ppocr_rec"):
         out[f"{name}/{objective}"] = t.compress(name, objective, path, table)
 print(json.dumps(out))
 """
-
-
-def _outputs(path, feed) -> np.ndarray:
-    from onnx_lowrank.runtime import CALIBRATION, session
-
-    return session(str(path), CALIBRATION, threads=1).run(None, feed)[0]
 
 
 def fidelity(name: str, path: Path, original: Path) -> dict:

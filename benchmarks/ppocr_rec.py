@@ -152,6 +152,11 @@ def argmax_paths(model, x: np.ndarray, batch: int = 50) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0].argmax(-1) for i in range(0, len(x), batch)])
 
 
+def model_cer(model, x: np.ndarray, texts: list[str], chars: list[str]) -> float:
+    """CER without spaces of the model's greedy CTC reading of the lines ``x`` against their ``texts``."""
+    return cer(texts, [ctc_decode(p, chars) for p in argmax_paths(model, x)], spaces=False)
+
+
 # ---------------------------------------------------------------------------------------- main
 
 def main() -> None:

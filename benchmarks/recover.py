@@ -35,7 +35,7 @@ from onnx_lowrank.compressor import Compressor  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.solver.ranks import RankSelectionError  # noqa: E402
 from benchmarks.recover_common import (LEAD, bench_ratio, cached_target_compression, ci_text, lead,  # noqa: E402
-                                       recover_rows, removed_share, write_refusal)
+                                       recover_rows, removed_share, target_text, write_refusal)
 
 DEMO = common.ROOT / "models" / "mnist_vgg"
 
@@ -146,10 +146,7 @@ def ppocr_rec(args) -> None:
     load = [os.getloadavg()[0]]
     rows = recover_rows(original, fact_model, {"x": calib_x}, evaluate, args)
     load.append(os.getloadavg()[0])
-    target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
-              f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
-              if args.objective == "latency" else
-              f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
+    target = target_text(info, args)
     md = common.header(f"{title}, lr {args.lrs}, augment {args.augments}")
     md += (f"Text lines as in benchmarks/ppocr_rec.py: {args.calib} calibration lines (seed 1; "
            f"{args.calib - args.calib // 5} fit, {args.calib // 5} held back for early stopping), {args.eval} "
@@ -212,10 +209,7 @@ def ppocr_det(args) -> None:
         r["latency_speedup"] = a["speedup"]
     load.append(os.getloadavg()[0])
     print(f"measured {lat['speedup']:.2f}x ({ci_text(lat)})", flush=True)
-    target = (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
-              f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)"
-              if args.objective == "latency" else
-              f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})")
+    target = target_text(info, args)
     n_rec = args.recover_pages or args.calib
     fit = n_rec - n_rec // 5
     pages = (f"recovery on the same pages ({fit} fit, {n_rec - fit} held back for early stopping)"

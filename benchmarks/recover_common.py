@@ -84,6 +84,14 @@ def recover_rows(original, factorised, calib: dict, evaluate, args, models: list
     return rows
 
 
+def target_text(info: dict, args) -> str:
+    """The compression's target as the reports word it, from :func:`cached_target_compression`'s info."""
+    if args.objective == "latency":
+        return (f"{args.speedup}x measured latency (--objective latency, --threads {args.threads}, ranks multiples "
+                f"of {info['rank_multiple']}; the tool's whole-model check predicted {info['predicted']:.2f}x)")
+    return f"{args.speedup}x FLOPs (ranks multiples of {info['rank_multiple']})"
+
+
 def write_refusal(name: str, title: str, what: str, err, args) -> None:
     """The section for a target out of reach: the tool's message and its bound."""
     md = common.header(f"{title}, rank multiple {args.rank_multiple or 'default'}: target out of reach")

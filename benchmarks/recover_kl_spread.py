@@ -54,9 +54,10 @@ def main() -> None:
     held = np.arange(len(x)) % 5 == 4
     out = {}
     rows = []
+    teacher, student = session(comp.source_model, CALIBRATION, 1), session(fact, CALIBRATION, 1)
     for name, pick in [("fit", ~held), ("held back", held)]:
-        t = run(session(comp.source_model, CALIBRATION, 1), ["logits"], {"input": x[pick]})[0].astype(np.float64)
-        s = run(session(fact, CALIBRATION, 1), ["logits"], {"input": x[pick]})[0].astype(np.float64)
+        t = run(teacher, ["logits"], {"input": x[pick]})[0].astype(np.float64)
+        s = run(student, ["logits"], {"input": x[pick]})[0].astype(np.float64)
         top = 1.0 / np.exp(t - t.max(1, keepdims=True)).sum(1)      # the teacher's largest softmax probability
         shift = float((s - t).mean(1) @ (s - t).mean(1) * t.shape[1] / ((s - t) ** 2).sum())
         out[name] = {"images": int(pick.sum()), "agreement": float((t.argmax(1) == s.argmax(1)).mean()),
