@@ -150,15 +150,14 @@ def write(args, rows, what, speedup, objective, setup_s, lat) -> None:
          "compress s", "factorised layers"],
         [[r["allocation"], r["loss"], r["theoretical"], r["checked"] if r["checked"] else "-", r["latency_ratio"],
           r["compress_s"], len(r["ranks"])] for r in rows])
-    md = common.section(
-        f"Allocation: energy vs {' and '.join(others)}, {args.model}, {speedup:g}x {objective}"
-        + (f", {args.tag}" if args.tag else ""),
-        f"- {args.calib if args.model != 'demo' else 500} calibration inputs, --threads {args.threads}, "
-        f"--rank-multiple {args.rank_multiple}, damage: {args.damage_fit} fits, metric {args.damage_metric}, "
-        f"{args.damage_passes} pass(es); exchanges: at most {args.exchange_rounds} round(s) of "
-        f"{args.exchange_tries} measured proposal(s); setup (calibration, "
-        f"latency tables) {setup_s:.0f}s; original {lat['original']['median_ms']:.2f} ms median "
-        f"({args.runs} interleaved runs, machine shared with other jobs)\n\n")
+    md = common.header(f"Allocation: energy vs {' and '.join(others)}, {args.model}, {speedup:g}x {objective}"
+                       + (f", {args.tag}" if args.tag else ""))
+    md += (f"- {args.calib if args.model != 'demo' else 500} calibration inputs, --threads {args.threads}, "
+           f"--rank-multiple {args.rank_multiple}, damage: {args.damage_fit} fits, metric {args.damage_metric}, "
+           f"{args.damage_passes} pass(es); exchanges: at most {args.exchange_rounds} round(s) of "
+           f"{args.exchange_tries} measured proposal(s); setup (calibration, "
+           f"latency tables) {setup_s:.0f}s; original {lat['original']['median_ms']:.2f} ms median "
+           f"({args.runs} interleaved runs, machine shared with other jobs)\n\n")
     md += table + "\n\n"
     for r in rows[1:]:
         ratio = r["loss"] / energy["loss"] if energy["loss"] > 0 else float("nan")

@@ -38,12 +38,6 @@ def header(title: str) -> str:
             f"- date: {datetime.date.today().isoformat()}\n\n")
 
 
-def section(title: str, setup: str) -> str:
-    """A result's opening: :func:`header` for ``title``, then ``setup`` (the paragraph saying how the run was
-    made, ending in its own blank line) as given."""
-    return header(title) + setup
-
-
 def write_result(name: str, markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
